@@ -1,0 +1,154 @@
+"""Feature groups: which tensor axes index the same hidden units.
+
+An architecture's symmetry is data. A :class:`MergeSpec` lists its
+:class:`FeatureGroup` objects; each group names the ``(tensor, axis)`` pairs
+that index its ``size`` units and the module where its activations are read on
+calibration data. Merge methods see nothing else of the architecture.
+
+Axis roles follow PyTorch's layouts: axis 0 of a tensor is an *output* axis
+(a Linear/Conv weight's rows, a bias, a BatchNorm vector) and is transformed
+by ``M`` (``W -> M W``); axis 1 is an *input* axis and is transformed by ``U``
+(``W -> W U``). Axes not listed are left alone (conv kernels' spatial axes,
+the network's input and its logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+
+from .errors import SpecError
+
+CollectOn = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """One feature space of ``size`` units.
+
+    ``members`` are ``(tensor_name, axis)`` pairs; ``collect_at`` is a module
+    name (as in ``model.named_modules()``) and ``collect_on`` says whether the
+    group's activations are that module's input or its output. ``norms`` names
+    the BatchNorm modules whose outputs lie in this group (their running
+    statistics are recomputed after a merge).
+    """
+
+    name: str
+    size: int
+    members: tuple[tuple[str, int], ...]
+    collect_at: str
+    collect_on: CollectOn = "output"
+    norms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for _, axis in self.members:
+            if axis not in (0, 1):
+                raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or 1 (input)")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """All feature groups of one architecture configuration."""
+
+    groups: tuple[FeatureGroup, ...]
+    axes: Mapping[str, Mapping[int, str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        axes: dict[str, dict[int, str]] = {}
+        names = set()
+        for g in self.groups:
+            if g.name in names:
+                raise SpecError(f"duplicate group name {g.name!r}")
+            names.add(g.name)
+            for tensor, axis in g.members:
+                slot = axes.setdefault(tensor, {})
+                if axis in slot:
+                    raise SpecError(
+                        f"{tensor} axis {axis} is in two groups: {slot[axis]!r} and {g.name!r}"
+                    )
+                slot[axis] = g.name
+        object.__setattr__(self, "axes", axes)
+
+    def group(self, name: str) -> FeatureGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {g.name: g.size for g in self.groups}
+
+    def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Check every member tensor exists and has the group's size on its axis."""
+        for g in self.groups:
+            for tensor, axis in g.members:
+                if tensor not in state_dict:
+                    raise SpecError(f"group {g.name}: tensor {tensor} is missing")
+                shape = tuple(state_dict[tensor].shape)
+                if axis >= len(shape) or shape[axis] != g.size:
+                    raise SpecError(
+                        f"group {g.name}: {tensor} has shape {shape}, "
+                        f"expected size {g.size} on axis {axis}"
+                    )
+
+
+class SpecBuilder:
+    """Small helpers that make an architecture's spec a few lines.
+
+    Each helper adds members to a named group (created on first use);
+    ``build()`` returns the :class:`MergeSpec`.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, list[tuple[str, int]]] = {}
+        self._sizes: dict[str, int] = {}
+        self._collect: dict[str, tuple[str, CollectOn]] = {}
+        self._norms: dict[str, list[str]] = {}
+
+    def _add(self, group: str, size: int, tensor: str, axis: int) -> None:
+        if group in self._sizes and self._sizes[group] != size:
+            raise SpecError(f"group {group}: size {size} != {self._sizes[group]}")
+        self._sizes[group] = size
+        self._members.setdefault(group, []).append((tensor, axis))
+
+    def writes(self, group: str, size: int, module: str, bias: bool = True) -> None:
+        """A Linear/Conv module whose output channels are ``group``."""
+        self._add(group, size, f"{module}.weight", 0)
+        if bias:
+            self._add(group, size, f"{module}.bias", 0)
+
+    def reads(self, group: str, size: int, module: str) -> None:
+        """A Linear/Conv module whose input channels are ``group``."""
+        self._add(group, size, f"{module}.weight", 1)
+
+    def norm(self, group: str, size: int, module: str, running: bool = True) -> None:
+        """A BatchNorm (``running=True``) or LayerNorm-like affine module on ``group``."""
+        for p in ("weight", "bias") + (("running_mean", "running_var") if running else ()):
+            self._add(group, size, f"{module}.{p}", 0)
+        if running:
+            self._norms.setdefault(group, []).append(module)
+
+    def collect(self, group: str, module: str, on: CollectOn = "output") -> None:
+        """Where the group's activations are read."""
+        self._collect[group] = (module, on)
+
+    def build(self) -> MergeSpec:
+        groups = []
+        for name, members in self._members.items():
+            if name not in self._collect:
+                raise SpecError(f"group {name} has no collection point")
+            module, on = self._collect[name]
+            groups.append(
+                FeatureGroup(
+                    name=name,
+                    size=self._sizes[name],
+                    members=tuple(members),
+                    collect_at=module,
+                    collect_on=on,
+                    norms=tuple(self._norms.get(name, ())),
+                )
+            )
+        return MergeSpec(tuple(groups))
