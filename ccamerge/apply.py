@@ -11,7 +11,7 @@ float64 and the result is cast back to each tensor's dtype; integer tensors
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -13,8 +13,9 @@ Register it with ``@register_architecture``; see docs/architectures.md.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn

@@ -13,7 +13,8 @@ Inputs are flattened, so (B, 1, 28, 28) images feed a 784-wide MLP.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

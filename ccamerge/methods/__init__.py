@@ -1,0 +1,22 @@
+"""Merge methods; importing this package registers the built-in ones."""
+
+from . import average, cca  # noqa: F401
+from .base import (
+    AlignContext,
+    Alignment,
+    GroupAlignment,
+    MergeMethod,
+    list_methods,
+    make_method,
+    register_method,
+)
+
+__all__ = [
+    "AlignContext",
+    "Alignment",
+    "GroupAlignment",
+    "MergeMethod",
+    "list_methods",
+    "make_method",
+    "register_method",
+]

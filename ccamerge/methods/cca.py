@@ -1,0 +1,128 @@
+"""CCA Merge: align each model's features to the reference's with CCA.
+
+Notation of cca-merge-math.md, section 4. With X the reference's features and
+Y model k's (samples as rows, d columns each):
+
+    S_xx = C_00 + r_x I,  S_yy = C_kk + r_y I,  S_xy = C_0k
+    K = S_xx^-1/2 S_xy S_yy^-1/2 = U diag(rho) V^T
+    T_k = S_yy^-1/2 V U^T S_xx^1/2,   T_k^-1 = S_xx^-1/2 U V^T S_yy^1/2
+
+so that Y T_k ~ X. With features as column vectors, model k's units map into
+the reference's space by M_k = T_k^T and back by U_k = M_k^-1.
+
+The ridge r is scale-relative by default, r = gamma * trace(C)/d for each
+side, so one ``gamma`` means the same in every layer whatever its activation
+scale; ``ridge="absolute"`` uses r = gamma as the paper's code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method
+
+_EIG_FLOOR = 1e-12  # relative to the largest eigenvalue
+_RIDGE_FLOOR = 1e-12  # absolute, keeps an all-dead group invertible
+
+
+@dataclass(frozen=True)
+class CCAResult:
+    """T (d x d): model k -> reference coordinates (rows as samples); T_inv its inverse;
+    rho (d,): canonical correlations, descending; cond: largest condition number of
+    the two regularised covariances."""
+
+    T: torch.Tensor
+    T_inv: torch.Tensor
+    rho: torch.Tensor
+    cond: float
+
+
+def sym_powers(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(S^1/2, S^-1/2, cond)`` of a symmetric positive semi-definite matrix via eigh.
+
+    Eigenvalues below ``_EIG_FLOOR`` times the largest are clamped to it."""
+    evals, evecs = torch.linalg.eigh(S)
+    top = float(evals.max().clamp_min(_RIDGE_FLOOR))
+    evals = evals.clamp_min(top * _EIG_FLOOR)
+    root = evals.sqrt()
+    half = (evecs * root) @ evecs.T
+    inv_half = (evecs / root) @ evecs.T
+    return half, inv_half, float(top / evals.min())
+
+
+def ridge(C: torch.Tensor, gamma: float, relative: bool) -> float:
+    if relative:
+        return max(gamma * float(torch.trace(C)) / C.shape[0], _RIDGE_FLOOR)
+    return max(gamma, _RIDGE_FLOOR)
+
+
+def cca_transform(
+    C_xx: torch.Tensor,
+    C_yy: torch.Tensor,
+    C_xy: torch.Tensor,
+    gamma: float,
+    relative: bool = True,
+) -> CCAResult:
+    """CCA of two views from their (cross-)covariances, all float64 d x d."""
+    d = C_xx.shape[0]
+    eye = torch.eye(d, dtype=C_xx.dtype, device=C_xx.device)
+    S_xx = C_xx + ridge(C_xx, gamma, relative) * eye
+    S_yy = C_yy + ridge(C_yy, gamma, relative) * eye
+    Sxx_half, Sxx_inv_half, cond_x = sym_powers(S_xx)
+    Syy_half, Syy_inv_half, cond_y = sym_powers(S_yy)
+    K = Sxx_inv_half @ C_xy @ Syy_inv_half
+    U, rho, Vh = torch.linalg.svd(K)
+    V = Vh.T
+    T = Syy_inv_half @ V @ U.T @ Sxx_half
+    T_inv = Sxx_inv_half @ U @ V.T @ Syy_half
+    return CCAResult(T=T, T_inv=T_inv, rho=rho.clamp(0.0, 1.0), cond=max(cond_x, cond_y))
+
+
+@register_method
+@dataclass
+class CCA(MergeMethod):
+    """CCA Merge. ``gamma``: ridge, relative to each covariance's mean variance
+    unless ``ridge == "absolute"``."""
+
+    gamma: float = 0.1
+    ridge: str = "relative"
+
+    name = "cca"
+    description = "CCA Merge: invertible linear alignment by canonical correlation analysis"
+
+    def __post_init__(self) -> None:
+        if self.ridge not in ("relative", "absolute"):
+            raise ValueError(f"ridge must be 'relative' or 'absolute', not {self.ridge!r}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+    def align(self, ctx: AlignContext) -> Alignment:
+        if ctx.stats is None:
+            raise ValueError("CCA needs calibration statistics")
+        ref, N = ctx.reference, ctx.n_models
+        groups = {}
+        for g in ctx.spec.groups:
+            jc = ctx.stats.groups[g.name]
+            eye = torch.eye(g.size, dtype=torch.float64, device=jc.Q.device)
+            ga = GroupAlignment(M=[], U=[], quality=[], details={"min_correlation": [], "cond": []})
+            C_xx = jc.block(ref, ref)
+            for k in range(N):
+                if k == ref:
+                    ga.M.append(eye.clone())
+                    ga.U.append(eye.clone())
+                    ga.quality.append(None)
+                    ga.details["min_correlation"].append(None)
+                    ga.details["cond"].append(None)
+                    continue
+                res = cca_transform(
+                    C_xx, jc.block(k, k), jc.block(ref, k), self.gamma, self.ridge == "relative"
+                )
+                ga.M.append(res.T.T.contiguous())
+                ga.U.append(res.T_inv.T.contiguous())
+                ga.quality.append(float(res.rho.mean()))
+                ga.details["min_correlation"].append(float(res.rho.min()))
+                ga.details["cond"].append(res.cond)
+            groups[g.name] = ga
+        return Alignment(groups)
