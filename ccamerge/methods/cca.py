@@ -30,12 +30,15 @@ _RIDGE_FLOOR = 1e-12  # absolute, keeps an all-dead group invertible
 @dataclass(frozen=True)
 class CCAResult:
     """T (d x d): model k -> reference coordinates (rows as samples); T_inv its inverse;
-    rho (d,): canonical correlations, descending; cond: largest condition number of
-    the two regularised covariances."""
+    rho (d,): singular values of the regularised K, descending; corr (d,): the actual
+    correlation of each pair of canonical variates on the (unregularised) statistics,
+    which is what the report shows; cond: the larger condition number of the two
+    regularised covariances."""
 
     T: torch.Tensor
     T_inv: torch.Tensor
     rho: torch.Tensor
+    corr: torch.Tensor
     cond: float
 
 
@@ -77,7 +80,19 @@ def cca_transform(
     V = Vh.T
     T = Syy_inv_half @ V @ U.T @ Sxx_half
     T_inv = Sxx_inv_half @ U @ V.T @ Syy_half
-    return CCAResult(T=T, T_inv=T_inv, rho=rho.clamp(0.0, 1.0), cond=max(cond_x, cond_y))
+    P_x, P_y = Sxx_inv_half @ U, Syy_inv_half @ V
+    cross = ((C_xy @ P_y) * P_x).sum(0)
+    var_x = ((C_xx @ P_x) * P_x).sum(0).clamp_min(0)
+    var_y = ((C_yy @ P_y) * P_y).sum(0).clamp_min(0)
+    denom = (var_x * var_y).sqrt()
+    corr = torch.where(denom > 0, cross / denom.clamp_min(1e-300), torch.zeros_like(cross))
+    return CCAResult(
+        T=T,
+        T_inv=T_inv,
+        rho=rho.clamp(0.0, 1.0),
+        corr=corr.clamp(-1.0, 1.0),
+        cond=max(cond_x, cond_y),
+    )
 
 
 @register_method
@@ -121,8 +136,8 @@ class CCA(MergeMethod):
                 )
                 ga.M.append(res.T.T.contiguous())
                 ga.U.append(res.T_inv.T.contiguous())
-                ga.quality.append(float(res.rho.mean()))
-                ga.details["min_correlation"].append(float(res.rho.min()))
+                ga.quality.append(float(res.corr.mean()))
+                ga.details["min_correlation"].append(float(res.corr.min()))
                 ga.details["cond"].append(res.cond)
             groups[g.name] = ga
         return Alignment(groups)

@@ -1,0 +1,93 @@
+"""BatchNorm after a merge: recompute running statistics, optionally renormalise.
+
+Mixing weights leaves every BatchNorm's running mean and variance wrong for
+the merged network. ``reset_batchnorm`` recomputes them with train-mode
+forward passes over calibration data and cumulative averaging (momentum
+None), then switches back to eval mode.
+
+``renormalise_batchnorm`` is the recipe of cca-merge-math.md, section 6: set
+each BatchNorm's scale and shift to the per-channel std and mean that the
+models' aligned BN outputs interpolate to, ``mean = sum_k w_k M_k E[z_k]`` and
+``var = sum_k w_k diag(M_k Cov(z_k) M_k^T)``, then recompute the running
+statistics so that the merged BN output meets those targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .stats import JointCovariance
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu") -> int:
+    """Recompute every BatchNorm's running statistics; returns the number of samples seen."""
+    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    if not bns:
+        return 0
+    saved = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    seen = 0
+    model.train()
+    try:
+        for x in batches:
+            if x.shape[0] < 2:
+                continue  # a single sample has no batch variance
+            model(x.to(device))
+            seen += x.shape[0]
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
+        model.eval()
+    return seen
+
+
+def renorm_targets(
+    norm_stats: Sequence[JointCovariance],
+    Ms: Sequence[torch.Tensor],
+    weights: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target (mean, std) of one merged BatchNorm's output channels (float64)."""
+    mean = sum(w * (M @ s.mean_of(0)) for s, M, w in zip(norm_stats, Ms, weights) if w)
+    var = sum(w * ((M @ s.block(0, 0)) * M).sum(1) for s, M, w in zip(norm_stats, Ms, weights) if w)
+    return mean, var.clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def renormalise_batchnorm(
+    model: nn.Module,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[torch.Tensor],
+    device="cpu",
+) -> int:
+    """Give BatchNorms ``targets[name] = (mean, std)`` on the calibration data.
+
+    The sign of each channel's scale is kept from the merged weights (exact
+    for permutations, where a negative scale must stay negative). After
+    the running statistics are recomputed, the scale is corrected for the
+    ``eps`` in the denominator."""
+    modules = dict(model.named_modules())
+    for name, (mean, std) in targets.items():
+        bn = modules[name]
+        sign = torch.where(bn.weight < 0, -1.0, 1.0).to(torch.float64)
+        bn.weight.copy_((sign * std.to(sign.device)).to(bn.weight.dtype))
+        bn.bias.copy_(mean.to(bn.bias))
+    seen = reset_batchnorm(model, batches, device)
+    for name in targets:
+        bn = modules[name]
+        var = bn.running_var
+        bn.weight.mul_(
+            torch.where(var > bn.eps, ((var + bn.eps) / var.clamp_min(bn.eps)).sqrt(), 1.0)
+        )
+    return seen

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..methods import list_methods
+from ..registry import get_architecture, list_architectures
+from . import app
+from .common import console, handle_errors, print_json
+
+
+@app.command("archs")
+@handle_errors
+def archs(
+    json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
+    """List the registered architectures (and the merge methods)."""
+    entries = [
+        {"name": n, "description": getattr(get_architecture(n), "description", "")}
+        for n in list_architectures()
+    ]
+    if json_out:
+        print_json({"architectures": entries, "methods": list_methods()})
+        return
+    t = Table(title="Architectures", title_justify="left")
+    t.add_column("name")
+    t.add_column("description")
+    for e in entries:
+        t.add_row(e["name"], e["description"])
+    console.print(t)
+    console.print(f"methods: {', '.join(list_methods())}")

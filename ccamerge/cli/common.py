@@ -1,0 +1,135 @@
+"""What every command shares: the stderr console, error mapping, progress, JSON output.
+
+Exit codes: 0 success; 1 a user error (bad file, bad data, bad option value);
+2 a usage error reported by the argument parser; 3 an internal error (a bug:
+rerun with ``--debug`` for the traceback); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from ..errors import CcaMergeError
+from ..merge import Progress
+
+console = Console(stderr=True, highlight=False)
+
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+_state = {"debug": bool(os.environ.get("CCAMERGE_DEBUG"))}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def set_debug(on: bool) -> None:
+    _state["debug"] = on or bool(os.environ.get("CCAMERGE_DEBUG"))
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, no markup interpretation, never wrapped."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Map library errors to one line and exit 1; Ctrl-C to 130; bugs to exit 3."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except CcaMergeError as e:
+            if _state["debug"]:
+                raise
+            error_line(str(e))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            error_line("interrupted; nothing was written")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            if _state["debug"]:
+                raise
+            error_line("out of memory; try a smaller --batch-size or fewer --num-samples")
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except Exception as e:  # a bug: say so in one line, traceback with --debug
+            if _state["debug"]:
+                raise
+            error_line(
+                f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "rerun with --debug (or CCAMERGE_DEBUG=1) for the traceback and report it"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(document: Any) -> None:
+    """The one JSON document a command writes on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, default=_jsonable) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class BarProgress(Progress):
+    """A rich progress bar on stderr; silent when stderr is not a terminal or quiet."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and console.is_terminal
+        self._bar: RichProgress | None = None
+        self._task: Any = None
+
+    def start(self, task: str, total: int) -> None:
+        if not self.enabled:
+            return
+        self._bar = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(task, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        from ..errors import OptionError
+
+        raise OptionError(f"{option} expects comma-separated numbers, got {text!r}") from None

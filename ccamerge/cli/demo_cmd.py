@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..demo import run_demo
+from ..report import evaluation_table
+from . import app
+from .common import BarProgress, console, handle_errors, print_json
+
+
+@app.command("demo")
+@handle_errors
+def demo(
+    out_dir: Path = typer.Option(
+        Path("ccamerge-demo"), "--out-dir", help="Folder for checkpoints, data and merged models."
+    ),
+    n_models: int = typer.Option(
+        3, "--models", min=2, max=10, help="How many MLPs to train and merge."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """Train small MLPs on the bundled digits data, merge them (average vs CCA), compare."""
+    console.print(f"training {n_models} MLPs 64-128-128-10 on digits (different seeds) ...")
+    res = run_demo(out_dir, n_models=n_models, progress=BarProgress(enabled=not json_out))
+    console.print(
+        evaluation_table(
+            res["evaluation"], title="Test accuracy on digits", merged_label="CCA Merge"
+        )
+    )
+    console.print(f"merged model (CCA): {res['output']}")
+    console.print(
+        f"done in {res['total_seconds']:.1f} s. Try it by hand:\n  {res['merge_command']}"
+    )
+    if json_out:
+        print_json(res)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..merge import BN_MODES, MergePlan, run_merge
+from ..report import render_merge_report
+from . import app
+from .common import BarProgress, console, handle_errors, parse_floats, print_json
+
+
+@app.command("merge")
+@handle_errors
+def merge(
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="Checkpoints (.safetensors, .pt, .pth, .bin); the first is the reference."
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs.",
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Merged model, a .safetensors file."
+    ),
+    method: str = typer.Option(
+        "cca", "--method", "-m", help="cca (default) or average; see `ccamerge archs`."
+    ),
+    gamma: float | None = typer.Option(
+        None,
+        "--gamma",
+        help="CCA ridge; relative to each layer's mean variance unless --ridge absolute. Default 0.1.",
+    ),
+    ridge: str | None = typer.Option(
+        None, "--ridge", help="CCA ridge kind: relative (default) or absolute."
+    ),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="Merge weights, comma-separated (normalised to sum 1). Default uniform.",
+    ),
+    reference: int = typer.Option(0, "--reference", help="Index of the reference model."),
+    eval_data: Path | None = typer.Option(
+        None,
+        "--eval-data",
+        help="Labelled data: report accuracy and loss of inputs, ensemble and merge.",
+    ),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
+    ),
+    num_samples: int | None = typer.Option(
+        None,
+        "--num-samples",
+        "-n",
+        help="Use a seeded random subset of this many calibration samples.",
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", help="Calibration batch size."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the calibration subset."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    reset_bn: bool = typer.Option(
+        True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."
+    ),
+    bn_mode: str = typer.Option(
+        "auto",
+        "--bn-mode",
+        help=f"BatchNorm treatment: {', '.join(BN_MODES)}. auto: renorm for dense transforms, vector for permutations.",
+    ),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the report as one JSON document on stdout."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No report or progress on stderr."),
+) -> None:
+    """Merge two or more checkpoints of one architecture into one model."""
+    params = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+    plan = MergePlan(
+        checkpoints=[str(c) for c in checkpoints],
+        output=str(output) if output else None,
+        data=str(data) if data else None,
+        eval_data=str(eval_data) if eval_data else None,
+        arch=arch,
+        method=method,
+        method_params=params,
+        weights=parse_floats(weights, "--weights"),
+        reference=reference,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        reset_bn=reset_bn,
+        bn_mode=bn_mode,
+        force=force,
+    )
+    result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
+    if not quiet:
+        render_merge_report(result.report, console)
+    if json_out:
+        print_json(result.report)

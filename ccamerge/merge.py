@@ -1,0 +1,450 @@
+"""The merge executor: one readable pass from checkpoints to a merged file.
+
+``run_merge(plan)`` loads and validates the checkpoints, gathers calibration
+statistics, aligns every model to the reference with the chosen method,
+transforms and averages the tensors, fixes BatchNorm, optionally evaluates,
+and writes the result atomically. It returns a :class:`MergeResult` whose
+``report`` is what the CLI prints (rich on stderr, JSON on stdout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .apply import merge_state_dicts
+from .bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
+from .errors import ArchitectureError, CheckpointError, DataError, OptionError
+from .evaluate import check_labels, ensemble_logits, predict_logits, score_logits
+from .io import (
+    Dataset,
+    check_output_path,
+    load_checkpoint,
+    load_data,
+    save_safetensors_atomic,
+    sha256,
+)
+from .methods import AlignContext, Alignment, MergeMethod, make_method
+from .registry import Detected, detect_architecture
+from .spec import MergeSpec
+from .stats import Statistics, collect_statistics
+
+BN_MODES = ("auto", "vector", "renorm")
+
+
+@dataclass
+class MergePlan:
+    """Everything ``ccamerge merge`` was asked to do."""
+
+    checkpoints: list[str]
+    output: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    arch: str | None = None
+    method: str = "cca"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    weights: list[float] | None = None
+    reference: int = 0
+    num_samples: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    reset_bn: bool = True
+    bn_mode: str = "auto"
+    force: bool = False
+
+
+class Progress:
+    """Progress callbacks; the CLI passes a rich implementation. Default: silent."""
+
+    def start(self, task: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class LoadedModels:
+    """Checkpoints read and checked against one architecture."""
+
+    paths: list[str]
+    state_dicts: list[dict[str, torch.Tensor]]
+    detected: Detected
+    spec: MergeSpec
+
+    def build(self, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> nn.Module:
+        model = self.detected.build()
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(device).eval()
+
+
+@dataclass
+class MergeResult:
+    state_dict: dict[str, torch.Tensor]
+    model: nn.Module
+    alignment: Alignment
+    report: dict[str, Any]
+
+
+def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise OptionError(f"{len(weights)} merge weights given for {n} checkpoints")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise OptionError("merge weights must be finite and non-negative")
+    total = float(sum(weights))
+    if total <= 0:
+        raise OptionError("merge weights must not all be zero")
+    return [float(w) / total for w in weights]
+
+
+def load_models(paths: Sequence[str], arch: str | None = None) -> LoadedModels:
+    """Read every checkpoint, detect the architecture from the first, check the rest fit."""
+    if not paths:
+        raise OptionError("no checkpoints given")
+    sds = [load_checkpoint(p) for p in paths]
+    detected = detect_architecture(sds[0], arch)
+    spec = detected.spec()
+    ref = sds[0]
+    for path, sd in zip(paths, sds):
+        missing = sorted(set(ref) - set(sd))
+        extra = sorted(set(sd) - set(ref))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if extra:
+                parts.append(f"unexpected {_few(extra)}")
+            raise ArchitectureError(f"{path} does not match {paths[0]}: {'; '.join(parts)}")
+        for name, t in ref.items():
+            if sd[name].shape != t.shape:
+                raise ArchitectureError(
+                    f"{path} does not match {paths[0]}: {name} has shape "
+                    f"{tuple(sd[name].shape)}, expected {tuple(t.shape)}"
+                )
+            if t.is_floating_point() != sd[name].is_floating_point():
+                raise CheckpointError(
+                    f"{path}: tensor {name} has dtype {sd[name].dtype}, expected {t.dtype}"
+                )
+    try:
+        spec.validate(ref)
+        detected.build().load_state_dict(ref, strict=True)
+    except RuntimeError as e:
+        raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
+    return LoadedModels(list(paths), sds, detected, spec)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
+    """A clear error when samples do not fit the model's input."""
+    shape = loaded.detected.input_shape()
+    got = tuple(data.x.shape[1:])
+    if shape is not None and len(shape) == 1:
+        if math.prod(got) != shape[0]:
+            raise DataError(
+                f"{what} {data.path}: samples of shape {got} ({math.prod(got)} values) do not "
+                f"fit {loaded.detected.name} with {shape[0]} inputs"
+            )
+        return
+    if shape is not None and got != tuple(shape):
+        raise DataError(
+            f"{what} {data.path}: samples of shape {got} do not fit "
+            f"{loaded.detected.name}, which takes {tuple(shape)}"
+        )
+    try:
+        with torch.no_grad():
+            loaded.build(loaded.state_dicts[0]).eval()(data.x[:2])
+    except RuntimeError as e:
+        raise DataError(
+            f"{what} {data.path}: samples of shape {got} do not fit {loaded.detected.name} "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {device}: CUDA is not available on this machine")
+        return device
+    raise OptionError(f"unknown device {device!r} (use cpu or cuda)")
+
+
+def resolve_bn_mode(bn_mode: str, method: MergeMethod) -> str:
+    if bn_mode not in BN_MODES:
+        raise OptionError(f"--bn-mode must be one of {', '.join(BN_MODES)}")
+    if bn_mode != "auto":
+        return bn_mode
+    return "vector" if getattr(method, "permutation_only", False) else "renorm"
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def gather_statistics(
+    loaded: LoadedModels,
+    calib: Dataset,
+    batch_size: int,
+    device: str,
+    progress: Progress,
+    norm_stats: bool = True,
+) -> Statistics:
+    models = [loaded.build(sd, device) for sd in loaded.state_dicts]
+    progress.start("statistics", len(calib))
+    try:
+        return collect_statistics(
+            models,
+            loaded.spec,
+            calib.batches(batch_size),
+            device,
+            norm_stats=norm_stats,
+            on_batch=progress.advance,
+        )
+    finally:
+        progress.stop()
+
+
+def sample_warnings(spec: MergeSpec, stats: Statistics) -> list[str]:
+    """Groups whose covariance is singular for lack of rows."""
+    out = []
+    for g in spec.groups:
+        rows = stats.groups[g.name].n
+        if rows < 2 * g.size:
+            out.append(
+                f"group {g.name}: {rows} activation rows for {g.size} units per model; the "
+                f"covariance is singular and only the regularisation keeps the transforms "
+                f"finite. Use at least {10 * g.size} rows (samples x spatial positions)."
+            )
+    return out
+
+
+def build_merged(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    reference: int,
+    calib: Dataset | None,
+    stats: Statistics | None,
+    bn_mode: str,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
+    """Transform and average, then fix BatchNorm. Returns (state dict, model, what was done to BN)."""
+    Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
+    merged = merge_state_dicts(loaded.state_dicts, loaded.spec, Ms, Us, weights, reference)
+    model = loaded.build(merged, device)
+    if not has_batchnorm(model):
+        bn_done = "none (no BatchNorm)"
+    elif not reset_bn:
+        bn_done = "kept merged running statistics (--no-reset-bn)"
+    elif calib is None:
+        bn_done = "not reset: no calibration data"
+    elif bn_mode == "renorm" and stats is not None and stats.norms:
+        targets = {}
+        for g in loaded.spec.groups:
+            for bn in g.norms:
+                targets[bn] = renorm_targets(stats.norms[bn], alignment.groups[g.name].M, weights)
+        n = renormalise_batchnorm(model, targets, calib.batches(batch_size), device)
+        bn_done = f"renormalised to aligned targets and reset on {n} samples"
+    else:
+        n = reset_batchnorm(model, calib.batches(batch_size), device)
+        bn_done = f"running statistics reset on {n} samples"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, t in loaded.state_dicts[reference].items():
+        state[name] = state[name].to(t.dtype)
+    return state, model, bn_done
+
+
+def evaluate_all(
+    loaded: LoadedModels,
+    merged_model: nn.Module,
+    data: Dataset,
+    weights: Sequence[float],
+    batch_size: int,
+    device: str,
+) -> dict[str, Any]:
+    logits = [
+        predict_logits(loaded.build(sd, device), data, batch_size, device)
+        for sd in loaded.state_dicts
+    ]
+    check_labels(data, logits[0].shape[1])
+    merged = predict_logits(merged_model, data, batch_size, device)
+    return {
+        "models": [
+            {"path": p, **score_logits(lg, data.y).to_dict()} for p, lg in zip(loaded.paths, logits)
+        ],
+        "ensemble": {
+            "kind": "mean of logits",
+            **score_logits(ensemble_logits(logits), data.y).to_dict(),
+        },
+        "merged": score_logits(merged, data.y).to_dict(),
+        "num_samples": len(data),
+    }
+
+
+def group_report(spec: MergeSpec, alignment: Alignment, reference: int) -> list[dict[str, Any]]:
+    rows = []
+    for g in spec.groups:
+        ga = alignment.groups[g.name]
+        q = [v for k, v in enumerate(ga.quality) if k != reference and v is not None]
+        mins = [
+            v
+            for k, v in enumerate(ga.details.get("min_correlation", []))
+            if k != reference and v is not None
+        ]
+        conds = [
+            v for k, v in enumerate(ga.details.get("cond", [])) if k != reference and v is not None
+        ]
+        rows.append(
+            {
+                "name": g.name,
+                "size": g.size,
+                "mean_correlation": sum(q) / len(q) if q else None,
+                "min_correlation": min(mins) if mins else None,
+                "condition_number": max(conds) if conds else None,
+                "per_model": ga.quality,
+            }
+        )
+    return rows
+
+
+def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
+    progress = progress or Progress()
+    timer = Timer()
+    device = resolve_device(plan.device)
+    method = make_method(plan.method, **plan.method_params)
+    bn_mode = resolve_bn_mode(plan.bn_mode, method)
+    if plan.batch_size <= 0:
+        raise OptionError(f"--batch-size must be positive, got {plan.batch_size}")
+    out_path = check_output_path(plan.output, plan.checkpoints, plan.force) if plan.output else None
+    n = len(plan.checkpoints)
+    if not 0 <= plan.reference < n:
+        raise OptionError(f"reference index {plan.reference} is out of range for {n} checkpoints")
+    weights = normalise_weights(plan.weights, n)
+    if method.needs_data and plan.data is None:
+        raise OptionError(f"method {method.name!r} needs calibration data (--data)")
+
+    with timer.phase("load"):
+        loaded = load_models(plan.checkpoints, plan.arch)
+        calib = None
+        if plan.data is not None:
+            calib = load_data(plan.data).subset(
+                plan.num_samples, plan.seed if plan.num_samples else None
+            )
+            check_data_fits(calib, loaded, "calibration data")
+        eval_data = None
+        if plan.eval_data is not None:
+            eval_data = load_data(plan.eval_data, require_labels=True)
+            check_data_fits(eval_data, loaded, "evaluation data")
+
+    warnings: list[str] = []
+    stats = None
+    if calib is not None and (method.needs_data or bn_mode == "renorm"):
+        with timer.phase("statistics"):
+            stats = gather_statistics(loaded, calib, plan.batch_size, device, progress)
+        warnings += sample_warnings(loaded.spec, stats)
+
+    with timer.phase("alignment"):
+        ctx = AlignContext(loaded.spec, loaded.state_dicts, plan.reference, stats)
+        alignment = method.align(ctx)
+
+    with timer.phase("apply"):
+        state, model, bn_done = build_merged(
+            loaded,
+            alignment,
+            weights,
+            plan.reference,
+            calib,
+            stats,
+            bn_mode,
+            plan.reset_bn,
+            plan.batch_size,
+            device,
+        )
+    if calib is None and has_batchnorm(model) and plan.reset_bn:
+        warnings.append("no calibration data: BatchNorm running statistics were not reset")
+
+    evaluation = None
+    if eval_data is not None:
+        with timer.phase("evaluate"):
+            evaluation = evaluate_all(loaded, model, eval_data, weights, plan.batch_size, device)
+
+    report: dict[str, Any] = {
+        "ccamerge_version": __version__,
+        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
+        "method": method.name,
+        "params": method.params(),
+        "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
+        "reference": plan.reference,
+        "weights": weights,
+        "output": str(out_path) if out_path else None,
+        "num_samples": stats.num_samples if stats else 0,
+        "batchnorm": bn_done,
+        "bn_mode": bn_mode,
+        "groups": group_report(loaded.spec, alignment, plan.reference),
+        "warnings": warnings,
+        "timings": timer.timings,
+    }
+    if evaluation is not None:
+        report["evaluation"] = evaluation
+
+    if out_path is not None:
+        with timer.phase("write"):
+            save_safetensors_atomic(state, out_path, provenance(report, plan))
+    return MergeResult(state, model, alignment, report)
+
+
+def provenance(report: dict[str, Any], plan: MergePlan) -> dict[str, Any]:
+    """The output file's metadata: how it was made."""
+    return {
+        "format": "pt",
+        "ccamerge_version": report["ccamerge_version"],
+        "architecture": report["architecture"],
+        "method": report["method"],
+        "params": report["params"],
+        "inputs": [{"name": Path(i["path"]).name, "sha256": i["sha256"]} for i in report["inputs"]],
+        "reference": report["reference"],
+        "weights": report["weights"],
+        "num_samples": report["num_samples"],
+        "calibration_data": Path(plan.data).name if plan.data else None,
+        "seed": plan.seed,
+        "batchnorm": report["batchnorm"],
+    }
+
+
+def merge(checkpoints: Sequence[str], **options: Any) -> MergeResult:
+    """Python entry point: ``merge(["a.pt", "b.pt"], data="calib.npz", output="m.safetensors")``.
+
+    Keyword options are the fields of :class:`MergePlan`."""
+    names = {f.name for f in dataclasses.fields(MergePlan)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(unknown)}")
+    return run_merge(MergePlan(checkpoints=[str(c) for c in checkpoints], **options))
