@@ -1,0 +1,149 @@
+"""The command line: help, JSON on stdout, one-line errors, a loadable output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ccamerge.cli import app
+from ccamerge.evaluate import evaluate
+from ccamerge.io import load_data, read_metadata, sha256
+from ccamerge.registry import detect_architecture
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_of_every_command():
+    res = run("--help")
+    assert res.exit_code == 0
+    names = [c.name for c in app.registered_commands]
+    assert {"merge", "archs", "demo"} <= set(names)
+    for name in names:
+        r = run(name, "--help")
+        assert r.exit_code == 0, name
+        assert "Usage" in r.stdout
+
+
+def test_merge_json_and_output_file(digits_mlps, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    res = run(
+        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path,
+        "--eval-data", digits_mlps.test_path, "-o", out, "--json",
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)  # stdout is exactly one JSON document
+    for key in ("architecture", "method", "output", "num_samples", "groups", "timings", "evaluation"):
+        assert key in doc
+    assert doc["method"] == "cca" and doc["num_samples"] == len(digits_mlps.train)
+    assert {"name", "size", "mean_correlation", "min_correlation"} <= set(doc["groups"][0])
+    assert {"models", "ensemble", "merged"} <= set(doc["evaluation"])
+    # the file loads into the architecture and reproduces the merged accuracy
+    from safetensors.torch import load_file
+
+    sd = load_file(out)
+    ref = torch.load(digits_mlps.paths[0], weights_only=True)
+    assert {k: (v.shape, v.dtype) for k, v in sd.items()} == {
+        k: (v.shape, v.dtype) for k, v in ref.items()
+    }
+    model = detect_architecture(sd).build()
+    model.load_state_dict(sd)
+    acc = evaluate(model, load_data(digits_mlps.test_path)).accuracy
+    assert acc == pytest.approx(doc["evaluation"]["merged"]["accuracy"], abs=1e-9)
+    meta = read_metadata(out)
+    assert meta["method"] == "cca" and json.loads(meta["params"])["gamma"] == 0.1
+    inputs = json.loads(meta["inputs"])
+    assert [i["sha256"] for i in inputs] == [sha256(p) for p in digits_mlps.paths[:2]]
+    assert json.loads(meta["architecture"])["name"] == "mlp"
+    assert int(meta["num_samples"]) == len(digits_mlps.train)
+    assert meta["ccamerge_version"]
+
+
+def test_report_goes_to_stderr_only(digits_mlps):
+    res = run("merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path)
+    assert res.exit_code == 0
+    assert res.stdout == ""
+    assert "hidden0" in res.stderr and "Timings" in res.stderr
+
+
+def test_existing_output_needs_force(digits_mlps, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"keep me")
+    args = ["merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-o", out]
+    res = run(*args)
+    assert res.exit_code == 1 and "--force" in res.stderr
+    assert out.read_bytes() == b"keep me"
+    assert run(*args, "--force").exit_code == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def _one_line_error(res, code=1):
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def test_errors_are_one_line(digits_mlps, tmp_path):
+    a, b = digits_mlps.paths[:2]
+    calib = digits_mlps.calib_path
+    msg = _one_line_error(run("merge", a, tmp_path / "nope.pt", "--data", calib))
+    assert "does not exist" in msg
+    msg = _one_line_error(run("merge", a, b, "--data", calib, "--method", "magic"))
+    assert "unknown method 'magic'" in msg
+    msg = _one_line_error(run("merge", a, b, "--data", calib, "--arch", "mpl"))
+    assert "did you mean 'mlp'" in msg
+    wide = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    torch.save({"state_dict": wide.state_dict()}, tmp_path / "wide.pt")
+    msg = _one_line_error(run("merge", a, tmp_path / "wide.pt", "--data", calib))
+    assert "does not match" in msg
+    import numpy as np
+
+    np.savez(tmp_path / "bad.npz", x=np.zeros((10, 50), dtype=np.float32))
+    msg = _one_line_error(run("merge", a, b, "--data", tmp_path / "bad.npz"))
+    assert "do not fit" in msg
+    msg = _one_line_error(run("merge", a, b, "--data", calib, "--weights", "1,x"))
+    assert "--weights" in msg
+
+
+def test_average_needs_no_data(digits_mlps, tmp_path):
+    out = tmp_path / "avg.safetensors"
+    res = run("merge", *digits_mlps.paths[:2], "--method", "average", "-o", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert out.exists()
+
+
+def test_containers_and_module_prefix_are_unwrapped(digits_mlps, tmp_path):
+    sd = digits_mlps.models[1].state_dict()
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
+    from ccamerge.io import load_checkpoint
+
+    loaded = load_checkpoint(wrapped)
+    assert set(loaded) == set(sd)
+    res = run("merge", digits_mlps.paths[0], wrapped, "--data", digits_mlps.calib_path, "--json", "-q")
+    assert res.exit_code == 0, res.stderr
+
+
+def test_archs_lists_registry():
+    res = run("archs", "--json")
+    assert res.exit_code == 0
+    doc = json.loads(res.stdout)
+    assert "mlp" in [a["name"] for a in doc["architectures"]]
+    assert {"cca", "average"} <= set(doc["methods"])
+
+
+def test_demo_runs(tmp_path):
+    res = run("demo", "--out-dir", tmp_path / "demo", "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    ev = doc["evaluation"]
+    assert ev["merged"]["accuracy"] > ev["average"]["accuracy"]
+    assert (tmp_path / "demo" / "merged-cca.safetensors").exists()
