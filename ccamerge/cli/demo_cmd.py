@@ -30,8 +30,7 @@ def demo(
         )
     )
     console.print(f"merged model (CCA): {res['output']}")
-    console.print(
-        f"done in {res['total_seconds']:.1f} s. Try it by hand:\n  {res['merge_command']}"
-    )
+    console.print(f"done in {res['total_seconds']:.1f} s. Try it by hand:")
+    console.print(f"  {res['merge_command']}", soft_wrap=True)
     if json_out:
         print_json(res)
