@@ -24,8 +24,9 @@ The zero-padding identity shortcut ("option A": no shortcut parameters where
 the channel count changes) is not supported: detection raises
 :class:`~ccamerge.errors.ArchitectureError` saying so.
 
-Input size: the nominal input is ``in_channels x 32 x 32``, but the global
-average pool makes the network accept any spatial size.
+Input size: CIFAR's is ``in_channels x 32 x 32``, but the global average pool
+makes the network accept any spatial size, so ``input_shape`` is None (the
+merge pipeline then checks the data with a trial forward pass).
 
 This module also holds the pieces shared with the torchvision layout
 (:mod:`ccamerge.archs.resnet_tv`): :class:`ResidualBlock`, block parsing and
@@ -35,7 +36,8 @@ the residual spec builder.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -494,18 +496,24 @@ class CifarResNetArchitecture:
             int(config["stem_width"]), config["blocks"], "shortcut", "linear", ("relu", "output")
         )
 
-    def input_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
-        """Nominal 32x32; any spatial size works (global average pool)."""
-        return (int(config.get("in_channels", 3)), 32, 32)
+    def input_shape(self, config: Mapping[str, Any]) -> None:
+        """None: any spatial size works (global average pool); CIFAR's is 32x32.
+        The channel count is ``config["in_channels"]``."""
+        return None
+
+    def example_input_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """A small input for tests (the network takes any spatial size)."""
+        return (int(config.get("in_channels", 3)), 16, 16)
 
     def example_config(self) -> dict[str, Any]:
         # ResNet14-like with base width 4: a 1x1 shortcut at layer2.0, a 3x3 one at
         # layer3.0, and a stem wider than layer1 so that layer1.0 has a shortcut too
-        # (then stream0 is written by the stem only).
+        # (then stream0 is written by the stem only); layer1.1 has a hidden width of 5.
         config = cifar_resnet_config(depth=14, width=1, base=4, num_classes=5)
         blocks = config["blocks"]
         blocks[0]["channels"] = [6, 4, 4]
         blocks[0]["shortcut"] = 1
+        blocks[1]["channels"] = [4, 5, 4]  # a hidden width that differs from the stream's
         blocks[2]["shortcut"] = 1
         blocks[4]["shortcut"] = 3
         return _cifar_config(3, 6, 5, blocks)
