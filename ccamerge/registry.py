@@ -6,8 +6,11 @@ An entry is a class with a ``name`` and three methods::
     build(config) -> torch.nn.Module    # a module whose state_dict has the same keys/shapes
     spec(config) -> MergeSpec           # its feature groups
 
-and optionally ``input_shape(config) -> tuple | None`` (per-sample shape).
-Register it with ``@register_architecture``; see docs/architectures.md.
+and optionally ``input_shape(config) -> tuple | None`` (the per-sample input
+shape, None when any spatial size works). For the generic tests every entry
+also gives ``example_config() -> dict`` (a tiny configuration) and, when
+``input_shape`` is None, ``example_input_shape(config)``. Register it with
+``@register_architecture``; see docs/architectures.md.
 """
 
 from __future__ import annotations

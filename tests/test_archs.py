@@ -35,12 +35,6 @@ from ccamerge.registry import (
 )
 from ccamerge.spec import FeatureGroup, MergeSpec
 
-# Entries written before example_config() was asked for. Each new entry must
-# define example_config() instead of being added here.
-_FALLBACK_EXAMPLES: dict[str, dict[str, Any]] = {
-    "mlp": {"layout": "ccamerge", "indices": [0, 1, 2], "sizes": [12, 8, 6, 5], "bias": True},
-}
-
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 # Entries whose groups are all read after a ReLU (cca-merge-math.md, section 2).
@@ -52,8 +46,6 @@ def example_config(name: str) -> dict[str, Any]:
     fn = getattr(arch, "example_config", None)
     if fn is not None:
         return fn()
-    if name in _FALLBACK_EXAMPLES:
-        return _FALLBACK_EXAMPLES[name]
     pytest.fail(f"architecture {name!r} has no example_config(); see docs/architectures.md")
 
 

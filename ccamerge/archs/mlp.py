@@ -138,3 +138,7 @@ class MLPArchitecture:
 
     def input_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
         return (int(config["sizes"][0]),)
+
+    def example_config(self) -> dict[str, Any]:
+        """A tiny configuration for the registry's generic tests."""
+        return {"layout": "ccamerge", "indices": [0, 1, 2], "sizes": [12, 8, 6, 5], "bias": True}
