@@ -17,7 +17,9 @@ scale; ``ridge="absolute"`` uses r = gamma as the paper's code does.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,17 +44,34 @@ class CCAResult:
     cond: float
 
 
-def sym_powers(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(S^1/2, S^-1/2, cond)`` of a symmetric positive semi-definite matrix via eigh.
+@dataclass(frozen=True)
+class SymEig:
+    """Eigendecomposition of a symmetric PSD matrix C, reused for every ridge r:
+    C + r I has the same eigenvectors and eigenvalues shifted by r."""
 
-    Eigenvalues below ``_EIG_FLOOR`` times the largest are clamped to it."""
-    evals, evecs = torch.linalg.eigh(S)
-    top = float(evals.max().clamp_min(_RIDGE_FLOOR))
-    evals = evals.clamp_min(top * _EIG_FLOOR)
-    root = evals.sqrt()
-    half = (evecs * root) @ evecs.T
-    inv_half = (evecs / root) @ evecs.T
-    return half, inv_half, float(top / evals.min())
+    evals: torch.Tensor
+    evecs: torch.Tensor
+
+    @classmethod
+    def of(cls, C: torch.Tensor) -> SymEig:
+        evals, evecs = torch.linalg.eigh(C)
+        return cls(evals.clamp_min(0), evecs)
+
+    def powers(self, r: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``((C + rI)^1/2, (C + rI)^-1/2, cond)``; eigenvalues below ``_EIG_FLOOR``
+        times the largest are clamped to it."""
+        evals = self.evals + r
+        top = float(evals.max().clamp_min(_RIDGE_FLOOR))
+        evals = evals.clamp_min(top * _EIG_FLOOR)
+        root = evals.sqrt()
+        half = (self.evecs * root) @ self.evecs.T
+        inv_half = (self.evecs / root) @ self.evecs.T
+        return half, inv_half, float(top / evals.min())
+
+
+def sym_powers(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(S^1/2, S^-1/2, cond)`` of a symmetric positive semi-definite matrix via eigh."""
+    return SymEig.of(S).powers()
 
 
 def ridge(C: torch.Tensor, gamma: float, relative: bool) -> float:
@@ -67,14 +86,17 @@ def cca_transform(
     C_xy: torch.Tensor,
     gamma: float,
     relative: bool = True,
+    eig_x: SymEig | None = None,
+    eig_y: SymEig | None = None,
 ) -> CCAResult:
-    """CCA of two views from their (cross-)covariances, all float64 d x d."""
-    d = C_xx.shape[0]
-    eye = torch.eye(d, dtype=C_xx.dtype, device=C_xx.device)
-    S_xx = C_xx + ridge(C_xx, gamma, relative) * eye
-    S_yy = C_yy + ridge(C_yy, gamma, relative) * eye
-    Sxx_half, Sxx_inv_half, cond_x = sym_powers(S_xx)
-    Syy_half, Syy_inv_half, cond_y = sym_powers(S_yy)
+    """CCA of two views from their (cross-)covariances, all float64 d x d.
+
+    ``eig_x``/``eig_y`` may pass the eigendecompositions of C_xx/C_yy when they
+    are reused (several models or several ridges)."""
+    eig_x = eig_x or SymEig.of(C_xx)
+    eig_y = eig_y or SymEig.of(C_yy)
+    Sxx_half, Sxx_inv_half, cond_x = eig_x.powers(ridge(C_xx, gamma, relative))
+    Syy_half, Syy_inv_half, cond_y = eig_y.powers(ridge(C_yy, gamma, relative))
     K = Sxx_inv_half @ C_xy @ Syy_inv_half
     U, rho, Vh = torch.linalg.svd(K)
     V = Vh.T
@@ -93,6 +115,18 @@ def cca_transform(
         corr=corr.clamp(-1.0, 1.0),
         cond=max(cond_x, cond_y),
     )
+
+
+# Eigendecompositions of each model's covariance block, kept while the statistics
+# live, so that trying several ridges (``--gamma auto``) decomposes each block once.
+_EIG_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _eig(jc: Any, k: int) -> SymEig:
+    per_model = _EIG_CACHE.setdefault(jc, {})
+    if k not in per_model or per_model[k][0] != jc.n:  # recomputed if samples were added
+        per_model[k] = (jc.n, SymEig.of(jc.block(k, k)))
+    return per_model[k][1]
 
 
 @register_method
@@ -123,6 +157,7 @@ class CCA(MergeMethod):
             eye = torch.eye(g.size, dtype=torch.float64, device=jc.Q.device)
             ga = GroupAlignment(M=[], U=[], quality=[], details={"min_correlation": [], "cond": []})
             C_xx = jc.block(ref, ref)
+            eig_x = _eig(jc, ref)
             for k in range(N):
                 if k == ref:
                     ga.M.append(eye.clone())
@@ -132,7 +167,13 @@ class CCA(MergeMethod):
                     ga.details["cond"].append(None)
                     continue
                 res = cca_transform(
-                    C_xx, jc.block(k, k), jc.block(ref, k), self.gamma, self.ridge == "relative"
+                    C_xx,
+                    jc.block(k, k),
+                    jc.block(ref, k),
+                    self.gamma,
+                    self.ridge == "relative",
+                    eig_x,
+                    _eig(jc, k),
                 )
                 ga.M.append(res.T.T.contiguous())
                 ga.U.append(res.T_inv.T.contiguous())
