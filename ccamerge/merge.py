@@ -284,19 +284,19 @@ def build_merged(
 
 def evaluate_all(
     loaded: LoadedModels,
-    merged_model: nn.Module,
+    merged_model: nn.Module | None,
     data: Dataset,
     weights: Sequence[float],
     batch_size: int,
     device: str,
 ) -> dict[str, Any]:
+    """Scores of the input models, their logit-averaging ensemble and (if given) the merge."""
     logits = [
         predict_logits(loaded.build(sd, device), data, batch_size, device)
         for sd in loaded.state_dicts
     ]
     check_labels(data, logits[0].shape[1])
-    merged = predict_logits(merged_model, data, batch_size, device)
-    return {
+    evaluation = {
         "models": [
             {"path": p, **score_logits(lg, data.y).to_dict()} for p, lg in zip(loaded.paths, logits)
         ],
@@ -304,9 +304,12 @@ def evaluate_all(
             "kind": "mean of logits",
             **score_logits(ensemble_logits(logits), data.y).to_dict(),
         },
-        "merged": score_logits(merged, data.y).to_dict(),
         "num_samples": len(data),
     }
+    if merged_model is not None:
+        merged = predict_logits(merged_model, data, batch_size, device)
+        evaluation["merged"] = score_logits(merged, data.y).to_dict()
+    return evaluation
 
 
 def group_report(spec: MergeSpec, alignment: Alignment, reference: int) -> list[dict[str, Any]]:

@@ -35,7 +35,14 @@ def _root(
     set_debug(debug)
 
 
-from . import archs_cmd, demo_cmd, merge_cmd  # noqa: E402,F401  (register commands)
+from . import (  # noqa: E402,F401  (register commands)
+    archs_cmd,
+    barrier_cmd,
+    demo_cmd,
+    eval_cmd,
+    inspect_cmd,
+    merge_cmd,
+)
 
 
 def main() -> None:

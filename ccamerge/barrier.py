@@ -1,0 +1,394 @@
+"""Loss and accuracy along the interpolation path between two models.
+
+For two checkpoints A and B and ``t`` on an evenly spaced grid of [0, 1], the
+model at ``t`` is the merge of the two with weights ``w = (1 - t, t)``
+(cca-merge-math.md, section 10)::
+
+    theta(t) = (1 - t) * M_A theta_A U_A  +  t * M_B theta_B U_B
+
+with each method's transforms (``average``: all identities, the naive path).
+
+* Permutation methods (``permutation_only = True``) align B to A once; the
+  aligned B computes the same function as B, so both ends of the path are
+  the checkpoints' functions.
+* Dense methods (CCA, ...) are not function-preserving for the model that is
+  transformed, so, as in the paper's code, B is aligned to A (A reference,
+  identity transforms on A) for ``t <= 1/2`` and A to B (B reference) for
+  ``t > 1/2``. Each side's weight-1 model is then its own untouched tensors.
+
+Statistics are gathered once for both models: the joint covariance is
+symmetric in which model is the reference (``AlignContext.reference`` only
+selects blocks). Transforms are computed once per method and side, never per
+``t``. BatchNorm is handled per ``t`` by :func:`ccamerge.merge.build_merged`
+(running statistics recomputed, or renormalised, on calibration data).
+
+Endpoints: at ``t = 0`` and ``t = 1`` the curves use the checkpoints
+themselves, evaluated once. The path formula gives exactly their tensors there
+(weight 1 on the side's reference, whose transforms are the identity), but
+with BatchNorm the per-``t`` recomputation of running statistics would change
+their function slightly; the endpoints are the models the user trained, so the
+barrier is measured against them.
+
+Barriers, with ``L`` the cross-entropy and ``A`` the accuracy on labelled data:
+
+    loss barrier     = max_t  L(t) - ((1 - t) L(0) + t L(1))
+    accuracy barrier = max_t  ((1 - t) A(0) + t A(1)) - A(t)
+
+Both are >= 0 (the endpoints contribute 0); the values at ``t = 1/2`` are
+reported too when 1/2 is on the grid (odd ``steps``).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from torch import nn
+
+from . import __version__
+from .bn import has_batchnorm
+from .errors import OptionError, OutputError
+from .evaluate import predict_logits, score_logits
+from .io import Dataset, load_data
+from .merge import (
+    LoadedModels,
+    Progress,
+    Timer,
+    build_merged,
+    check_data_fits,
+    evaluate_all,
+    gather_statistics,
+    load_models,
+    resolve_bn_mode,
+    resolve_device,
+    sample_warnings,
+)
+from .methods import AlignContext, Alignment, MergeMethod, list_methods, make_method
+from .stats import Statistics
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+DEFAULT_METHODS = ("average", "permute", "cca")
+
+
+def default_methods() -> list[str]:
+    """``average``, ``permute`` and ``cca``, those of them that are registered."""
+    known = set(list_methods())
+    return [m for m in DEFAULT_METHODS if m in known]
+
+
+@dataclass
+class BarrierPlan:
+    """Everything ``ccamerge barrier`` was asked to do.
+
+    ``method_params`` go to every method that takes them (``gamma`` to
+    ``cca``, ...); a parameter that no listed method takes is an error.
+    """
+
+    checkpoints: list[str]
+    eval_data: str
+    data: str | None = None
+    methods: list[str] = field(default_factory=default_methods)
+    steps: int = 11
+    method_params: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None
+    num_samples: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    reset_bn: bool = True
+    bn_mode: str = "auto"
+
+
+@dataclass
+class PathSide:
+    """One half of a method's path: the alignment and the reference it was made for."""
+
+    alignment: Alignment
+    reference: int
+
+
+def grid(steps: int) -> list[float]:
+    """``steps`` evenly spaced points of [0, 1], exactly 0 and 1 at the ends."""
+    if steps < 2:
+        raise OptionError(f"--steps must be at least 2, got {steps}")
+    return [i / (steps - 1) for i in range(steps)]
+
+
+def barrier(
+    ts: Sequence[float], values: Sequence[float], higher_is_better: bool
+) -> tuple[float, float]:
+    """``(max_t s * (chord(t) - v(t)), argmax t)`` with ``chord(t) = (1-t) v(0) + t v(1)``.
+
+    ``s = +1`` when higher is better (accuracy), ``-1`` otherwise (loss), so
+    the result is how far the curve falls short of the straight line between
+    its ends, at its worst. ``ts`` must start at 0 and end at 1.
+    """
+    v0, v1 = values[0], values[-1]
+    sign = 1.0 if higher_is_better else -1.0
+    gaps = [sign * ((1 - t) * v0 + t * v1 - v) for t, v in zip(ts, values)]
+    k = max(range(len(gaps)), key=gaps.__getitem__)
+    return gaps[k], ts[k]
+
+
+def make_methods(names: Sequence[str], params: dict[str, Any]) -> list[MergeMethod]:
+    """Instantiate each method with the parameters it takes; unknown parameters are errors."""
+    if not names:
+        raise OptionError("no methods given")
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise OptionError(f"method(s) listed twice: {', '.join(dupes)}")
+    methods, used = [], set()
+    for name in names:
+        accepted = set(make_method(name).params())
+        mine = {k: v for k, v in params.items() if k in accepted}
+        used |= set(mine)
+        methods.append(make_method(name, **mine))
+    unused = sorted(set(params) - used)
+    if unused:
+        raise OptionError(f"no listed method takes {', '.join(unused)} ({', '.join(names)})")
+    return methods
+
+
+def path_sides(
+    method: MergeMethod, loaded: LoadedModels, stats: Statistics | None
+) -> tuple[PathSide, PathSide]:
+    """The alignments for ``t <= 1/2`` and ``t > 1/2``.
+
+    One alignment (A reference) for permutation methods; for the others a
+    second one with B as the reference, so that weight 1 on either model
+    gives back its own tensors."""
+
+    def side(ref: int) -> PathSide:
+        return PathSide(
+            method.align(AlignContext(loaded.spec, loaded.state_dicts, ref, stats)), ref
+        )
+
+    first = side(0)
+    if getattr(method, "permutation_only", False):
+        return first, first
+    return first, side(1)
+
+
+def path_model(
+    loaded: LoadedModels,
+    sides: tuple[PathSide, PathSide],
+    t: float,
+    calib: Dataset | None,
+    stats: Statistics | None,
+    bn_mode: str,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+) -> tuple[nn.Module, str]:
+    """The merged model at ``t`` (weights ``(1 - t, t)``) and what was done to BatchNorm."""
+    side = sides[0] if t <= 0.5 else sides[1]
+    _, model, bn_done = build_merged(
+        loaded,
+        side.alignment,
+        [1.0 - t, t],
+        side.reference,
+        calib,
+        stats,
+        bn_mode,
+        reset_bn,
+        batch_size,
+        device,
+    )
+    return model, bn_done
+
+
+def check_output_file(path: str | Path, suffixes: Sequence[str], option: str) -> Path:
+    """Refuse, before any work, an output whose type or directory is wrong."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise OutputError(f"{option} {out} must end in one of {', '.join(suffixes)}")
+    if not out.parent.exists():
+        raise OutputError(f"{option}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise OutputError(f"{option} {out} is a directory")
+    return out
+
+
+def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate every method's path at every grid point; return the report.
+
+    Report fields: ``checkpoints``, ``architecture``, ``methods`` (name ->
+    parameters), ``eval_data``, ``t``, ``endpoints`` (two ``{path, t, loss, accuracy}``),
+    ``ensemble`` (the two models' logit-averaging ensemble, for reference),
+    ``curves`` (method -> ``[{t, loss, accuracy}]``), ``barriers`` (method ->
+    ``{loss, accuracy, loss_t, accuracy_t, loss_mid, accuracy_mid}``),
+    ``batchnorm`` (method -> what was done at interior points),
+    ``num_samples``, ``eval_samples``, ``warnings``, ``timings``.
+    """
+    progress = progress or Progress()
+    timer = Timer()
+    device = resolve_device(plan.device)
+    if len(plan.checkpoints) != 2:
+        raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
+    if plan.batch_size <= 0:
+        raise OptionError(f"--batch-size must be positive, got {plan.batch_size}")
+    ts = grid(plan.steps)
+    methods = make_methods(plan.methods, plan.method_params)
+    bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
+    needy = [m.name for m in methods if m.needs_data]
+    if needy and plan.data is None:
+        raise OptionError(f"method(s) {', '.join(needy)} need calibration data (--data)")
+
+    with timer.phase("load"):
+        loaded = load_models(plan.checkpoints, plan.arch)
+        calib = None
+        if plan.data is not None:
+            calib = load_data(plan.data).subset(
+                plan.num_samples, plan.seed if plan.num_samples else None
+            )
+            check_data_fits(calib, loaded, "calibration data")
+        eval_data = load_data(plan.eval_data, require_labels=True)
+        check_data_fits(eval_data, loaded, "evaluation data")
+
+    warnings: list[str] = []
+    with timer.phase("evaluate"):
+        evaluation = evaluate_all(loaded, None, eval_data, [0.5, 0.5], plan.batch_size, device)
+    ends = [{"loss": m["loss"], "accuracy": m["accuracy"]} for m in evaluation["models"]]
+    with_bn = has_batchnorm(loaded.build(loaded.state_dicts[0]))
+    if with_bn and calib is None and plan.reset_bn:
+        warnings.append("no calibration data: BatchNorm running statistics were not reset")
+
+    stats = None
+    if calib is not None and (needy or (with_bn and "renorm" in bn_modes.values())):
+        with timer.phase("statistics"):
+            stats = gather_statistics(loaded, calib, plan.batch_size, device, progress)
+        warnings += sample_warnings(loaded.spec, stats)
+
+    curves: dict[str, list[dict[str, float]]] = {}
+    bn_done: dict[str, str] = {}
+    progress.start("interpolation", len(methods) * len(ts))
+    try:
+        for method in methods:
+            with timer.phase("alignment"):
+                sides = path_sides(method, loaded, stats)
+            points = []
+            for i, t in enumerate(ts):
+                if i in (0, len(ts) - 1):
+                    score = ends[0 if i == 0 else 1]
+                else:
+                    with timer.phase("interpolate"):
+                        model, bn_done[method.name] = path_model(
+                            loaded,
+                            sides,
+                            t,
+                            calib,
+                            stats,
+                            bn_modes[method.name],
+                            plan.reset_bn,
+                            plan.batch_size,
+                            device,
+                        )
+                    with timer.phase("evaluate"):
+                        logits = predict_logits(model, eval_data, plan.batch_size, device)
+                        score = score_logits(logits, eval_data.y).to_dict()
+                points.append({"t": t, "loss": score["loss"], "accuracy": score["accuracy"]})
+                progress.advance(1)
+            curves[method.name] = points
+    finally:
+        progress.stop()
+
+    if 0.5 not in ts:
+        warnings.append(
+            f"t = 1/2 is not on the grid of {plan.steps} steps (use an odd --steps); "
+            "loss_mid and accuracy_mid are null"
+        )
+    return {
+        "ccamerge_version": __version__,
+        "checkpoints": list(plan.checkpoints),
+        "eval_data": plan.eval_data,
+        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
+        "methods": {m.name: m.params() for m in methods},
+        "steps": plan.steps,
+        "t": ts,
+        "endpoints": [
+            {"path": p, "t": float(k), **s} for k, (p, s) in enumerate(zip(plan.checkpoints, ends))
+        ],
+        "ensemble": evaluation["ensemble"],
+        "curves": curves,
+        "barriers": {name: summarise(pts) for name, pts in curves.items()},
+        "batchnorm": bn_done,
+        "num_samples": len(calib) if calib is not None else 0,
+        "eval_samples": len(eval_data),
+        "warnings": warnings,
+        "timings": timer.timings,
+    }
+
+
+def summarise(points: Sequence[dict[str, float]]) -> dict[str, float | None]:
+    """Loss and accuracy barriers of one curve, where they peak, and the values at t = 1/2."""
+    ts = [p["t"] for p in points]
+    loss, loss_t = barrier(ts, [p["loss"] for p in points], higher_is_better=False)
+    acc, acc_t = barrier(ts, [p["accuracy"] for p in points], higher_is_better=True)
+    mid = next((p for p in points if p["t"] == 0.5), None)
+    return {
+        "loss": loss,
+        "accuracy": acc,
+        "loss_t": loss_t,
+        "accuracy_t": acc_t,
+        "loss_mid": mid["loss"] if mid else None,
+        "accuracy_mid": mid["accuracy"] if mid else None,
+    }
+
+
+def plot_barrier(report: dict[str, Any], path: str | Path | None = None) -> Figure:
+    """Two panels, loss and accuracy (%) against t, one line per method.
+
+    Drawn on a bare :class:`~matplotlib.figure.Figure` (Agg canvas, no
+    pyplot, no display); saved to ``path`` when given (type from the suffix).
+    """
+    a, b = (Path(p).name for p in report["checkpoints"])
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for name, points in report["curves"].items():
+        ts = [p["t"] for p in points]
+        bar = report["barriers"][name]
+        ax_loss.plot(
+            ts,
+            [p["loss"] for p in points],
+            marker="o",
+            ms=4,
+            label=f"{name} (barrier {bar['loss']:.3f})",
+        )
+        ax_acc.plot(
+            ts,
+            [100 * p["accuracy"] for p in points],
+            marker="o",
+            ms=4,
+            label=f"{name} (barrier {100 * bar['accuracy']:.1f} pts)",
+        )
+    for ax, ylabel in ((ax_loss, "loss (cross-entropy)"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel(f"t  (0 = {a}, 1 = {b})")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    data = Path(report["eval_data"]).name
+    fig.suptitle(f"Interpolation {a} \u2192 {b}, on {data} ({report['eval_samples']} samples)")
+    if path is not None:
+        try:
+            fig.savefig(path, dpi=120)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return fig
+
+
+def write_csv(report: dict[str, Any], path: str | Path) -> None:
+    """One row per (method, t): ``method,t,loss,accuracy`` with a header."""
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["method", "t", "loss", "accuracy"])
+            for name, points in report["curves"].items():
+                for p in points:
+                    w.writerow([name, repr(p["t"]), repr(p["loss"]), repr(p["accuracy"])])
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

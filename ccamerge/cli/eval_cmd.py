@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import OptionError
+from ..io import load_data
+from ..merge import check_data_fits, evaluate_all, load_models, resolve_device
+from ..report import evaluation_table
+from . import app
+from .common import console, handle_errors, print_json
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="Checkpoints of one architecture (.safetensors, .pt, .pth, .bin)."
+    ),
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled data (x and y)."),
+    ensemble: bool = typer.Option(
+        False, "--ensemble", help="Also score the ensemble (mean of the models' logits)."
+    ),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
+    ),
+    batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+) -> None:
+    """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
+    device = resolve_device(device)
+    if batch_size <= 0:
+        raise OptionError(f"--batch-size must be positive, got {batch_size}")
+    loaded = load_models([str(c) for c in checkpoints], arch)
+    dataset = load_data(data, require_labels=True)
+    check_data_fits(dataset, loaded, "evaluation data")
+    n = len(checkpoints)
+    evaluation = evaluate_all(loaded, None, dataset, [1.0 / n] * n, batch_size, device)
+    if not ensemble:
+        del evaluation["ensemble"]
+    evaluation["architecture"] = loaded.detected.name
+    console.print(evaluation_table(evaluation, title=f"Evaluation on {data}"))
+    if json_out:
+        print_json(evaluation)

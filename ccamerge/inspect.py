@@ -1,0 +1,60 @@
+"""What the registry sees in a checkpoint: architecture, size and feature groups.
+
+``inspect_checkpoint`` loads one checkpoint exactly as ``merge`` does
+(:func:`ccamerge.merge.load_models`: detection, spec validation, a strict
+load into the built module) and describes it as a plain dictionary that the
+CLI prints as tables or JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .merge import load_models
+
+
+def inspect_checkpoint(path: str, arch: str | None = None) -> dict[str, Any]:
+    """Describe ``path``.
+
+    Fields: ``path``; ``architecture`` ``{name, config}``; ``input_shape``
+    (per sample, or None when the entry does not say); ``num_parameters``
+    (elements of the built module's parameters) and ``num_buffer_values``
+    (its buffers, e.g. BatchNorm running statistics); ``num_tensors``;
+    ``groups``: one ``{name, size, collect_at, collect_on, norms, members}``
+    per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
+    role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
+    ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
+    """
+    loaded = load_models([path], arch)
+    sd = loaded.state_dicts[0]
+    model = loaded.build(sd)
+    groups = [
+        {
+            "name": g.name,
+            "size": g.size,
+            "collect_at": g.collect_at,
+            "collect_on": g.collect_on,
+            "norms": list(g.norms),
+            "members": [
+                {
+                    "tensor": tensor,
+                    "axis": axis,
+                    "role": "output" if axis == 0 else "input",
+                    "shape": list(sd[tensor].shape),
+                }
+                for tensor, axis in g.members
+            ],
+        }
+        for g in loaded.spec.groups
+    ]
+    input_shape = loaded.detected.input_shape()
+    return {
+        "path": path,
+        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_buffer_values": sum(b.numel() for b in model.buffers()),
+        "num_tensors": len(sd),
+        "groups": groups,
+        "ungrouped": [name for name in sd if name not in loaded.spec.axes],
+    }

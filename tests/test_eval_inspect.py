@@ -1,0 +1,121 @@
+"""``ccamerge eval`` and ``ccamerge inspect``: JSON fields, values, errors, help."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ccamerge.cli import app
+from ccamerge.evaluate import ensemble_logits, evaluate, predict_logits, score_logits
+from ccamerge.inspect import inspect_checkpoint
+from ccamerge.io import load_data
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_eval_scores_each_checkpoint_and_the_ensemble(digits_mlps):
+    res = run(
+        "eval", *digits_mlps.paths[:3], "--data", digits_mlps.test_path, "--ensemble", "--json"
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    test = load_data(digits_mlps.test_path)
+    assert doc["num_samples"] == len(test) and doc["architecture"] == "mlp"
+    assert [m["path"] for m in doc["models"]] == [str(p) for p in digits_mlps.paths[:3]]
+    for entry, model in zip(doc["models"], digits_mlps.models):
+        score = evaluate(model, test)
+        assert (entry["accuracy"], entry["loss"]) == (score.accuracy, score.loss)
+    logits = [predict_logits(m, test) for m in digits_mlps.models[:3]]
+    ens = score_logits(ensemble_logits(logits), test.y)
+    assert doc["ensemble"]["accuracy"] == ens.accuracy
+    assert doc["ensemble"]["loss"] == pytest.approx(ens.loss, rel=1e-12)
+    assert "ensemble" in res.stderr  # the table goes to stderr
+
+
+def test_eval_without_ensemble_has_no_ensemble_entry(digits_mlps):
+    res = run("eval", digits_mlps.paths[0], "--data", digits_mlps.test_path, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert "ensemble" not in doc and len(doc["models"]) == 1
+
+
+def test_eval_errors(digits_mlps, tmp_path):
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=load_data(digits_mlps.test_path).x.numpy())
+    res = run("eval", digits_mlps.paths[0], "--data", unlabelled)
+    assert res.exit_code == 1 and res.stderr.startswith("error:") and "labels" in res.stderr
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((4, 10), np.float32), y=np.zeros(4, np.int64))
+    res = run("eval", digits_mlps.paths[0], "--data", wrong)
+    assert res.exit_code == 1 and "do not fit" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_json_describes_the_mlp(digits_mlps):
+    res = run("inspect", digits_mlps.paths[0], "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["architecture"]["name"] == "mlp"
+    assert doc["architecture"]["config"]["sizes"] == [64, 64, 64, 10]
+    assert doc["input_shape"] == [64]
+    assert doc["num_parameters"] == sum(p.numel() for p in digits_mlps.models[0].parameters())
+    assert doc["num_parameters"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert doc["num_tensors"] == 6 and doc["num_buffer_values"] == 0
+    groups = {g["name"]: g for g in doc["groups"]}
+    assert set(groups) == {"hidden0", "hidden1"}
+    h0 = groups["hidden0"]
+    assert h0["size"] == 64 and h0["collect_at"] == "layers.1" and h0["collect_on"] == "input"
+    assert h0["members"] == [
+        {"tensor": "layers.0.weight", "axis": 0, "role": "output", "shape": [64, 64]},
+        {"tensor": "layers.0.bias", "axis": 0, "role": "output", "shape": [64]},
+        {"tensor": "layers.1.weight", "axis": 1, "role": "input", "shape": [64, 64]},
+    ]
+    assert doc["ungrouped"] == ["layers.2.bias"]
+    # the rich view names the architecture and every group on stderr
+    res = run("inspect", digits_mlps.paths[0])
+    assert res.exit_code == 0 and res.stdout == ""
+    assert "mlp" in res.stderr and "hidden0" in res.stderr and "hidden1" in res.stderr
+
+
+def test_inspect_lists_batchnorm_members_and_buffers(tmp_path):
+    from ccamerge.archs.vgg import vgg_config
+    from ccamerge.registry import get_architecture
+
+    cfg = vgg_config(convs_per_stage=(1, 1), widths=(4, 8), num_classes=3, in_channels=1)
+    model = get_architecture("vgg").build(cfg)
+    path = tmp_path / "vgg.pt"
+    torch.save(model.state_dict(), path)
+    info = inspect_checkpoint(str(path))
+    assert info["architecture"]["name"] == "vgg"
+    assert info["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["num_buffer_values"] == sum(b.numel() for b in model.buffers()) > 0
+    assert [g["size"] for g in info["groups"]] == [4, 8]
+    first = info["groups"][0]
+    assert first["norms"] == ["features.1"]
+    assert {"tensor": "features.1.running_var", "axis": 0, "role": "output", "shape": [4]} in (
+        first["members"]
+    )
+
+
+def test_inspect_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo.weight": torch.zeros(3, 3, 3)}, bad)
+    res = run("inspect", bad)
+    assert res.exit_code == 1
+    assert res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+    res = run("inspect", tmp_path / "missing.pt")
+    assert res.exit_code == 1 and "does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect", "barrier"])
+def test_help(command):
+    res = run(command, "--help")
+    assert res.exit_code == 0 and "Usage" in res.stdout
