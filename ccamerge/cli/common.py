@@ -133,3 +133,15 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
         from ..errors import OptionError
 
         raise OptionError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def parse_gamma(text: str | None) -> float | str | None:
+    """``--gamma``: a non-negative number or ``auto``."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        from ..errors import OptionError
+
+        raise OptionError(f"--gamma expects a number or 'auto', got {text!r}") from None

@@ -1,0 +1,175 @@
+"""Choosing the regularisation and the method per run, without labels.
+
+The calibration data is split (seeded) into a part that feeds the statistics
+and BatchNorm reset, and a held-out part that only scores candidates. Every
+candidate (a method with its parameters) is aligned from the same statistics,
+merged, and run on the held-out part; the score is
+
+* ``agreement`` (default, needs no labels): the mean KL divergence
+  KL(p_ensemble || p_merged) between the softmax outputs of the models'
+  logit-averaging ensemble and of the merged model (lower is better); the
+  top-1 agreement is reported beside it;
+* ``loss``: the cross-entropy on the held-out labels (lower is better).
+
+Cost per candidate: one alignment (from the stored statistics), one tensor
+merge, a BatchNorm reset pass where the network has BatchNorm, and one
+forward pass over the held-out part; the ensemble's outputs are computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError, OptionError
+from .evaluate import ensemble_logits, predict_logits
+from .io import Dataset
+from .methods import AlignContext, Alignment, MergeMethod, make_method
+
+GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+AUTO_METHODS = ("cca", "permute", "zipit")
+SELECT_BY = ("agreement", "loss")
+
+
+@dataclass
+class Split:
+    """``stats`` feeds the statistics and BN reset; ``heldout`` only scores."""
+
+    stats: Dataset
+    heldout: Dataset
+    stats_index: torch.Tensor
+    heldout_index: torch.Tensor
+
+
+def split_heldout(data: Dataset, fraction: float = 0.2, seed: int = 0, minimum: int = 64) -> Split:
+    """A seeded random split; the held-out part has ``max(minimum, fraction * n)`` samples."""
+    n = len(data)
+    n_held = max(minimum, int(round(fraction * n)))
+    if n - n_held < minimum:
+        raise DataError(
+            f"automatic selection needs at least {2 * minimum} calibration samples "
+            f"(a held-out part and a statistics part), got {n}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    held, rest = order[:n_held].sort().values, order[n_held:].sort().values
+
+    def take(idx: torch.Tensor) -> Dataset:
+        return Dataset(data.x[idx], None if data.y is None else data.y[idx], data.path)
+
+    return Split(take(rest), take(held), rest, held)
+
+
+def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
+    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates."""
+    names = AUTO_METHODS if method == "auto" else (method,)
+    out: list[MergeMethod] = []
+    for name in names:
+        p = dict(params)
+        if name == "cca" and (p.get("gamma") == "auto" or (method == "auto" and "gamma" not in p)):
+            p.pop("gamma", None)
+            out += [make_method(name, gamma=g, **p) for g in GAMMA_GRID]
+        elif name == "cca":
+            out.append(make_method(name, **p))
+        else:
+            out.append(make_method(name))
+    return out
+
+
+def label(method: MergeMethod) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in method.params().items())
+    return f"{method.name}({params})" if params else method.name
+
+
+@dataclass
+class Scored:
+    method: MergeMethod
+    alignment: Alignment
+    score: float
+    kl: float
+    agreement: float
+    loss: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": label(self.method),
+            "method": self.method.name,
+            "params": self.method.params(),
+            "score": self.score,
+            "kl": self.kl,
+            "top1_agreement": self.agreement,
+            "loss": self.loss,
+        }
+
+
+def score_outputs(
+    merged: torch.Tensor, ensemble: torch.Tensor, y: torch.Tensor | None, select_by: str
+) -> tuple[float, float, float, float | None]:
+    """``(score, kl, top1 agreement, loss)`` of merged logits against the ensemble's."""
+    log_p = F.log_softmax(ensemble.double(), 1)
+    log_q = F.log_softmax(merged.double(), 1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+    agree = float((merged.argmax(1) == ensemble.argmax(1)).double().mean())
+    loss = None if y is None else float(F.cross_entropy(merged.double(), y))
+    if select_by == "loss":
+        if loss is None:
+            raise DataError("--select-by loss needs labels 'y' in the calibration data")
+        return loss, kl, agree, loss
+    return kl, kl, agree, loss
+
+
+def select(
+    loaded: Any,
+    stats: Any,
+    candidates: Sequence[MergeMethod],
+    split: Split,
+    weights: Sequence[float],
+    reference: int,
+    bn_mode_of: Any,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+    select_by: str = "agreement",
+) -> tuple[Scored, list[Scored], dict[str, torch.Tensor], torch.nn.Module, str]:
+    """Score every candidate on the held-out part; returns the winner, all scores (in
+    candidate order) and the winner's merged state dict, model and BN note."""
+    from .merge import build_merged  # merge.py imports this module
+
+    if select_by not in SELECT_BY:
+        raise OptionError(f"--select-by must be one of {', '.join(SELECT_BY)}")
+    held = split.heldout
+    ens = ensemble_logits(
+        [
+            predict_logits(loaded.build(sd, device), held, batch_size, device)
+            for sd in loaded.state_dicts
+        ],
+        list(weights),
+    )
+    scored: list[Scored] = []
+    best: tuple[float, int, Any] | None = None
+    for method in candidates:
+        alignment = method.align(AlignContext(loaded.spec, loaded.state_dicts, reference, stats))
+        state, model, bn_done = build_merged(
+            loaded,
+            alignment,
+            weights,
+            reference,
+            split.stats,
+            stats,
+            bn_mode_of(method),
+            reset_bn,
+            batch_size,
+            device,
+        )
+        s, kl, agree, loss = score_outputs(
+            predict_logits(model, held, batch_size, device), ens, held.y, select_by
+        )
+        scored.append(Scored(method, alignment, s, kl, agree, loss))
+        if best is None or s < best[0]:
+            best = (s, len(scored) - 1, (state, model, bn_done))
+    assert best is not None
+    state, model, bn_done = best[2]
+    return scored[best[1]], scored, state, model, bn_done
