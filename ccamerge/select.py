@@ -30,7 +30,7 @@ from .evaluate import ensemble_logits, predict_logits
 from .io import Dataset
 from .methods import AlignContext, Alignment, MergeMethod, make_method
 
-GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_METHODS = ("cca", "permute", "zipit")
 SELECT_BY = ("agreement", "loss")
 
