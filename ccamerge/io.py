@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-import zipfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,54 +40,71 @@ def _check_readable(path: Path, what: str, error: type[Exception]) -> None:
         raise error(f"{what} {path} is a directory, not a file")
     if not os.access(path, os.R_OK):
         raise error(f"{what} {path} is not readable (permission denied)")
+    try:  # os.access says yes to root and ignores ACLs: opening is the real test
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise error(f"{what} {path} is not readable (permission denied)") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be opened ({e.strerror or e})") from None
     if path.stat().st_size == 0:
         raise error(f"{what} {path} is empty")
 
 
 def _read_safetensors(path: Path, error: type[Exception], what: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except PermissionError:
+        raise error(f"{what} {path} is not readable (permission denied)") from None
+    except Exception as e:  # untrusted bytes: any failure (SafetensorError, ...) is the file's
         raise error(f"{what} {path} is not a valid safetensors file ({_first_line(e)})") from None
 
 
 def _read_torch(path: Path, error: type[Exception], what: str) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle_errors() as e:
-        msg = _first_line(e)
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line on stderr
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise error(f"{what} {path} is not readable (permission denied)") from None
+    except Exception as e:  # untrusted bytes: a corrupt file can raise anything (AssertionError,
+        # struct.error, ...) from torch's readers; all of them mean "not a usable torch file"
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise error(f"{what} {path} cannot be read as a torch file ({_first_line(e)})") from None
+        glob = re.search(r"GLOBAL ([\w.]+)", text)
+        if glob:  # a class or function the pickle would import and call
             raise error(
-                f"{what} {path} holds Python objects other than tensors; refused to unpickle "
-                "them (only plain tensors and containers are loaded)"
+                f"{what} {path} holds Python objects other than tensors (it would import "
+                f"{glob.group(1)}); refused to unpickle them (only plain tensors and containers "
+                "are loaded)"
             ) from None
-        raise error(f"{what} {path} cannot be read as a torch file ({msg})") from None
+        raise error(  # corrupt bytes, or pickle instructions the safe unpickler does not run
+            f"{what} {path} cannot be read as a torch file: the safe (weights-only) unpickler "
+            f"refused it ({_unpickler_detail(text)})"
+        ) from None
 
 
-def pickle_errors() -> tuple[type[BaseException], ...]:
-    import pickle
-
-    return (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        AttributeError,
-        TypeError,
-        IndexError,
-        UnicodeDecodeError,
-        zipfile.BadZipFile,
-    )
+def _unpickler_detail(text: str) -> str:
+    """What torch's weights-only unpickler stopped at, without its boilerplate."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not rest and i + 1 < len(lines):
+                rest = lines[i + 1]
+            return rest.split(". ")[0].rstrip(".")[:200] or "no detail given"
+    return "no detail given"
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0] if len(text[0]) <= 160 else text[0].split(". ")[0]  # long: first sentence
+    return line[:200]
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -175,13 +193,13 @@ def load_data(path: str | os.PathLike, require_labels: bool = False) -> Dataset:
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        except Exception as e:  # untrusted bytes: BadZipFile, ValueError, TokenError, ...
             raise DataError(f"data file {path} is not a valid .npz ({_first_line(e)})") from None
         x, y = _pick_xy(arrays, path)
     elif suffix == ".npy":
         try:
             x, y = np.load(path, allow_pickle=False), None
-        except (ValueError, OSError, EOFError) as e:
+        except Exception as e:  # untrusted bytes: ValueError, TokenError, ...
             raise DataError(f"data file {path} is not a valid .npy ({_first_line(e)})") from None
     elif suffix in (".pt", ".pth"):
         obj = _read_torch(path, DataError, "data file")
@@ -211,8 +229,17 @@ def _pick_xy(arrays: Mapping[str, Any], path: Path) -> tuple[Any, Any]:
     )
 
 
+def _tensor(a: Any, path: Path, what: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":  # strings, objects, records, complex: no numbers to feed
+        raise DataError(f"data file {path}: {what} have unsupported dtype {a.dtype}")
+    return torch.as_tensor(a)
+
+
 def _as_dataset(x: Any, y: Any, path: Path, require_labels: bool) -> Dataset:
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    x = _tensor(x, path, "inputs")
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(
             f"data file {path}: inputs of shape {tuple(x.shape)}; expected (samples, ...)"
@@ -226,7 +253,9 @@ def _as_dataset(x: Any, y: Any, path: Path, require_labels: bool) -> Dataset:
     if not torch.isfinite(x).all():
         raise DataError(f"data file {path}: inputs contain NaN or Inf")
     if y is not None:
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        y = _tensor(y, path, "labels 'y'")
+        if y.is_complex():
+            raise DataError(f"data file {path}: labels 'y' have unsupported dtype {y.dtype}")
         if y.is_floating_point():
             if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
                 raise DataError(f"data file {path}: labels 'y' are not integers")
@@ -254,11 +283,13 @@ def check_output_path(output: str | os.PathLike, inputs: list[str], force: bool)
         raise OutputError(f"output {out} must end in .safetensors")
     if not out.parent.exists():
         raise OutputError(f"output directory {out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise OutputError(f"output directory {out.parent} is not a directory")
     if out.is_dir():
         raise OutputError(f"output {out} is a directory")
     resolved = out.resolve()
     for p in inputs:
-        if Path(p).resolve() == resolved:
+        if Path(p).resolve() == resolved or _same_file(Path(p), out):
             raise OutputError(f"output {out} is also an input; choose another path")
     if out.exists() and not force:
         raise OutputError(f"output {out} exists; pass --force to overwrite it")
@@ -267,32 +298,64 @@ def check_output_path(output: str | os.PathLike, inputs: list[str], force: bool)
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True for two names of one file (hard links included)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[bytes, memoryview]:
+    """A safetensors file as (header, data): ``safetensors.torch.save`` with the JSON
+    header re-serialised with sorted keys. safetensors writes its header from hash maps
+    whose order changes from process to process; sorting makes the same tensors and
+    metadata give the same bytes every time. The header stays 8-byte aligned."""
+    from safetensors.torch import save
+
+    raw = save(dict(tensors), metadata=dict(metadata))
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    blob = text.encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob, memoryview(raw)[8 + n :]
+
+
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any]
 ) -> None:
     """Write to a temporary file in the target's directory, fsync, then rename.
 
-    Metadata values that are not strings are stored as JSON strings. On any
-    failure the temporary file is removed and the target is untouched."""
-    from safetensors.torch import save_file
-
+    Metadata values that are not strings are stored as JSON strings. The bytes are
+    deterministic (see :func:`safetensors_bytes`). On any failure or interruption the
+    temporary file is removed and the target is untouched."""
     path = Path(path)
     meta = {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
+        header, data = safetensors_bytes(tensors, meta)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         raise

@@ -115,13 +115,19 @@ def load_models(paths: Sequence[str], arch: str | None = None) -> LoadedModels:
     if not paths:
         raise OptionError("no checkpoints given")
     sds = [load_checkpoint(p) for p in paths]
-    detected = detect_architecture(sds[0], arch)
+    try:
+        detected = detect_architecture(sds[0], arch)
+    except ArchitectureError as e:
+        raise ArchitectureError(f"{paths[0]}: {e}") from None
     spec = detected.spec()
     ref = sds[0]
+    template = detected.build()
+    expected = template.state_dict()  # the dtypes the model expects
     for path, sd in zip(paths, sds):
         missing = sorted(set(ref) - set(sd))
         extra = sorted(set(sd) - set(ref))
         if missing or extra:
+            _check_same_architecture(path, sd, paths[0], detected.name)
             parts = []
             if missing:
                 parts.append(f"missing {_few(missing)}")
@@ -134,16 +140,31 @@ def load_models(paths: Sequence[str], arch: str | None = None) -> LoadedModels:
                     f"{path} does not match {paths[0]}: {name} has shape "
                     f"{tuple(sd[name].shape)}, expected {tuple(t.shape)}"
                 )
-            if t.is_floating_point() != sd[name].is_floating_point():
+            want = expected.get(name, t)
+            if want.is_floating_point() != sd[name].is_floating_point():
+                kind = "floating-point" if want.is_floating_point() else "integer"
                 raise CheckpointError(
-                    f"{path}: tensor {name} has dtype {sd[name].dtype}, expected {t.dtype}"
+                    f"{path}: tensor {name} has dtype {sd[name].dtype}, expected a {kind} tensor"
                 )
     try:
         spec.validate(ref)
-        detected.build().load_state_dict(ref, strict=True)
+        template.load_state_dict(ref, strict=True)
     except RuntimeError as e:
         raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
     return LoadedModels(list(paths), sds, detected, spec)
+
+
+def _check_same_architecture(path: str, sd: dict, first: str, name: str) -> None:
+    """Name both architectures when a checkpoint is another kind of network."""
+    try:
+        other = detect_architecture(sd).name
+    except ArchitectureError:
+        return
+    if other != name:
+        raise ArchitectureError(
+            f"{path} is a {other} checkpoint but {first} is a {name}; "
+            "all checkpoints must share one architecture"
+        )
 
 
 def _few(names: list[str]) -> str:
@@ -231,16 +252,28 @@ def gather_statistics(
 
 
 def sample_warnings(spec: MergeSpec, stats: Statistics) -> list[str]:
-    """Groups whose covariance is singular for lack of rows."""
+    """Groups whose covariance is singular (or barely estimated) for lack of rows, and
+    groups with dead units (constant on the calibration data)."""
     out = []
     for g in spec.groups:
-        rows = stats.groups[g.name].n
+        jc = stats.groups[g.name]
+        rows = jc.n
         if rows < 2 * g.size:
+            state = "singular" if rows <= g.size else "poorly estimated"
             out.append(
                 f"group {g.name}: {rows} activation rows for {g.size} units per model; the "
-                f"covariance is singular and only the regularisation keeps the transforms "
+                f"covariance is {state} and only the regularisation keeps the transforms "
                 f"finite. Use at least {10 * g.size} rows (samples x spatial positions)."
             )
+        for k in range(jc.n_models):
+            var, mu = torch.diagonal(jc.block(k, k)), jc.mean_of(k)
+            dead = int((var <= 1e-9 * (mu**2 + float(var.max().clamp_min(0)))).sum())
+            if dead:
+                out.append(
+                    f"group {g.name}: {dead} of {g.size} units of model {k} are constant on "
+                    "the calibration data (dead units); their alignment rests on the "
+                    "regularisation alone"
+                )
     return out
 
 
@@ -366,6 +399,9 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         if plan.eval_data is not None:
             eval_data = load_data(plan.eval_data, require_labels=True)
             check_data_fits(eval_data, loaded, "evaluation data")
+            with torch.no_grad():  # labels out of range: say so now, not after the merge
+                outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
+            check_labels(eval_data, outputs)
 
     warnings: list[str] = []
     stats = None
@@ -420,6 +456,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
 
     if out_path is not None:
         with timer.phase("write"):
+            check_output_path(out_path, plan.checkpoints, plan.force)  # again: minutes passed
             save_safetensors_atomic(state, out_path, provenance(report, plan))
     return MergeResult(state, model, alignment, report)
 

@@ -14,12 +14,15 @@ from .common import BarProgress, console, handle_errors, parse_floats, print_jso
 @handle_errors
 def merge(
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoints (.safetensors, .pt, .pth, .bin); the first is the reference."
+        ...,
+        readable=False,  # the library checks, with a one-line error (click's is a panel)
+        help="Checkpoints (.safetensors, .pt, .pth, .bin); the first is the reference.",
     ),
     data: Path | None = typer.Option(
         None,
         "--data",
         "-d",
+        readable=False,
         help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs.",
     ),
     output: Path | None = typer.Option(
@@ -45,6 +48,7 @@ def merge(
     eval_data: Path | None = typer.Option(
         None,
         "--eval-data",
+        readable=False,
         help="Labelled data: report accuracy and loss of inputs, ensemble and merge.",
     ),
     arch: str | None = typer.Option(
