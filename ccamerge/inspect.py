@@ -8,12 +8,21 @@ CLI prints as tables or JSON.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from .custom import save_spec, untransformed_of
 from .merge import load_models
 
 
-def inspect_checkpoint(path: str, arch: str | None = None) -> dict[str, Any]:
+def inspect_checkpoint(
+    path: str,
+    arch: str | None = None,
+    factory: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    spec_out: str | None = None,
+) -> dict[str, Any]:
     """Describe ``path``.
 
     Fields: ``path``; ``architecture`` ``{name, config}``; ``input_shape``
@@ -24,8 +33,14 @@ def inspect_checkpoint(path: str, arch: str | None = None) -> dict[str, Any]:
     per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
     role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
+    With ``factory`` (``--model``, see :mod:`ccamerge.custom`) the groups are discovered
+    on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
+    discovery left alone and why. ``spec_out`` writes the groups as a spec file.
     """
-    loaded = load_models([path], arch)
+    loaded = load_models([path], arch, factory, model_args, input_shape=input_shape)
+    untransformed = untransformed_of(loaded.detected)
+    if spec_out is not None:
+        save_spec(spec_out, loaded.spec, untransformed, loaded.warnings)
     sd = loaded.state_dicts[0]
     model = loaded.build(sd)
     groups = [
@@ -57,4 +72,6 @@ def inspect_checkpoint(path: str, arch: str | None = None) -> dict[str, Any]:
         "num_tensors": len(sd),
         "groups": groups,
         "ungrouped": [name for name in sd if name not in loaded.spec.axes],
+        "untransformed": [asdict(u) for u in untransformed],
+        "warnings": loaded.warnings,
     }

@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .apply import merge_state_dicts
 from .bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
+from .custom import detect_custom, resolve_spec, save_spec
 from .errors import ArchitectureError, CheckpointError, DataError, OptionError
 from .evaluate import check_labels, ensemble_logits, predict_logits, score_logits
 from .io import (
@@ -51,6 +52,10 @@ class MergePlan:
     data: str | None = None
     eval_data: str | None = None
     arch: str | None = None
+    model: str | None = None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.custom)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    spec: str | None = None  # a spec file (JSON) that replaces the detected feature groups
+    spec_out: str | None = None  # write the feature groups used to this JSON file
     method: str = "cca"
     method_params: dict[str, Any] = field(default_factory=dict)
     weights: list[float] | None = None
@@ -82,6 +87,7 @@ class LoadedModels:
     state_dicts: list[dict[str, torch.Tensor]]
     detected: Detected
     spec: MergeSpec
+    warnings: list[str] = field(default_factory=list)  # from feature-group discovery
 
     def build(self, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> nn.Module:
         model = self.detected.build()
@@ -110,16 +116,32 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def load_models(paths: Sequence[str], arch: str | None = None) -> LoadedModels:
-    """Read every checkpoint, detect the architecture from the first, check the rest fit."""
+def load_models(
+    paths: Sequence[str],
+    arch: str | None = None,
+    model: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    spec_file: str | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> LoadedModels:
+    """Read every checkpoint, detect the architecture from the first, check the rest fit.
+
+    ``model`` (a factory, see :mod:`ccamerge.custom`) replaces detection; its feature
+    groups are discovered on samples of ``input_shape``. ``spec_file`` replaces the groups.
+    """
     if not paths:
         raise OptionError("no checkpoints given")
+    if model is not None and arch is not None:
+        raise OptionError("--model and --arch exclude each other")
     sds = [load_checkpoint(p) for p in paths]
-    try:
-        detected = detect_architecture(sds[0], arch)
-    except ArchitectureError as e:
-        raise ArchitectureError(f"{paths[0]}: {e}") from None
-    spec = detected.spec()
+    if model is not None:
+        detected = detect_custom(paths[0], sds[0], model, model_args, input_shape)
+    else:
+        try:
+            detected = detect_architecture(sds[0], arch)
+        except ArchitectureError as e:
+            raise ArchitectureError(f"{paths[0]}: {e}") from None
+    spec, notes = resolve_spec(detected, spec_file)
     ref = sds[0]
     template = detected.build()
     expected = template.state_dict()  # the dtypes the model expects
@@ -151,7 +173,7 @@ def load_models(paths: Sequence[str], arch: str | None = None) -> LoadedModels:
         template.load_state_dict(ref, strict=True)
     except RuntimeError as e:
         raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
-    return LoadedModels(list(paths), sds, detected, spec)
+    return LoadedModels(list(paths), sds, detected, spec, notes)
 
 
 def _check_same_architecture(path: str, sd: dict, first: str, name: str) -> None:
@@ -388,12 +410,18 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         raise OptionError(f"method {method.name!r} needs calibration data (--data)")
 
     with timer.phase("load"):
-        loaded = load_models(plan.checkpoints, plan.arch)
         calib = None
         if plan.data is not None:
             calib = load_data(plan.data).subset(
                 plan.num_samples, plan.seed if plan.num_samples else None
             )
+        shape = tuple(calib.x.shape[1:]) if calib is not None else None
+        loaded = load_models(
+            plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape
+        )
+        if plan.spec_out is not None:
+            save_spec(plan.spec_out, loaded.spec, warnings=loaded.warnings)
+        if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
         eval_data = None
         if plan.eval_data is not None:
@@ -403,7 +431,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
                 outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
             check_labels(eval_data, outputs)
 
-    warnings: list[str] = []
+    warnings: list[str] = list(loaded.warnings)
     stats = None
     if calib is not None and (method.needs_data or bn_mode == "renorm"):
         with timer.phase("statistics"):

@@ -125,7 +125,10 @@ def collect_statistics(
 
     def storer(key: tuple[str, int]):
         def store(x: torch.Tensor) -> None:
-            current[key] = features_as_rows(x.detach())
+            rows = features_as_rows(x.detach())
+            # copy a view, or a later in-place op (ReLU(inplace=True), out += ...) changes it
+            shared = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            current[key] = rows.clone() if shared else rows
 
         return store
 

@@ -6,6 +6,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from ..custom import parse_input_shape, parse_model_args
 from ..inspect import inspect_checkpoint
 from . import app
 from .common import console, handle_errors, print_json
@@ -18,10 +19,35 @@ def inspect(
     arch: str | None = typer.Option(
         None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
     ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn'; "
+        "its feature groups are discovered. See docs/custom-models.md.",
+    ),
+    model_args: str | None = typer.Option(
+        None, "--model-args", help="Keyword arguments of the --model factory, a JSON object."
+    ),
+    input_shape: str | None = typer.Option(
+        None,
+        "--input-shape",
+        help="One sample's shape for discovery, e.g. 3,32,32 (inferred when the input "
+        "feeds a Linear layer).",
+    ),
+    spec_out: Path | None = typer.Option(
+        None, "--spec-out", help="Write the feature groups to a JSON spec file (for --spec)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
-    info = inspect_checkpoint(str(checkpoint), arch)
+    info = inspect_checkpoint(
+        str(checkpoint),
+        arch,
+        model,
+        parse_model_args(model_args),
+        parse_input_shape(input_shape),
+        str(spec_out) if spec_out else None,
+    )
     if json_out:
         print_json(info)
         return
@@ -52,3 +78,8 @@ def render_inspection(info: dict[str, Any]) -> None:
     console.print(t)
     if info["ungrouped"]:
         console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
+    for u in info.get("untransformed", []):
+        why = "; ".join(u["reasons"])
+        console.print(f"[bold]untransformed units[/] of {', '.join(u['writers'])}: {why}")
+    for w in info.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..custom import parse_model_args
 from ..merge import BN_MODES, MergePlan, run_merge
 from ..report import render_merge_report
 from . import app
@@ -54,6 +55,21 @@ def merge(
     arch: str | None = typer.Option(
         None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
     ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn' returning "
+        "an nn.Module; feature groups are discovered by tracing. See docs/custom-models.md.",
+    ),
+    model_args: str | None = typer.Option(
+        None, "--model-args", help="Keyword arguments of the --model factory, a JSON object."
+    ),
+    spec: Path | None = typer.Option(
+        None, "--spec", help="Feature groups from a JSON spec file (see --spec-out)."
+    ),
+    spec_out: Path | None = typer.Option(
+        None, "--spec-out", help="Write the feature groups used to a JSON spec file."
+    ),
     num_samples: int | None = typer.Option(
         None,
         "--num-samples",
@@ -85,6 +101,10 @@ def merge(
         data=str(data) if data else None,
         eval_data=str(eval_data) if eval_data else None,
         arch=arch,
+        model=model,
+        model_args=parse_model_args(model_args),
+        spec=str(spec) if spec else None,
+        spec_out=str(spec_out) if spec_out else None,
         method=method,
         method_params=params,
         weights=parse_floats(weights, "--weights"),

@@ -1,0 +1,861 @@
+"""Feature groups discovered from a model's code by torch.fx tracing.
+
+:func:`discover` traces ``model.forward`` symbolically, runs the traced graph
+once on a small example input to learn every tensor's shape, and follows the
+output channels of each ``Linear``/``Conv`` forward through the graph:
+
+* elementwise functions (relu, gelu, tanh, sigmoid, leaky_relu, silu, ... in
+  module, functional and method form), dropout, identity, scalar arithmetic,
+  ``.contiguous()``/``.clone()``: the same units;
+* BatchNorm on the channel axis and LayerNorm over exactly the channel axis
+  (the last one): the same units, and the norm's ``weight``/``bias`` (and
+  running statistics) join the group;
+* pooling (max/avg/adaptive) over spatial axes and means/sums over them: the
+  same units;
+* flatten/view/reshape/squeeze: the same units when only size-1 axes move
+  (a 1x1 map flattened, or a 2-D tensor); a flatten of more than one spatial
+  position into features is not a group axis, so it stays untransformed;
+* ``a + b``, ``a - b``, ``a * b`` of two tensors of one shape: both operands'
+  units are tied into one group (a union-find over groups): this is how
+  residual streams become one group;
+* the model's input and output are never transformed, so every group that
+  reaches either stays untransformed.
+
+Anything else (concatenation, reshapes that mix channels, matmul/attention,
+grouped convolutions, a module called twice or parameters shared between
+modules, parameters used directly in ``forward``, unknown functions and
+modules) freezes every group it touches: those groups stay untransformed, with
+a warning naming the node or module. A submodule that torch.fx cannot trace
+(data-dependent control flow, ...) is kept as an opaque leaf and treated the
+same way.
+
+Each group's collection point is a module whose input or output is exactly
+the group's activations after its last nonlinearity, normalisation or
+addition (cca-merge-math.md, section 2): the output of that nonlinearity's
+module, of the block that returns it, or the input of the module that consumes
+it. Functional ops have no module: when no module sees those activations the
+group is collected at the latest of its tensors that a module does see, with a
+warning.
+
+Norms under dense transforms: BatchNorm and LayerNorm are equivariant to
+permutations of their normalised axis, so permutation methods stay exact;
+a dense CCA transform does not commute with either (the LayerNorm statistics
+mix all units), which the merge accepts as it accepts ReLU (section 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .errors import SpecError
+from .spec import FeatureGroup, MergeSpec
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())  # the CLI shows the returned warnings itself
+
+# ---------------------------------------------------------------------------
+# what the walk knows
+
+_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Softplus,
+)
+_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+_POOL_MODULES: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
+_WRITERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = BATCHNORMS + (nn.LayerNorm,)
+_KNOWN_MODULES = (
+    _WRITERS + _NORMS + _ACTIVATION_MODULES + _TRANSPARENT_MODULES + (nn.Flatten, nn.PReLU)
+)
+_KNOWN_MODULES += tuple(_POOL_MODULES)
+
+_ACTIVATION_FUNCTIONS = {
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.gelu,
+    F.tanh,
+    F.sigmoid,
+    F.silu,
+    F.elu,
+    F.celu,
+    F.selu,
+    F.hardtanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.softplus,
+    torch.relu,
+    torch.relu_,
+    torch.tanh,
+    torch.sigmoid,
+    torch.clamp,
+}
+_ACTIVATION_METHODS = {
+    "relu",
+    "relu_",
+    "tanh",
+    "tanh_",
+    "sigmoid",
+    "sigmoid_",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_min_",
+    "clamp_max",
+    "clamp_max_",
+}
+_TRANSPARENT_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+}
+_TRANSPARENT_METHODS = {"contiguous", "clone", "detach", "float", "double"}
+_POOL_FUNCTIONS = {
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    F.avg_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+# two tensors of one shape tie their units; with a number they act elementwise
+_TIE_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+}
+_TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_ARITHMETIC_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, operator.neg, torch.neg}
+_ARITHMETIC_METHODS = {"div", "div_", "neg"}
+
+
+def _known_type(m: nn.Module) -> type[nn.Module] | None:
+    """The known torch.nn class whose forward ``m`` runs (subclasses that keep it count)."""
+    for cls in _KNOWN_MODULES:
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return cls
+    return None
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class Untransformed:
+    """Units that some Linear/Conv layers write but that discovery leaves alone.
+
+    ``writers`` are the modules writing them, ``reasons`` why (the model's
+    output, a concatenation, ...)."""
+
+    writers: tuple[str, ...]
+    size: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What :func:`discover` found: the spec, what it left alone and why."""
+
+    spec: MergeSpec
+    untransformed: tuple[Untransformed, ...]
+    warnings: tuple[str, ...]
+    input_shape: tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------
+# tracing
+
+
+class _Tracer(fx.Tracer):
+    """Records module calls, and which traced-through module takes or returns which node.
+
+    ``leaves`` are module paths kept opaque (ones that could not be traced).
+    When tracing fails, ``failed`` names the innermost traced-through module
+    whose forward raised.
+    """
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.calls: Counter[str] = Counter()
+        self.inputs_of: dict[fx.Node, list[str]] = {}
+        self.outputs_of: dict[fx.Node, list[str]] = {}
+        self.failed: tuple[str, BaseException] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name in self.leaves
+            or _known_type(m) is not None
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        self.calls[path] += 1
+        leaf = self.is_leaf_module(m, path)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if self.failed is None and not leaf:
+                self.failed = (path, e)
+            raise
+        if not leaf:
+            if args and isinstance(args[0], fx.Proxy):
+                self.inputs_of.setdefault(args[0].node, []).append(path)
+            if isinstance(out, fx.Proxy):
+                self.outputs_of.setdefault(out.node, []).append(path)
+        return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, list[str]]:
+    """Trace ``model``; submodules that cannot be traced become opaque leaves.
+
+    Returns the graph, the tracer (module calls and boundaries) and one
+    warning per opaque submodule. Raises :class:`SpecError` when the model's
+    own forward cannot be traced.
+    """
+    leaves: set[str] = set()
+    warnings: list[str] = []
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:
+            if tracer.failed is None or tracer.failed[0] in leaves:
+                raise SpecError(
+                    f"torch.fx cannot trace {type(model).__name__}.forward ({_first_line(e)}); "
+                    "write its feature groups by hand and pass them with --spec"
+                ) from None
+            path, err = tracer.failed
+            leaves.add(path)
+            kind = type(model.get_submodule(path)).__name__
+            warnings.append(
+                f"module {path} ({kind}) could not be traced ({_first_line(err)}); it is "
+                "treated as an opaque module: units it reads or writes stay untransformed"
+            )
+            continue
+        return graph, tracer, warnings
+
+
+# ---------------------------------------------------------------------------
+# the walk
+
+
+@dataclass
+class _Units:
+    """One set of units (a union-find class): members, norms, and why it is frozen."""
+
+    size: int
+    writers: list[str] = field(default_factory=list)
+    members: list[tuple[str, int]] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    # (reason, expected): expected reasons (the model's input/output) give no warning
+    frozen: list[tuple[str, bool]] = field(default_factory=list)
+
+    def absorb(self, other: _Units) -> None:
+        self.writers += other.writers
+        self.members += other.members
+        self.norms += other.norms
+        self.frozen += other.frozen
+
+
+class _Unsafe(Exception):
+    """An operation that discovery cannot prove keeps unit identities."""
+
+
+class _Walk:
+    """Assigns every tensor node in ``graph`` a (units class, channel axis) pair."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, tracer: _Tracer) -> None:
+        self.model = model
+        self.graph = graph
+        self.tracer = tracer
+        self.parent: dict[int, int] = {}
+        self.units: dict[int, _Units] = {}
+        self.value: dict[fx.Node, tuple[int, int]] = {}
+        self.activation: set[fx.Node] = set()  # after a nonlinearity, norm or tie
+        self.alias: dict[fx.Node, fx.Node] = {}  # identity, dropout (eval): the same values
+        self.state_names = set(model.state_dict())
+        self.shared = _shared_tensors(model)
+
+    # -- union-find
+    def new(self, size: int, frozen: tuple[str, bool] | None = None) -> int:
+        uid = len(self.parent)
+        self.parent[uid] = uid
+        self.units[uid] = _Units(size, frozen=[frozen] if frozen else [])
+        return uid
+
+    def find(self, uid: int) -> int:
+        while self.parent[uid] != uid:
+            self.parent[uid] = self.parent[self.parent[uid]]
+            uid = self.parent[uid]
+        return uid
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+            self.units[a].absorb(self.units.pop(b))
+        return a
+
+    def of(self, node: fx.Node) -> _Units:
+        return self.units[self.find(self.value[node][0])]
+
+    # -- helpers
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    def set_value(self, node: fx.Node, uid: int, axis: int, activation: bool = False) -> None:
+        self.value[node] = (uid, axis)
+        if activation:
+            self.activation.add(node)
+
+    def fresh(self, node: fx.Node, reason: tuple[str, bool]) -> None:
+        """A new, frozen set of units for a tensor that comes from outside the walk."""
+        shape = self.shape(node)
+        if shape is not None:
+            axis = 1 if len(shape) > 1 else 0
+            self.value[node] = (self.new(shape[axis] if shape else 1, reason), axis)
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [n for n in node.all_input_nodes if n in self.value]
+
+    def run(self) -> None:
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                self.fresh(node, ("it is the model's input", True))
+            elif node.op == "get_attr":
+                self.fresh(node, (f"tensor {node.target} is used directly in forward", False))
+            elif node.op == "output":
+                for n in self.inputs(node):
+                    self.of(n).frozen.append(("it reaches the model's output", True))
+            else:
+                try:
+                    self.step(node)
+                except _Unsafe as e:
+                    reason = f"{describe(node, self.model)}: {e}"
+                    for n in self.inputs(node):
+                        self.of(n).frozen.append((reason, False))
+                    self.fresh(node, (reason, False))
+                    if node in self.value and self.writes(node):
+                        self.of(node).writers.append(node.target)
+
+    def writes(self, node: fx.Node) -> bool:
+        """Whether ``node`` calls a Linear/Conv module (whose output units it writes)."""
+        return (
+            node.op == "call_module"
+            and _known_type(self.model.get_submodule(node.target)) in _WRITERS
+        )
+
+    # -- one operation
+    def step(self, node: fx.Node) -> None:
+        if self.shape(node) is None and _is_shape_query(node):
+            return  # x.size(0), x.shape: no values flow
+        if node.op == "call_module":
+            self.module_step(node, self.model.get_submodule(node.target))
+            return
+        rules: list[tuple[Any, set[str], Any]] = [
+            (_ACTIVATION_FUNCTIONS, _ACTIVATION_METHODS, lambda n: self.elementwise(n, True)),
+            (_TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS, self.transparent),
+            (_ARITHMETIC_FUNCTIONS, _ARITHMETIC_METHODS, self.elementwise),
+            (_POOL_FUNCTIONS, set(), lambda n: self.pool(n, _POOL_FUNCTIONS[n.target])),
+            (_RESHAPE_FUNCTIONS, _RESHAPE_METHODS, self.reshape),
+            (_REDUCE_FUNCTIONS, _REDUCE_METHODS, self.reduce),
+            (_TIE_FUNCTIONS, _TIE_METHODS, self.tie),
+        ]
+        for functions, methods, handle in rules:
+            if node.target in (methods if node.op == "call_method" else functions):
+                handle(node)
+                return
+        raise _Unsafe(_unknown_reason(node))
+
+    def module_step(self, node: fx.Node, m: nn.Module) -> None:
+        kind = _known_type(m)
+        if kind is None:
+            raise _Unsafe("an opaque or unknown module")
+        tensors = [n for n, _ in _own_tensors(m)]
+        if tensors and self.tracer.calls[node.target] > 1:
+            raise _Unsafe(f"called {self.tracer.calls[node.target]} times (weight sharing)")
+        names = [_join(node.target, t) for t in tensors]
+        shared = [n for n in names if n in self.shared]
+        if shared:
+            raise _Unsafe(f"{shared[0]} is shared with {self.shared[shared[0]]}")
+        if len(node.args) != 1 or node.kwargs:
+            raise _Unsafe("called with more than one argument")
+        own = [_join(node.target, n) for n in ("weight", "bias") if getattr(m, n, None) is not None]
+        if any(n not in self.state_names for n in own):
+            raise _Unsafe("its parameters are not in the state dict (parametrized?)")
+        if kind in _WRITERS:
+            self.write(node, m)
+        elif kind in BATCHNORMS:
+            self.norm(node, m, channel_last=False)
+        elif kind is nn.LayerNorm:
+            self.norm(node, m, channel_last=True)
+        elif kind is nn.PReLU:
+            if m.num_parameters != 1:
+                self.norm(node, m, channel_last=False)
+            else:
+                self.elementwise(node, activation=True)
+        elif kind in _ACTIVATION_MODULES:
+            self.elementwise(node, activation=True)
+        elif kind in _TRANSPARENT_MODULES:
+            self.transparent(node)
+        elif kind is nn.Flatten:
+            self.reshape(node)
+        else:
+            self.pool(node, _POOL_MODULES[kind])
+
+    def source(self, node: fx.Node) -> fx.Node:
+        """The one tensor operand of an elementwise-like operation."""
+        ins = self.inputs(node)
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first not in self.value:
+            raise _Unsafe("its first operand is not a tensor")
+        if any(n is not first and self.shape(n) is not None for n in ins):
+            raise _Unsafe("it combines several tensors")
+        return first
+
+    def elementwise(self, node: fx.Node, activation: bool = False) -> None:
+        src = self.source(node)
+        if self.shape(node) != self.shape(src):
+            raise _Unsafe("it changes the tensor's shape")
+        self.set_value(node, *self.value[src], activation=activation)
+
+    def transparent(self, node: fx.Node) -> None:
+        """Identity, dropout, ``.contiguous()``: in eval mode the values of its operand."""
+        self.elementwise(node)
+        src = self.source(node)
+        self.alias[node] = self.alias.get(src, src)
+
+    def write(self, node: fx.Node, m: nn.Module) -> None:
+        src = self.source(node)
+        shape, out = self.shape(src), self.shape(node)
+        assert shape is not None and out is not None
+        uid, axis = self.value[src]
+        is_linear = isinstance(m, nn.Linear)
+        reads_axis = len(shape) - 1 if is_linear else 1
+        if getattr(m, "groups", 1) != 1:
+            raise _Unsafe(f"a grouped convolution (groups={m.groups})")
+        if axis == reads_axis:
+            self.of(src).members.append((_join(node.target, "weight"), 1))
+        else:
+            self.of(src).frozen.append(
+                (f"{describe(node, self.model)} reads axis {reads_axis}, not the units'", False)
+            )
+        out_axis = len(out) - 1 if is_linear else 1
+        new = self.new(out[out_axis])
+        units = self.units[new]
+        units.writers.append(node.target)
+        units.members.append((_join(node.target, "weight"), 0))
+        if m.bias is not None:
+            units.members.append((_join(node.target, "bias"), 0))
+        self.set_value(node, new, out_axis)
+
+    def norm(self, node: fx.Node, m: nn.Module, channel_last: bool) -> None:
+        src = self.source(node)
+        shape = self.shape(src)
+        assert shape is not None
+        uid, axis = self.value[src]
+        want = len(shape) - 1 if channel_last else 1
+        if axis != want:
+            raise _Unsafe(f"it normalises axis {want}, not the units' axis {axis}")
+        if channel_last and tuple(m.normalized_shape) != (shape[-1],):
+            raise _Unsafe(f"it normalises over {tuple(m.normalized_shape)}, not one axis")
+        units = self.of(src)
+        for name, t in _own_tensors(m):
+            if t.ndim == 1 and t.numel() == units.size and t.is_floating_point():
+                units.members.append((_join(node.target, name), 0))
+        if getattr(m, "running_mean", None) is not None:
+            units.norms.append(node.target)
+        self.set_value(node, uid, axis, activation=True)
+
+    def pool(self, node: fx.Node, dims: int) -> None:
+        src = self.source(node)
+        shape, out = self.shape(src), self.shape(node)
+        if out is None or shape is None:
+            raise _Unsafe("it does not return one tensor (return_indices?)")
+        uid, axis = self.value[src]
+        if axis >= len(shape) - dims or len(out) != len(shape) or out[axis] != shape[axis]:
+            raise _Unsafe(f"it pools over the units' axis {axis}")
+        self.set_value(node, uid, axis)
+
+    def reshape(self, node: fx.Node) -> None:
+        src = self.source(node)
+        shape, out = self.shape(src), self.shape(node)
+        assert shape is not None and out is not None
+        uid, axis = self.value[src]
+        if shape == out:
+            self.set_value(node, uid, axis)
+            return
+        c = shape[axis]
+        keeps = (
+            axis == 1
+            and len(out) >= 2
+            and out[:2] == shape[:2]
+            and all(s == 1 for s in shape[2:])
+            and all(s == 1 for s in out[2:])
+        )
+        if keeps:
+            self.set_value(node, uid, axis)
+        elif axis == 1 and len(out) == 2 and out[1] == c * math.prod(shape[2:]):
+            raise _Unsafe(
+                f"it flattens {c} channels x {math.prod(shape[2:])} positions into features; "
+                "only a 1x1 map can be flattened"
+            )
+        else:
+            raise _Unsafe(f"a reshape {shape} -> {out} that may move the units' axis")
+
+    def reduce(self, node: fx.Node) -> None:
+        src = self.source(node)
+        shape = self.shape(src)
+        assert shape is not None
+        uid, axis = self.value[src]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dim is None:
+            raise _Unsafe("it reduces over all axes")
+        dims = {d % len(shape) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+        if axis in dims or 0 in dims:
+            raise _Unsafe("it reduces over the units' or the batch axis")
+        new_axis = axis if keepdim else axis - sum(d < axis for d in dims)
+        self.set_value(node, uid, new_axis)
+
+    def tie(self, node: fx.Node) -> None:
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in self.value]
+        others = [n for n in self.inputs(node) if n not in operands]
+        if others:
+            raise _Unsafe("it combines more than two tensors")
+        if len(operands) == 1:
+            self.elementwise(node)
+            return
+        a, b = operands
+        if self.shape(a) != self.shape(b) or self.shape(node) != self.shape(a):
+            raise _Unsafe(f"it broadcasts {self.shape(a)} with {self.shape(b)}")
+        if self.value[a][1] != self.value[b][1]:
+            raise _Unsafe("its operands carry units on different axes")
+        uid = self.union(self.value[a][0], self.value[b][0])
+        self.set_value(node, uid, self.value[a][1], activation=True)
+
+
+def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _shared_tensors(model: nn.Module) -> dict[str, str]:
+    """Tensor name -> another name of the same parameter or buffer (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        by_id.setdefault(id(t), []).append(name)
+    return {
+        n: next(o for o in names if o != n)
+        for names in by_id.values()
+        if len(names) > 1
+        for n in names
+    }
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return node.target is getattr and node.args[1:] in (("shape",), ("ndim",), ("dtype",))
+
+
+def _unknown_reason(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
+        return "a concatenation"
+    if name in ("matmul", "bmm", "mm", "einsum", "scaled_dot_product_attention", "baddbmm"):
+        return "a matrix product (matmul/attention)"
+    return "an operation not known to keep unit identities"
+
+
+def describe(node: fx.Node, model: nn.Module) -> str:
+    """A node as a user reads it: ``module blocks.0.attn (MultiheadAttention)``, ``torch.cat``..."""
+    if node.op == "call_module":
+        return f"module {node.target} ({type(model.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        what = f".{node.target}()"
+    else:
+        target = node.target
+        mod = getattr(target, "__module__", None) or ""
+        mod = {"torch.nn.functional": "F", "_operator": "operator"}.get(mod, mod)
+        name = getattr(target, "__name__", str(target))
+        what = f"{mod}.{name}" if mod else name
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in {next(reversed(stack.values()))[0]}" if stack else ""
+    return f"{what} (node {node.name}{where})"
+
+
+# ---------------------------------------------------------------------------
+# collection points
+
+
+def _hooks(node: fx.Node, tracer: _Tracer) -> list[tuple[str, str]]:
+    """Module hooks that see exactly ``node``'s value, best first (modules called once)."""
+    out: list[tuple[str, str]] = []
+    if node.op == "call_module" and tracer.calls[node.target] == 1:
+        out.append((node.target, "output"))
+    out += [(p, "output") for p in tracer.outputs_of.get(node, []) if tracer.calls[p] == 1]
+    for user in node.users:
+        if user.op == "call_module" and user.args and user.args[0] is node:
+            if tracer.calls[user.target] == 1:
+                out.append((user.target, "input"))
+    out += [(p, "input") for p in tracer.inputs_of.get(node, []) if tracer.calls[p] == 1]
+    return out
+
+
+def _collection_point(
+    nodes: list[fx.Node], walk: _Walk, tracer: _Tracer
+) -> tuple[tuple[str, str] | None, str | None]:
+    """Where to read a group whose tensors are ``nodes`` (graph order); a warning or None.
+
+    The group's activations are its last tensor after a nonlinearity, norm or
+    addition (or an identity/dropout of it). When no module sees that tensor,
+    the first later view of it that a module sees (pooled, flattened, scaled)
+    is used, else the latest earlier tensor.
+    """
+    values: dict[fx.Node, tuple[str, str] | None] = {}  # distinct values, in graph order
+    for n in nodes:
+        key = walk.alias.get(n, n)
+        if values.get(key) is None:
+            shape = walk.shape(n)
+            found = _hooks(n, tracer) if shape and len(shape) >= 2 and walk.value[n][1] == 1 else []
+            values[key] = found[0] if found else None
+    keys = list(values)
+    acts = [i for i, k in enumerate(keys) if k in walk.activation]
+    last = acts[-1] if acts else len(keys) - 1
+    if values[keys[last]] is not None:
+        return values[keys[last]], None
+    later = [k for k in keys[last + 1 :] if values[k] is not None]
+    earlier = [k for k in keys[:last] if values[k] is not None]
+    chosen = later[0] if later else (earlier[-1] if earlier else None)
+    if chosen is None:
+        return None, None
+    hook = values[chosen]
+    assert hook is not None
+    return hook, (
+        f"no module sees its activations at node {keys[last].name}; collecting the "
+        f"{hook[1]} of {hook[0]} (node {chosen.name}) instead"
+    )
+
+
+# ---------------------------------------------------------------------------
+# the entry point
+
+
+def infer_input_shape(graph: fx.Graph, model: nn.Module) -> tuple[int, ...] | None:
+    """``(in_features,)`` when the input reaches only Linear layers (through flatten/view)."""
+    features: set[int] = set()
+    todo = [n for n in graph.nodes if n.op == "placeholder"][:1]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user.op == "call_module":
+                m = model.get_submodule(user.target)
+                if isinstance(m, nn.Linear):
+                    features.add(m.in_features)
+                    continue
+                if not isinstance(m, (nn.Flatten,) + _TRANSPARENT_MODULES):
+                    return None
+            elif user.target in ("size", "dim") or user.target is getattr:
+                continue  # a shape query
+            elif user.target not in _RESHAPE_METHODS and user.target not in _RESHAPE_FUNCTIONS:
+                return None
+            todo.append(user)
+    return (features.pop(),) if len(features) == 1 else None
+
+
+def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """``(in_features,)`` when ``model``'s input feeds only Linear layers; None otherwise
+    (also when the model cannot be traced)."""
+    try:
+        graph, _, _ = trace(model)
+    except SpecError:
+        return None
+    return infer_input_shape(graph, model)
+
+
+def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Discovery:
+    """Trace ``model`` and return its feature groups.
+
+    ``input_shape`` is one sample's shape (e.g. ``(3, 32, 32)``); without it,
+    it is inferred only when the input feeds a Linear layer. Raises
+    :class:`SpecError` when the model cannot be traced or run on that shape.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        graph, tracer, warnings = trace(model)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        required = [n for n in placeholders if not n.args]
+        if len(required) != 1:
+            raise SpecError(
+                f"{type(model).__name__}.forward takes {len(required)} required inputs; "
+                "discovery handles models with exactly one"
+            )
+        if input_shape is None:
+            input_shape = infer_input_shape(graph, model)
+            if input_shape is None:
+                raise SpecError(
+                    f"cannot tell the input shape of {type(model).__name__}: give calibration "
+                    "data (--data) or an input shape, or a spec file (--spec)"
+                )
+        input_shape = tuple(int(s) for s in input_shape)
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtype = param.dtype if param is not None else torch.float32
+        example = torch.randn(
+            2, *input_shape, dtype=dtype, generator=torch.Generator().manual_seed(0)
+        ).to(param.device if param is not None else "cpu")
+        gm = fx.GraphModule(model, graph)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example)
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise SpecError(
+                f"running {type(model).__name__} on samples of shape {input_shape} failed "
+                f"({_first_line(cause)})"
+            ) from None
+    finally:
+        model.train(was_training)
+
+    walk = _Walk(model, graph, tracer)
+    walk.run()
+    return _result(walk, tracer, input_shape, warnings)
+
+
+def _result(
+    walk: _Walk, tracer: _Tracer, input_shape: tuple[int, ...], warnings: list[str]
+) -> Discovery:
+    nodes_of: dict[int, list[fx.Node]] = {}
+    for node in walk.graph.nodes:
+        if node in walk.value:
+            nodes_of.setdefault(walk.find(walk.value[node][0]), []).append(node)
+    order = {n.target: i for i, n in enumerate(walk.graph.nodes) if n.op == "call_module"}
+    for units in walk.units.values():
+        units.writers.sort(key=order.__getitem__)
+    groups: list[FeatureGroup] = []
+    untransformed: list[Untransformed] = []
+    ranked = sorted(
+        (item for item in walk.units.items() if item[1].writers),
+        key=lambda item: order[item[1].writers[0]],
+    )
+    for uid, units in ranked:
+        hook, note = (None, None)
+        if not units.frozen:
+            hook, note = _collection_point(nodes_of.get(uid, []), walk, tracer)
+            if hook is None:
+                units.frozen.append(
+                    ("no module sees its activations with the units on axis 1", False)
+                )
+        if units.frozen:
+            reasons = tuple(dict.fromkeys(r for r, _ in units.frozen))
+            untransformed.append(Untransformed(tuple(units.writers), units.size, reasons))
+            # the logits are expected to stay; a residual stream tied to them is worth a word
+            unexpected = [r for r, expected in units.frozen if not expected]
+            if unexpected or len(units.writers) > 1:
+                warnings.append(
+                    f"units written by {', '.join(units.writers)} stay untransformed: "
+                    + "; ".join(dict.fromkeys(unexpected or reasons))
+                )
+            continue
+        if note:
+            warnings.append(f"group {units.writers[0]}: {note}")
+        assert hook is not None
+        groups.append(
+            FeatureGroup(
+                name=units.writers[0],
+                size=units.size,
+                members=tuple(dict.fromkeys(units.members)),
+                collect_at=hook[0],
+                collect_on=hook[1],  # type: ignore[arg-type]
+                norms=tuple(units.norms),
+            )
+        )
+    warnings = list(dict.fromkeys(warnings))
+    for w in warnings:
+        log.warning("%s", w)
+    return Discovery(
+        MergeSpec(tuple(groups)),
+        tuple(dict.fromkeys(untransformed)),
+        tuple(warnings),
+        input_shape,
+    )

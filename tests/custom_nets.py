@@ -1,0 +1,77 @@
+"""A user's own network, loaded by tests/test_custom_model.py through ``--model
+tests/custom_nets.py:make_net``. It is not a registered architecture: its feature
+groups must come from discovery (functional ReLU, residual additions, dropout,
+LayerNorm), and a few broken factories exercise the error messages."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """``x + fc2(dropout(relu(fc1(x))))``: fc1's units are one group, the stream another."""
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(
+        self,
+        in_features: int = 64,
+        width: int = 32,
+        hidden: int = 64,
+        depth: int = 2,
+        num_classes: int = 10,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_features, width)
+        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*(Block(width, hidden, dropout) for _ in range(depth)))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm(self.embed(x.flatten(1))))
+        return self.head(F.relu(self.blocks(x)))
+
+
+def make_net(width: int = 32, hidden: int = 64, depth: int = 2) -> nn.Module:
+    return ResidualMLP(width=width, hidden=hidden, depth=depth)
+
+
+class ConvNet(nn.Module):
+    """A small conv net whose input shape discovery cannot guess (--input-shape)."""
+
+    def __init__(self, width: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def make_convnet(width: int = 4) -> nn.Module:
+    return ConvNet(width)
+
+
+def not_a_module(width: int = 32) -> object:
+    return {"width": width}
+
+
+def broken(width: int = 32) -> nn.Module:
+    raise ValueError(f"width {width} is not supported")
