@@ -24,5 +24,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check ccamerge tests benchmarks
 
+# Benchmarks on Fashion-MNIST (docs/benchmarks.md): fast subset (< 10 min), or everything.
+bench-fast: setup
+	$(BIN)/python benchmarks/run_all.py --fast
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf $(VENV) ccamerge-demo .pytest_cache

@@ -1,0 +1,293 @@
+"""Cost of a merge: wall and CPU time per phase, peak memory, and the ratio to the
+forward passes that no merge can avoid.
+
+    python benchmarks/cost.py            # every configuration below, one subprocess each
+    python benchmarks/cost.py --fast     # ResNet20 x1, N = 2, CCA at 500/2000/10000 samples
+
+Each configuration runs in a fresh subprocess (so its peak memory is its own) that
+
+1. times the *unavoidable passes*: each of the N models run in eval mode over the
+   calibration samples, plus one train-mode pass of one model for the BatchNorm reset
+   (``ccamerge.bn.reset_batchnorm``; none for networks without BatchNorm);
+2. runs ``ccamerge.merge.run_merge`` on the checkpoints and the calibration ``.npz`` (the
+   CLI's code path, ``num_samples`` = n, seed 0) and reads ``report["timings"]``;
+3. times the unavoidable passes again (two measurements, because the machine is shared;
+   the ratio uses their mean).
+
+Merge time = statistics + alignment + apply (+ selection for ``gamma=auto``), i.e.
+everything but reading the files; the ratio is merge time / unavoidable passes, in wall
+time and in CPU time (CPU time is less disturbed by other processes on the machine).
+
+Memory: a thread samples the resident set size (``/proc/self/statm``) every 2 ms. We
+report the process peak (``ru_maxrss``), the RSS before the statistics pass, and the
+largest growth above it during the statistics pass and during the whole merge. The
+float64 accumulators' size is computed from the spec: per group ``8 ((N d)^2 + N d)``
+bytes, plus ``8 (d^2 + d)`` per model and BatchNorm for the renormalisation targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fmnist  # noqa: E402
+import models as Mdl  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+CONFIGS_FAST = [
+    {"arch": "resnet20x1", "seeds": [0, 1], "method": "cca", "n": n} for n in (500, 2000, 10000)
+]
+CONFIGS = CONFIGS_FAST + [
+    *(
+        {"arch": "resnet20x1", "seeds": [0, 1], "method": m, "n": 2000}
+        for m in ("average", "permute", "weight-matching", "zipit")
+    ),
+    {"arch": "resnet20x1", "seeds": [0, 1], "method": "cca", "n": 2000, "gamma": "auto"},
+    {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1], "method": "cca", "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1, 2], "method": "cca", "n": 2000},
+    {"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": 2000},
+    {"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": 10000},
+    {"arch": "mlp", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
+]
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's resident set size every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.stopped = interval, 0, False
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def reset(self) -> int:
+        """Start a new peak window; returns the RSS now."""
+        now = self.rss()
+        self.peak = now
+        return now
+
+    def run(self) -> None:
+        while not self.stopped:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+
+def accumulator_bytes(spec, n_models: int) -> int:
+    total = 0
+    for g in spec.groups:
+        d = g.size
+        total += 8 * ((n_models * d) ** 2 + n_models * d)
+        total += len(g.norms) * n_models * 8 * (d * d + d)
+    return total
+
+
+def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str, float]:
+    """Wall and CPU seconds of N eval-mode passes plus one BatchNorm-reset pass."""
+    from ccamerge.bn import has_batchnorm, reset_batchnorm
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    models = [loaded.build(sd, device) for sd in loaded.state_dicts]
+    with torch.no_grad():
+        models[0](calib.x[:2].to(device))  # warm-up
+    sync()
+    w0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for m in models:
+            for x in calib.batches(batch_size):
+                m(x.to(device))
+    sync()
+    w1, c1 = time.perf_counter(), time.process_time()
+    if has_batchnorm(models[0]):
+        reset_batchnorm(models[0], calib.batches(batch_size), device)
+    sync()
+    w2, c2 = time.perf_counter(), time.process_time()
+    return {
+        "forward_wall": w1 - w0,
+        "forward_cpu": c1 - c0,
+        "bn_reset_wall": w2 - w1,
+        "bn_reset_cpu": c2 - c1,
+        "wall": w2 - w0,
+        "cpu": c2 - c0,
+    }
+
+
+def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> dict[str, Any]:
+    from ccamerge.io import load_data
+    from ccamerge.merge import MergePlan, Progress, load_models, run_merge
+
+    torch.set_num_threads(threads)
+    sampler = RssSampler()
+    sampler.start()
+    arch = cfg["arch"]
+    data = str(fmnist.write_npz(Mdl.view(arch))["calib"])
+    ckpts = [str(Mdl.checkpoint(arch, s)) for s in cfg["seeds"]]
+    loaded = load_models(ckpts)
+    calib = load_data(data).subset(cfg["n"], 0)  # the samples run_merge will take
+    before = unavoidable_passes(loaded, calib, batch_size, device)
+
+    # defaults for methods that gather no statistics (weight matching: no data pass at all;
+    # then the CPU time includes reading the checkpoints, a small part)
+    marks: dict[str, Any] = {
+        "rss_before_stats": sampler.reset(),
+        "stats_peak": None,
+        "cpu_at_stats": time.process_time(),
+    }
+
+    class Marks(Progress):
+        def start(self, task: str, total: int) -> None:
+            marks["rss_before_stats"] = sampler.reset()
+            marks["cpu_at_stats"] = time.process_time()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+
+        def stop(self) -> None:
+            marks["stats_peak"] = sampler.peak
+
+    params = {"gamma": cfg.get("gamma", 0.1)} if cfg["method"] == "cca" else {}
+    plan = MergePlan(
+        checkpoints=ckpts,
+        data=data,
+        method=cfg["method"],
+        method_params=params,
+        num_samples=cfg["n"],
+        batch_size=batch_size,
+        device=device,
+        seed=0,
+    )
+    result = run_merge(plan, Marks())
+    cpu_end = time.process_time()
+    merge_peak = sampler.peak
+    after = unavoidable_passes(loaded, calib, batch_size, device)
+    sampler.stopped = True
+
+    t = result.report["timings"]
+    merge_wall = sum(
+        v for k, v in t.items() if k in ("statistics", "alignment", "apply", "selection")
+    )
+    merge_cpu = cpu_end - marks["cpu_at_stats"]
+    base_wall = (before["wall"] + after["wall"]) / 2
+    base_cpu = (before["cpu"] + after["cpu"]) / 2
+    out = {
+        **cfg,
+        "N": len(ckpts),
+        "threads": threads,
+        "device": device,
+        "batch_size": batch_size,
+        "timings": t,
+        "merge_wall": merge_wall,
+        "merge_cpu": merge_cpu,
+        "unavoidable_before": before,
+        "unavoidable_after": after,
+        "ratio_wall": merge_wall / base_wall,
+        "ratio_cpu": merge_cpu / base_cpu,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_stats": marks["rss_before_stats"],
+        "stats_rss_growth": None
+        if marks["stats_peak"] is None
+        else marks["stats_peak"] - marks["rss_before_stats"],
+        "merge_rss_growth": merge_peak - marks["rss_before_stats"],
+        "accumulator_bytes": accumulator_bytes(loaded.spec, len(ckpts)),
+        "bn_mode": result.report["bn_mode"],
+        "params": result.report["params"],
+        "loadavg": os.getloadavg(),
+    }
+    if device.startswith("cuda"):
+        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--fast", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default=None, help="results file (default results/cost.json)")
+    args = p.parse_args(argv)
+    if args.worker:
+        res = worker(json.loads(args.worker), args.threads, args.device, args.batch_size)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    RESULTS.mkdir(exist_ok=True)
+    out_path = Path(args.out) if args.out else RESULTS / "cost.json"
+    doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    doc["cpu"] = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
+    for cfg in CONFIGS_FAST if args.fast else CONFIGS:
+        ckpts = [Mdl.checkpoint(cfg["arch"], s) for s in cfg["seeds"]]
+        if not all(c.exists() for c in ckpts):
+            print(f"skip {cfg}: checkpoints missing (run train_models.py)", flush=True)
+            continue
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            json.dumps(cfg),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"FAILED {cfg}:\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(line[len("RESULT ") :])
+        doc["rows"] = [
+            r
+            for r in doc["rows"]
+            if not (
+                {k: r.get(k) for k in cfg} == cfg
+                and r.get("threads") == args.threads
+                and r.get("device") == args.device
+                and r.get("gamma") == cfg.get("gamma")
+            )
+        ]
+        doc["rows"].append(row)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(out_path)
+        print(
+            f"{cfg['arch']} N={row['N']} {cfg['method']} n={cfg['n']}: merge "
+            f"{row['merge_wall']:.1f} s wall / {row['merge_cpu']:.1f} s CPU; unavoidable "
+            f"{row['unavoidable_before']['wall']:.1f}/{row['unavoidable_after']['wall']:.1f} s;"
+            f" ratio wall {row['ratio_wall']:.2f}, CPU {row['ratio_cpu']:.2f}; peak RSS "
+            f"{row['peak_rss'] / 2**20:.0f} MiB, merge growth "
+            f"{row['merge_rss_growth'] / 2**20:.1f} MiB",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Merged accuracy on Fashion-MNIST: every registered method, N = 2, 3, 4, several model groups.
+
+    python benchmarks/run_merges.py --arch resnet20x1 --n 2 3 4
+    python benchmarks/run_merges.py --arch mlp_split          # the disjoint (class-split) setting
+
+For each architecture, each N and each model group (a set of N seeds; the first
+is the reference), the script
+
+1. loads the checkpoints with ``ccamerge.merge.load_models`` (the CLI's path);
+2. evaluates each base model once on the 10000 test images (logits cached per
+   seed) and their ensemble (mean of logits);
+3. gathers the calibration statistics with ``ccamerge.merge.gather_statistics``
+   on the first 500, 2000 and 10000 images of the calibration set, nested: the
+   2000-sample statistics are the 500-sample ones plus a pass over images
+   500..1999 (``JointCovariance.merge``), so each image is run through the
+   models once;
+4. for each configuration (method, parameters, calibration size, BN mode, BN
+   reset on/off) aligns with ``make_method(...).align(AlignContext(...))`` (one
+   alignment per method and calibration size, shared by the BN variants), builds
+   the merged model with ``ccamerge.merge.build_merged`` (BatchNorm reset or
+   renormalised on the same calibration images), and evaluates it.
+
+Results (one JSON row per merge, with timings) go to
+``benchmarks/results/merges_{arch}.json``; ``make_tables.py`` turns them into
+the tables of docs/benchmarks.md. Rows of a configuration already in the file
+are kept unless ``--redo``; new ones are appended, so a run can be extended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fmnist  # noqa: E402
+import models as Mdl  # noqa: E402
+
+from ccamerge.evaluate import ensemble_logits, predict_logits, score_logits  # noqa: E402
+from ccamerge.io import Dataset, load_data  # noqa: E402
+from ccamerge.merge import (  # noqa: E402
+    Progress,
+    build_merged,
+    gather_statistics,
+    load_models,
+    resolve_bn_mode,
+)
+from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
+from ccamerge.stats import Statistics  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB_SIZES = (500, 2000, 10000)
+DEFAULT_N = 2000  # calibration images for everything but the CCA sample-size sweep
+
+# seeds available per architecture (what train_models.py trains)
+SEEDS = {
+    "mlp": [0, 1, 2, 3, 4, 5],
+    "resnet20x1": [0, 1, 2, 3],
+    "vgg11q": [0, 1, 2],
+    "resnet20x2": [0, 1],
+}
+SPLIT_SEEDS = [0, 1, 2]
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def model_groups(seeds: list[int], n: int, count: int) -> list[list[int]]:
+    """``count`` groups of ``n`` seeds: evenly spread combinations; when there are fewer
+    combinations than ``count``, the same models with the reference rotated."""
+    combos = [list(c) for c in itertools.combinations(seeds, n)]
+    if len(combos) >= count:
+        step = (len(combos) - 1) / max(count - 1, 1)
+        return [combos[round(i * step)] for i in range(count)]
+    out = []
+    for r in range(n):
+        for c in combos:
+            if len(out) < count:
+                out.append(c[r:] + c[:r])
+    return out
+
+
+def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
+    """The merges run for one model group.
+
+    ``full`` (the N of ``--full-for``, default 2): every method with and without BN reset,
+    and for CCA the vector BN treatment and the calibration-size sweep. Otherwise: each
+    method with its default BN handling at 2000 samples, plus CCA vector. Always: CCA with
+    ``gamma="auto"`` (the CLI default, ``ccamerge.select``); every other CCA uses gamma 0.1
+    (relative ridge), the library's fixed default."""
+    out = []
+    for m in list_methods():
+        out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": True})
+        if has_bn and full:
+            out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": False})
+    if has_bn:
+        out.append({"method": "cca", "n": DEFAULT_N, "bn_mode": "vector", "reset_bn": True})
+    # the CLI's default: gamma chosen on a held-out 20% of the calibration samples
+    out.append(
+        {"method": "cca", "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": True, "gamma": "auto"}
+    )
+    if full:
+        for n in CALIB_SIZES:
+            if n != DEFAULT_N:
+                out.append({"method": "cca", "n": n, "bn_mode": "auto", "reset_bn": True})
+    return out
+
+
+def nested_statistics(loaded, calib: Dataset, sizes, bs, device) -> tuple[dict, dict]:
+    """Statistics on calib[:n] for each n in ``sizes`` with one pass over calib[:max]."""
+    out, seconds, done, acc = {}, {}, 0, None
+    t_total = 0.0
+    for n in sorted(sizes):
+        part = Dataset(calib.x[done:n], None, calib.path)
+        t0 = time.perf_counter()
+        new = gather_statistics(loaded, part, bs, device, Progress())
+        if acc is None:
+            acc = new
+        else:
+            for g, jc in acc.groups.items():
+                jc.merge(new.groups[g])
+            for bn, lst in acc.norms.items():
+                for a, b in zip(lst, new.norms[bn]):
+                    a.merge(b)
+            acc.num_samples += new.num_samples
+        t_total += time.perf_counter() - t0
+        out[n] = copy.deepcopy(acc)
+        seconds[n] = t_total
+        done = n
+    return out, seconds
+
+
+def auto_gamma_row(loaded, calib_all, c, weights, bs, dev, test, halves) -> dict[str, Any]:
+    """CCA with the ridge chosen by ``ccamerge.select`` (agreement with the ensemble on a
+    held-out 20% of the first ``c["n"]`` calibration samples), as ``ccamerge merge`` does
+    by default. Its statistics are gathered on the other 80%."""
+    from ccamerge.select import candidate_methods, select, split_heldout
+
+    t0 = time.perf_counter()
+    split = split_heldout(Dataset(calib_all.x[: c["n"]], None, calib_all.path), 0.2, 0)
+    st = gather_statistics(loaded, split.stats, bs, dev, Progress())
+    t_stats = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    winner, scored, _, model, bn_done = select(
+        loaded,
+        st,
+        candidate_methods("cca", {}),
+        split,
+        weights,
+        0,
+        lambda m: resolve_bn_mode("auto", m),
+        True,
+        bs,
+        dev,
+        "agreement",
+    )
+    t_select = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lg = predict_logits(model, test, 1000, dev)
+    t_eval = time.perf_counter() - t0
+    sc = score_logits(lg, test.y)
+    row = {
+        **c,
+        "bn_mode": resolve_bn_mode("auto", winner.method),
+        "batchnorm": bn_done,
+        "params": winner.method.params(),
+        "accuracy": sc.accuracy,
+        "loss": sc.loss,
+        "candidates": [x.to_dict() for x in scored],
+        "seconds": {
+            "statistics_nested": t_stats,
+            "alignment": t_select,
+            "apply_and_bn": 0.0,
+            "evaluate": t_eval,
+        },
+    }
+    if halves:
+        row["halves"] = half_accuracy(lg, test.y)
+    return row
+
+
+def half_accuracy(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    pred = logits.argmax(1)
+    lo = y < 5
+    return {
+        "acc_0_4": float((pred[lo] == y[lo]).float().mean()),
+        "acc_5_9": float((pred[~lo] == y[~lo]).float().mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="mlp, resnet20x1, resnet20x2, vgg11q, or mlp_split (disjoint setting)",
+    )
+    p.add_argument("--n", nargs="*", type=int, default=[2, 3, 4], help="models per merge")
+    p.add_argument("--groups", type=int, default=3, help="model groups per N")
+    p.add_argument(
+        "--full-for",
+        nargs="*",
+        type=int,
+        default=[2],
+        help="N for which every configuration runs (BN off, CCA vector, sizes)",
+    )
+    p.add_argument("--sizes", nargs="*", type=int, default=list(CALIB_SIZES))
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--redo", action="store_true", help="recompute rows already in the file")
+    p.add_argument(
+        "--suffix",
+        default="",
+        help="results file merges_{arch}{suffix}.json (for runs in parallel)",
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = args.device
+
+    split = args.arch == "mlp_split"
+    arch = "mlp" if split else args.arch
+    paths = fmnist.write_npz(Mdl.view(arch))
+    calib_all = load_data(paths["calib"])
+    test = load_data(paths["test"], require_labels=True)
+    sizes = sorted(set(args.sizes) | {DEFAULT_N})
+
+    if split:
+        groups_by_n = {2: [[("A", s), ("B", s)] for s in SPLIT_SEEDS]}
+    else:
+        groups_by_n = {
+            n: [[(None, s) for s in g] for g in model_groups(SEEDS[arch], n, args.groups)]
+            for n in args.n
+            if n <= len(SEEDS[arch])
+        }
+
+    RESULTS.mkdir(exist_ok=True)
+    out_path = RESULTS / f"merges_{args.arch}{args.suffix}.json"
+    doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    doc["machine"] = machine()
+    done_keys = set() if args.redo else {r["key"] for r in doc["rows"]}
+    if args.redo:
+        doc["rows"] = []
+    base_logits: dict[tuple, torch.Tensor] = {}
+
+    def save() -> None:
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(out_path)
+
+    for n_models, groups in groups_by_n.items():
+        for members in groups:
+            ckpts = [str(Mdl.checkpoint(arch, s, split=h)) for h, s in members]
+            missing = [c for c in ckpts if not Path(c).exists()]
+            if missing:
+                print(f"skip {members}: missing {missing} (run train_models.py)", flush=True)
+                continue
+            tag = [f"{h or ''}{s}" for h, s in members]
+            full = n_models in args.full_for
+            loaded = load_models(ckpts)
+            has_bn = any(k.endswith("running_var") for k in loaded.state_dicts[0])
+            todo = [
+                c
+                for c in configs(has_bn, n_models, full)
+                if c["n"] in sizes and json.dumps([tag, c]) not in done_keys
+            ]
+            if not todo:
+                print(f"{args.arch} N={n_models} {tag}: all done", flush=True)
+                continue
+            t0 = time.perf_counter()
+            for (h, s), sd, ck in zip(members, loaded.state_dicts, ckpts):
+                if (h, s) not in base_logits:  # cached on disk next to the checkpoint
+                    cache = Path(ck).with_suffix(".test_logits.pt")
+                    if cache.exists() and cache.stat().st_mtime > Path(ck).stat().st_mtime:
+                        base_logits[(h, s)] = torch.load(cache)
+                    else:
+                        lg = predict_logits(loaded.build(sd, dev), test, 1000, dev)
+                        torch.save(lg, cache)
+                        base_logits[(h, s)] = lg
+            logits = [base_logits[m] for m in members]
+            t_base = time.perf_counter() - t0
+            base = [score_logits(lg, test.y).accuracy for lg in logits]
+            ens = ensemble_logits(logits)
+            ens_acc = score_logits(ens, test.y).accuracy
+            extra = {}
+            if split:
+                extra = {
+                    "base_halves": [half_accuracy(lg, test.y) for lg in logits],
+                    "ensemble_halves": half_accuracy(ens, test.y),
+                }
+            need = sorted({c["n"] for c in todo})
+            stats, stat_seconds = nested_statistics(loaded, calib_all, need, args.batch_size, dev)
+            print(
+                f"{args.arch} N={n_models} {tag}: base {[round(a, 4) for a in base]}, "
+                f"ensemble {ens_acc:.4f}; statistics {stat_seconds} s, base eval {t_base:.1f} s",
+                flush=True,
+            )
+            alignments: dict[tuple, Any] = {}
+            weights = [1.0 / n_models] * n_models
+            for c in todo:
+                if c.get("gamma") == "auto":
+                    row = auto_gamma_row(
+                        loaded, calib_all, c, weights, args.batch_size, dev, test, split
+                    )
+                    row.update(
+                        {
+                            "key": json.dumps([tag, c]),
+                            "arch": args.arch,
+                            "N": n_models,
+                            "models": tag,
+                            "base": base,
+                            "ensemble": ens_acc,
+                            **extra,
+                        }
+                    )
+                    if not has_bn:
+                        row["bn_mode"] = "none"
+                    doc["rows"].append(row)
+                    save()
+                    print(
+                        f"  cca gamma=auto -> {row['params']['gamma']}: acc {row['accuracy']:.4f}",
+                        flush=True,
+                    )
+                    continue
+                method = make_method(c["method"])
+                key = (c["method"], c["n"])
+                st: Statistics = stats[c["n"]]
+                if key not in alignments:
+                    t0 = time.perf_counter()
+                    alignments[key] = method.align(
+                        AlignContext(loaded.spec, loaded.state_dicts, 0, st)
+                    )
+                    alignments[key + ("t",)] = time.perf_counter() - t0
+                bn_mode = resolve_bn_mode(c["bn_mode"], method)
+                calib = Dataset(calib_all.x[: c["n"]], None, calib_all.path)
+                t0 = time.perf_counter()
+                _, model, bn_done = build_merged(
+                    loaded,
+                    alignments[key],
+                    weights,
+                    0,
+                    calib,
+                    st,
+                    bn_mode,
+                    c["reset_bn"],
+                    args.batch_size,
+                    dev,
+                )
+                t_apply = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                lg = predict_logits(model, test, 1000, dev)
+                t_eval = time.perf_counter() - t0
+                sc = score_logits(lg, test.y)
+                row = {
+                    "key": json.dumps([tag, c]),
+                    "arch": args.arch,
+                    "N": n_models,
+                    "models": tag,
+                    **c,
+                    "bn_mode": bn_mode if has_bn else "none",
+                    "batchnorm": bn_done,
+                    "params": method.params(),
+                    "accuracy": sc.accuracy,
+                    "loss": sc.loss,
+                    "base": base,
+                    "ensemble": ens_acc,
+                    **extra,
+                    "seconds": {
+                        "statistics_nested": stat_seconds[c["n"]],
+                        "alignment": alignments[key + ("t",)],
+                        "apply_and_bn": t_apply,
+                        "evaluate": t_eval,
+                    },
+                }
+                if split:
+                    row["halves"] = half_accuracy(lg, test.y)
+                doc["rows"].append(row)
+                save()
+                print(
+                    f"  {c['method']:15s} n={c['n']:5d} bn={row['bn_mode']:6s} "
+                    f"reset={c['reset_bn']!s:5s} acc {sc.accuracy:.4f}  "
+                    f"(align {alignments[key + ('t',)]:.2f} s, apply {t_apply:.2f} s)",
+                    flush=True,
+                )
+    doc["machine"]["loadavg_end"] = os.getloadavg()
+    save()
+
+
+if __name__ == "__main__":
+    main()
