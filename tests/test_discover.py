@@ -470,19 +470,27 @@ def _registry_cases() -> list[Any]:
     return cases
 
 
-def _captured(model: nn.Module, module: str, on: str, x: torch.Tensor) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-    m = model.get_submodule(module)
-    if on == "input":
-        h = m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-    else:
-        h = m.register_forward_hook(lambda _m, _a, out: seen.append(out.clone()))
+def _captured(
+    model: nn.Module, points: set[tuple[str, str]], x: torch.Tensor
+) -> dict[tuple[str, str], torch.Tensor]:
+    """What each (module, "input"/"output") hook sees in one forward pass (must fire once)."""
+    seen: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in points}
+    handles = []
+    for module, on in points:
+        m = model.get_submodule(module)
+        store = seen[(module, on)].append
+        if on == "input":
+            handles.append(m.register_forward_pre_hook(lambda _m, a, s=store: s(a[0].clone())))
+        else:
+            handles.append(m.register_forward_hook(lambda _m, _a, o, s=store: s(o.clone())))
     try:
         outputs(model, x)
     finally:
-        h.remove()
-    assert len(seen) == 1, f"{module} ({on}) fired {len(seen)} times"
-    return seen[0]
+        for h in handles:
+            h.remove()
+    for point, values in seen.items():
+        assert len(values) == 1, f"{point} fired {len(values)} times"
+    return {point: values[0] for point, values in seen.items()}
 
 
 @pytest.mark.parametrize("name,config", _registry_cases())
@@ -497,11 +505,11 @@ def test_registry_specs_agree_with_discovery(name: str, config: dict[str, Any]) 
     assert found.warnings == ()
     discovered = {frozenset(g.members): g for g in found.spec.groups}
     assert set(discovered) == set(registry)
-    x = sample(tuple(shape), n=2)
-    for members, g in discovered.items():
-        r = registry[members]
+    pairs = [(g, registry[members]) for members, g in discovered.items()]
+    points = {(s.collect_at, s.collect_on) for pair in pairs for s in pair}
+    seen = _captured(model, points, sample(tuple(shape), n=2))
+    for g, r in pairs:
         assert g.size == r.size
         assert set(g.norms) == set(r.norms), g.name
-        a = _captured(model, g.collect_at, g.collect_on, x)
-        b = _captured(model, r.collect_at, r.collect_on, x)
+        a, b = seen[(g.collect_at, g.collect_on)], seen[(r.collect_at, r.collect_on)]
         assert a.shape == b.shape and torch.equal(a, b), f"{g.name} vs {r.name}"
