@@ -38,7 +38,13 @@ from .io import (
 from .methods import AlignContext, Alignment, MergeMethod, make_method
 from .registry import Detected, detect_architecture
 from .spec import MergeSpec
-from .stats import Statistics, collect_statistics
+from .stats import (
+    STATS_MODES,
+    Statistics,
+    available_memory,
+    collect_statistics,
+    statistics_bytes,
+)
 
 BN_MODES = ("auto", "vector", "renorm")
 
@@ -59,7 +65,7 @@ class MergePlan:
     method: str = "cca"
     method_params: dict[str, Any] = field(default_factory=dict)
     weights: list[float] | None = None
-    reference: int = 0
+    reference: int | str = 0  # an index, "first" or "best"
     num_samples: int | None = None
     batch_size: int = 256
     seed: int = 0
@@ -67,6 +73,9 @@ class MergePlan:
     reset_bn: bool = True
     bn_mode: str = "auto"
     force: bool = False
+    save_transforms: str | None = None
+    stats_mode: str = "auto"  # auto, joint or pairwise (see statistics_mode)
+    memory_limit: int | None = None  # bytes for statistics; default half the available RAM
 
 
 class Progress:
@@ -257,7 +266,9 @@ def gather_statistics(
     device: str,
     progress: Progress,
     norm_stats: bool = True,
+    **options: Any,
 ) -> Statistics:
+    """Statistics of every model on ``calib``; ``options`` go to :func:`collect_statistics`."""
     models = [loaded.build(sd, device) for sd in loaded.state_dicts]
     progress.start("statistics", len(calib))
     try:
@@ -268,6 +279,7 @@ def gather_statistics(
             device,
             norm_stats=norm_stats,
             on_batch=progress.advance,
+            **options,
         )
     finally:
         progress.stop()
@@ -393,6 +405,107 @@ def group_report(spec: MergeSpec, alignment: Alignment, reference: int) -> list[
     return rows
 
 
+def parse_reference(reference: int | str, n: int) -> int | None:
+    """``"first"`` -> 0, an index in [0, n) -> itself, ``"best"`` -> None (chosen on data)."""
+    text = str(reference).strip().lower()
+    if text == "first":
+        return 0
+    if text == "best":
+        return None
+    try:
+        index = int(text)
+    except ValueError:
+        raise OptionError(
+            f"--reference must be first, best or a model index, not {str(reference)!r}"
+        ) from None
+    if not 0 <= index < n:
+        raise OptionError(f"reference index {index} is out of range for {n} checkpoints")
+    return index
+
+
+def choose_best_reference(
+    loaded: LoadedModels,
+    eval_data: Dataset | None,
+    calib: Dataset | None,
+    batch_size: int,
+    device: str,
+) -> tuple[int, dict[str, Any]]:
+    """The model with the highest accuracy on ``eval_data`` (ties: lower loss), or without
+    it the lowest cross-entropy on the labelled calibration data."""
+    if eval_data is not None:
+        data, by = eval_data, "accuracy on the evaluation data"
+    elif calib is not None and calib.y is not None:
+        data, by = calib, "cross-entropy on the calibration data"
+    else:
+        raise OptionError(
+            "--reference best needs labelled data: --eval-data, or calibration data with labels 'y'"
+        )
+    scores = []
+    for sd in loaded.state_dicts:
+        logits = predict_logits(loaded.build(sd, device), data, batch_size, device)
+        check_labels(data, logits.shape[1])
+        scores.append(score_logits(logits, data.y))
+    if eval_data is not None:
+        best = max(range(len(scores)), key=lambda k: (scores[k].accuracy, -scores[k].loss, -k))
+    else:
+        best = min(range(len(scores)), key=lambda k: (scores[k].loss, k))
+    return best, {"rule": "best", "by": by, "scores": [sc.to_dict() for sc in scores]}
+
+
+def statistics_mode(
+    mode: str,
+    spec: MergeSpec,
+    n_models: int,
+    methods: Sequence[MergeMethod],
+    memory_limit: int | None = None,
+) -> tuple[bool, list[str]]:
+    """Whether to gather statistics pairwise (reference x model k), and warnings.
+
+    Joint statistics take ``8 ((N d)^2 + N d)`` bytes per group of width d
+    (:func:`ccamerge.stats.statistics_bytes`). ``auto`` switches to pairwise
+    blocks when that exceeds ``memory_limit`` (default: half the available RAM).
+    A method that needs every cross-model block (``needs_all_blocks``) is refused
+    rather than left to run out of memory."""
+    if mode not in STATS_MODES:
+        raise OptionError(f"statistics mode must be one of {', '.join(STATS_MODES)}, not {mode!r}")
+    needs_all = [m.name for m in methods if getattr(m, "needs_all_blocks", False)]
+    if mode == "pairwise" and needs_all:
+        raise OptionError(
+            f"method {needs_all[0]!r} needs the joint covariance of all models; pairwise "
+            "statistics do not hold the blocks between non-reference models"
+        )
+    if memory_limit is None:
+        available = available_memory()
+        limit = None if available is None else available // 2
+        where = "half the available RAM"
+    else:
+        limit, where = memory_limit, "the memory limit"
+    joint = statistics_bytes(spec, n_models, "joint")
+    pairwise = statistics_bytes(spec, n_models, "pairwise")
+    if limit is None or joint <= limit or mode == "pairwise":
+        return mode == "pairwise", []
+    gib = 2.0**30
+    if mode == "joint":
+        return False, [
+            f"joint statistics need {joint / gib:.2f} GiB, more than {where} "
+            f"({limit / gib:.2f} GiB); they may not fit in memory"
+        ]
+    if needs_all:
+        raise OptionError(
+            f"method {needs_all[0]!r} needs the joint covariance of all {n_models} models: "
+            f"{joint / gib:.2f} GiB, more than {where} ({limit / gib:.2f} GiB); "
+            "merge fewer models or use another method"
+        )
+    notes = [
+        f"joint statistics would need {joint / gib:.2f} GiB, more than {where} "
+        f"({limit / gib:.2f} GiB): gathered the blocks with the reference pairwise instead "
+        f"({pairwise / gib:.2f} GiB)"
+    ]
+    if pairwise > limit:
+        notes.append(f"pairwise statistics still need {pairwise / gib:.2f} GiB; they may not fit")
+    return True, notes
+
+
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     progress = progress or Progress()
     timer = Timer()
@@ -402,9 +515,13 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     if plan.batch_size <= 0:
         raise OptionError(f"--batch-size must be positive, got {plan.batch_size}")
     out_path = check_output_path(plan.output, plan.checkpoints, plan.force) if plan.output else None
+    transforms_path = None
+    if plan.save_transforms is not None:
+        transforms_path = check_output_path(plan.save_transforms, plan.checkpoints, plan.force)
+        if out_path is not None and transforms_path.resolve() == out_path.resolve():
+            raise OptionError("--save-transforms and --output name the same file")
     n = len(plan.checkpoints)
-    if not 0 <= plan.reference < n:
-        raise OptionError(f"reference index {plan.reference} is out of range for {n} checkpoints")
+    reference = parse_reference(plan.reference, n)
     weights = normalise_weights(plan.weights, n)
     if method.needs_data and plan.data is None:
         raise OptionError(f"method {method.name!r} needs calibration data (--data)")
@@ -430,16 +547,34 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             with torch.no_grad():  # labels out of range: say so now, not after the merge
                 outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
             check_labels(eval_data, outputs)
+        if reference is None:
+            reference, reference_choice = choose_best_reference(
+                loaded, eval_data, calib, plan.batch_size, device
+            )
+        else:
+            reference_choice = {"rule": "first" if str(plan.reference) == "first" else "index"}
 
     warnings: list[str] = list(loaded.warnings)
     stats = None
     if calib is not None and (method.needs_data or bn_mode == "renorm"):
+        pairwise, notes = statistics_mode(
+            plan.stats_mode, loaded.spec, n, [method], plan.memory_limit
+        )
+        warnings += notes
         with timer.phase("statistics"):
-            stats = gather_statistics(loaded, calib, plan.batch_size, device, progress)
+            stats = gather_statistics(
+                loaded,
+                calib,
+                plan.batch_size,
+                device,
+                progress,
+                pairwise=pairwise,
+                reference=reference,
+            )
         warnings += sample_warnings(loaded.spec, stats)
 
     with timer.phase("alignment"):
-        ctx = AlignContext(loaded.spec, loaded.state_dicts, plan.reference, stats)
+        ctx = AlignContext(loaded.spec, loaded.state_dicts, reference, stats)
         alignment = method.align(ctx)
 
     with timer.phase("apply"):
@@ -447,7 +582,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             loaded,
             alignment,
             weights,
-            plan.reference,
+            reference,
             calib,
             stats,
             bn_mode,
@@ -469,13 +604,14 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         "method": method.name,
         "params": method.params(),
         "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
-        "reference": plan.reference,
+        "reference": reference,
+        "reference_choice": reference_choice,
         "weights": weights,
         "output": str(out_path) if out_path else None,
         "num_samples": stats.num_samples if stats else 0,
         "batchnorm": bn_done,
         "bn_mode": bn_mode,
-        "groups": group_report(loaded.spec, alignment, plan.reference),
+        "groups": group_report(loaded.spec, alignment, reference),
         "warnings": warnings,
         "timings": timer.timings,
     }
@@ -486,6 +622,12 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         with timer.phase("write"):
             check_output_path(out_path, plan.checkpoints, plan.force)  # again: minutes passed
             save_safetensors_atomic(state, out_path, provenance(report, plan))
+    if transforms_path is not None:
+        from .transforms import save_transforms  # here: transforms.py builds on this module
+
+        with timer.phase("write"):
+            check_output_path(transforms_path, plan.checkpoints, plan.force)
+            save_transforms(transforms_path, alignment, loaded, report, plan)
     return MergeResult(state, model, alignment, report)
 
 

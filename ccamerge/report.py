@@ -48,8 +48,11 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
     console.print(f"[bold]method[/] {report['method']} ({params})")
     for k, inp in enumerate(report["inputs"]):
-        tag = " [reference]" if k == report["reference"] else ""
+        tag = " \\[reference]" if k == report["reference"] else ""
         console.print(f"  model {k}: {inp['path']}  weight {report['weights'][k]:.3f}{tag}")
+    choice = report.get("reference_choice") or {}
+    if choice.get("rule") == "best":
+        console.print(f"[bold]reference[/] model {report['reference']} (best by {choice['by']})")
     console.print(f"[bold]calibration samples[/] {report['num_samples']}")
     console.print(f"[bold]BatchNorm[/] {report['batchnorm']}")
 

@@ -4,18 +4,21 @@ For each feature group the features of all N models are concatenated sample
 by sample into z_t (length N*d) and accumulated in float64 as
 ``n``, ``s = sum z_t`` and ``Q = sum z_t z_t^T`` (cca-merge-math.md, section
 3). Memory is O((N d)^2) per group whatever the number of samples; activations
-of one batch are the only ones held at a time.
+of one batch are the only ones held at a time. :class:`PairwiseCovariance`
+keeps only the blocks with one reference model, O(N d^2) per group, for when
+the joint statistics would not fit (``statistics_bytes`` gives both sizes).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import NumericalError, SpecError
+from .errors import NumericalError, OptionError, SpecError
 from .spec import MergeSpec
 
 
@@ -58,11 +61,101 @@ class JointCovariance:
         return (C + C.T) / 2
 
     def block(self, i: int, j: int) -> torch.Tensor:
-        d = self.d
-        return self.cov[i * d : (i + 1) * d, j * d : (j + 1) * d]
+        """The (d, d) block ``C_ij`` of ``cov``, computed from Q's slices alone."""
+        d, n = self.d, max(self.n, 1)
+        a, b = slice(i * d, (i + 1) * d), slice(j * d, (j + 1) * d)
+        mu = self.mean
+        C_ij = self.Q[a, b] / n - torch.outer(mu[a], mu[b])
+        C_ji = self.Q[b, a] / n - torch.outer(mu[b], mu[a])
+        return (C_ij + C_ji.T) / 2
 
     def mean_of(self, i: int) -> torch.Tensor:
         return self.mean[i * self.d : (i + 1) * self.d]
+
+
+class PairwiseCovariance(JointCovariance):
+    """The blocks of a joint covariance that alignment to one reference needs.
+
+    Same interface as :class:`JointCovariance` (``update`` takes the (rows, N*d)
+    concatenated features), but only ``Q[0, k] = sum z_k z_k^T`` and
+    ``Q[1, k] = sum z_ref z_k^T`` are kept: ``Q`` has shape (2, N, d, d), i.e.
+    ``8 * (2 N d^2 + N d)`` bytes instead of ``8 * ((N d)^2 + N d)``.
+    ``block(i, j)`` answers the diagonal blocks and those with the reference;
+    any other block (and the full ``cov``) raises :class:`OptionError`.
+    """
+
+    def __init__(
+        self, n_models: int, d: int, reference: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        self.n_models, self.d, self.reference = n_models, d, reference
+        self.n = 0
+        self.s = torch.zeros(n_models * d, dtype=torch.float64, device=device)
+        self.Q = torch.zeros(2, n_models, d, d, dtype=torch.float64, device=device)
+
+    def update(self, Z: torch.Tensor) -> None:
+        if Z.ndim != 2 or Z.shape[1] != self.n_models * self.d:
+            raise ValueError(f"expected (rows, {self.n_models * self.d}), got {tuple(Z.shape)}")
+        Z = Z.to(self.Q.device, torch.float64)
+        self.n += Z.shape[0]
+        self.s += Z.sum(0)
+        parts = Z.split(self.d, dim=1)
+        for k, z in enumerate(parts):
+            self.Q[0, k].addmm_(z.T, z)
+            if k != self.reference:
+                self.Q[1, k].addmm_(parts[self.reference].T, z)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        raise OptionError(
+            "pairwise statistics hold only the blocks with the reference, not the full covariance"
+        )
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        n, ref = max(self.n, 1), self.reference
+        mu_i, mu_j = self.mean_of(i), self.mean_of(j)
+        if i == j:
+            C = self.Q[0, i] / n - torch.outer(mu_i, mu_i)
+            return (C + C.T) / 2
+        if i == ref:
+            return self.Q[1, j] / n - torch.outer(mu_i, mu_j)
+        if j == ref:
+            return (self.Q[1, i] / n - torch.outer(mu_j, mu_i)).T
+        raise OptionError(
+            f"pairwise statistics hold no block between models {i} and {j} "
+            f"(only blocks with the reference, model {ref})"
+        )
+
+
+STATS_MODES = ("auto", "joint", "pairwise")
+
+
+def statistics_bytes(spec: MergeSpec, n_models: int, mode: str, norm_stats: bool = True) -> int:
+    """float64 bytes held by the accumulators of one statistics pass.
+
+    Per group of width d: joint ``8 ((N d)^2 + N d)``, pairwise ``8 (2 N d^2 + N d)``;
+    plus, with ``norm_stats``, ``8 N (d^2 + d)`` per BatchNorm on the group."""
+    N, total = n_models, 0
+    for g in spec.groups:
+        d = g.size
+        total += 8 * ((N * d) ** 2 if mode == "joint" else 2 * N * d * d) + 8 * N * d
+        if norm_stats:
+            total += len(g.norms) * 8 * N * (d * d + d)
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available now (``MemAvailable`` of /proc/meminfo, else sysconf)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def features_as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -106,15 +199,27 @@ def collect_statistics(
     device: torch.device | str = "cpu",
     norm_stats: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    pairwise: bool = False,
+    reference: int = 0,
+    group_stats: bool = True,
 ) -> Statistics:
     """Run every model on the same batches and accumulate each group's statistics.
 
+    ``pairwise``: keep only the blocks with model ``reference``
+    (:class:`PairwiseCovariance`) instead of the full joint covariance;
+    ``group_stats=False``: only the BatchNorm outputs (``norm_stats``).
     Models are run in eval mode. Raises :class:`NumericalError` naming the
     collection point when an activation is not finite.
     """
     N = len(models)
+    groups = spec.groups if group_stats else ()
     stats = Statistics(
-        groups={g.name: JointCovariance(N, g.size, device) for g in spec.groups},
+        groups={
+            g.name: PairwiseCovariance(N, g.size, reference, device)
+            if pairwise
+            else JointCovariance(N, g.size, device)
+            for g in groups
+        },
     )
     bns = [bn for g in spec.groups for bn in g.norms] if norm_stats else []
     sizes = {bn: g.size for g in spec.groups for bn in g.norms}
@@ -135,7 +240,7 @@ def collect_statistics(
     try:
         for k, model in enumerate(models):
             model.eval()
-            for g in spec.groups:
+            for g in groups:
                 handles.append(_hook_point(model, g.collect_at, g.collect_on, storer((g.name, k))))
             for bn in bns:
                 handles.append(_hook_point(model, bn, "output", storer((bn, k))))
@@ -143,7 +248,7 @@ def collect_statistics(
             x = x.to(device)
             for model in models:
                 model(x)
-            for g in spec.groups:
+            for g in groups:
                 Z = torch.cat([_take(current, (g.name, k), g.collect_at) for k in range(N)], 1)
                 _check_finite(Z, f"{g.collect_at} ({g.collect_on} of group {g.name})")
                 stats.groups[g.name].update(Z)

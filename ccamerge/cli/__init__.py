@@ -36,6 +36,7 @@ def _root(
 
 
 from . import (  # noqa: E402,F401  (register commands)
+    apply_cmd,
     archs_cmd,
     barrier_cmd,
     demo_cmd,

@@ -17,7 +17,7 @@ def merge(
     checkpoints: list[Path] = typer.Argument(
         ...,
         readable=False,  # the library checks, with a one-line error (click's is a panel)
-        help="Checkpoints (.safetensors, .pt, .pth, .bin); the first is the reference.",
+        help="Checkpoints (.safetensors, .pt, .pth, .bin); model 0 is the first.",
     ),
     data: Path | None = typer.Option(
         None,
@@ -30,7 +30,10 @@ def merge(
         None, "--output", "-o", help="Merged model, a .safetensors file."
     ),
     method: str = typer.Option(
-        "cca", "--method", "-m", help="cca (default) or average; see `ccamerge archs`."
+        "cca",
+        "--method",
+        "-m",
+        help="cca (default), permute, weight-matching, zipit or average; see docs/methods.md.",
     ),
     gamma: float | None = typer.Option(
         None,
@@ -45,7 +48,32 @@ def merge(
         "--weights",
         help="Merge weights, comma-separated (normalised to sum 1). Default uniform.",
     ),
-    reference: int = typer.Option(0, "--reference", help="Index of the reference model."),
+    reference: str = typer.Option(
+        "first",
+        "--reference",
+        help="Reference model: first, best (highest --eval-data accuracy, else lowest "
+        "calibration loss) or an index.",
+    ),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="zipit: repeated-matching discount in [0, 1]. Default 0.5."
+    ),
+    beta: float | None = typer.Option(
+        None, "--beta", help="zipit: same-model merge budget in [0, 1]. Default 0."
+    ),
+    max_iter: int | None = typer.Option(
+        None, "--max-iter", help="weight-matching: most sweeps over the groups. Default 100."
+    ),
+    save_transforms: Path | None = typer.Option(
+        None,
+        "--save-transforms",
+        help="Also write every M_k and U_k to this .safetensors file (for `ccamerge apply`).",
+    ),
+    stats_mode: str = typer.Option(
+        "auto",
+        "--stats",
+        help="Statistics: joint (all N models), pairwise (reference x model, less memory) or "
+        "auto (pairwise when joint would not fit in half the available RAM).",
+    ),
     eval_data: Path | None = typer.Option(
         None,
         "--eval-data",
@@ -94,7 +122,14 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No report or progress on stderr."),
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
-    params = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+    given = {
+        "gamma": gamma,
+        "ridge": ridge,
+        "alpha": alpha,
+        "beta": beta,
+        "max_iter": max_iter,
+    }
+    params = {k: v for k, v in given.items() if v is not None}
     plan = MergePlan(
         checkpoints=[str(c) for c in checkpoints],
         output=str(output) if output else None,
@@ -116,6 +151,8 @@ def merge(
         reset_bn=reset_bn,
         bn_mode=bn_mode,
         force=force,
+        save_transforms=str(save_transforms) if save_transforms else None,
+        stats_mode=stats_mode,
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:

@@ -1,6 +1,6 @@
 """Merge methods; importing this package registers the built-in ones."""
 
-from . import average, cca  # noqa: F401
+from . import average, cca, permute, weight_matching, zipit  # noqa: F401
 from .base import (
     AlignContext,
     Alignment,
