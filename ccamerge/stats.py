@@ -39,10 +39,53 @@ class JointCovariance:
     def update(self, Z: torch.Tensor) -> None:
         if Z.ndim != 2 or Z.shape[1] != self.n_models * self.d:
             raise ValueError(f"expected (rows, {self.n_models * self.d}), got {tuple(Z.shape)}")
-        Z = Z.to(self.Q.device, torch.float64)
-        self.n += Z.shape[0]
-        self.s += Z.sum(0)
-        self.Q.addmm_(Z.T, Z)
+        self.add_batch([centre(z) for z in Z.split(self.d, 1)])
+
+    def add_batch(
+        self,
+        parts: Sequence[CentredBatch],
+        check: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Add one batch given as each model's :func:`centre`-d activations (N parts).
+
+        Products are formed in the activations' precision (float32) from centred
+        values and added in float64: with shifts ``m_i``, centred sums ``e_i`` and
+        centred products ``G_ij = Z_i Z_j^T`` of the batch's ``n`` rows,
+        ``Q_ij += G_ij + e_i m_j^T + m_i e_j^T + n m_i m_j^T`` (exact, since
+        ``Z = x - m``). Centring keeps the float32 products accurate whatever the
+        mean; a block that overflows float32 is recomputed in float64. ``check``
+        first sees the models' batch means (non-finite iff an activation is)."""
+        if len(parts) != self.n_models or any(p.Z.shape[0] != self.d for p in parts):
+            raise ValueError(f"expected {self.n_models} parts of {self.d} features")
+        if check is not None:
+            check(torch.cat([p.m for p in parts]))
+        n, dev = parts[0].n, self.Q.device
+        ms = [p.m.to(dev, torch.float64) for p in parts]
+        es = [p.Z.sum(1).to(dev, torch.float64) for p in parts]
+        for i, j in self._blocks():
+            G = parts[i].Z @ parts[j].Z.T
+            if not torch.isfinite(G).all():  # huge but finite activations
+                G = parts[i].Z.double() @ parts[j].Z.double().T
+            G = G.to(dev, torch.float64)
+            G += (
+                torch.outer(es[i], ms[j])
+                + torch.outer(ms[i], es[j])
+                + n * torch.outer(ms[i], ms[j])
+            )
+            self._add_block(i, j, G)
+        self.n += n
+        self.s += torch.cat([e + n * m for e, m in zip(es, ms)])
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        """The (i, j) blocks of ``Q`` that ``add_batch`` computes (``i <= j``)."""
+        N = self.n_models
+        return [(i, j) for i in range(N) for j in range(i, N)]
+
+    def _add_block(self, i: int, j: int, G: torch.Tensor) -> None:
+        d = self.d
+        self.Q[i * d : (i + 1) * d, j * d : (j + 1) * d] += G
+        if i != j:
+            self.Q[j * d : (j + 1) * d, i * d : (i + 1) * d] += G.T
 
     def merge(self, other: JointCovariance) -> None:
         """Add another accumulator's samples (same shape) to this one."""
@@ -103,6 +146,15 @@ class PairwiseCovariance(JointCovariance):
             self.Q[0, k].addmm_(z.T, z)
             if k != self.reference:
                 self.Q[1, k].addmm_(parts[self.reference].T, z)
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        ref = self.reference
+        return [(k, k) for k in range(self.n_models)] + [
+            (ref, k) for k in range(self.n_models) if k != ref
+        ]
+
+    def _add_block(self, i: int, j: int, G: torch.Tensor) -> None:
+        self.Q[0 if i == j else 1, j] += G
 
     @property
     def cov(self) -> torch.Tensor:
@@ -168,6 +220,39 @@ def features_as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class CentredBatch:
+    """One model's activations of one batch, channel-major and centred:
+    ``Z`` (d, n) = features - ``m`` (d,), ``n`` rows (samples x positions)."""
+
+    Z: torch.Tensor
+    m: torch.Tensor
+    n: int
+
+
+def centre(x: torch.Tensor) -> CentredBatch:
+    """(B, d) or (B, d, *spatial) activations -> :class:`CentredBatch` on the batch mean.
+
+    Every spatial position is a sample (as in :func:`features_as_rows`). One copy
+    of the batch, never a view of ``x``, so later in-place ops (``ReLU(inplace=True)``,
+    ``out += ...``) do not change it. Precision: float64 for (B, d) activations (B rows:
+    cheap, and the statistics do not depend on the batch size beyond float64 rounding);
+    ``x``'s own but at least float32 for spatial ones, whose B*H*W rows made float64
+    products most of the statistics pass (measured on a ResNet20: half the CPU time;
+    the covariances then agree with the float64 ones to ~1e-6 relative)."""
+    if x.ndim < 2:
+        raise SpecError(f"activation of shape {tuple(x.shape)} has no feature axis")
+    B, d = x.shape[:2]
+    f = x.reshape(B, d, -1)
+    dtype = torch.float64 if x.ndim == 2 else torch.promote_types(x.dtype, torch.float32)
+    f = f.to(dtype)
+    n = B * f.shape[2]
+    m = f.sum((0, 2)) / max(n, 1)
+    Z = torch.empty((d, B, f.shape[2]), dtype=dtype, device=x.device)
+    torch.sub(f.transpose(0, 1), m[:, None, None], out=Z)
+    return CentredBatch(Z.view(d, n), m, n)
+
+
+@dataclass
 class Statistics:
     """What one pass over calibration data gives the merge methods.
 
@@ -230,10 +315,7 @@ def collect_statistics(
 
     def storer(key: tuple[str, int]):
         def store(x: torch.Tensor) -> None:
-            rows = features_as_rows(x.detach())
-            # copy a view, or a later in-place op (ReLU(inplace=True), out += ...) changes it
-            shared = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-            current[key] = rows.clone() if shared else rows
+            current[key] = centre(x.detach())  # a copy: later in-place ops cannot change it
 
         return store
 
@@ -249,14 +331,15 @@ def collect_statistics(
             for model in models:
                 model(x)
             for g in groups:
-                Z = torch.cat([_take(current, (g.name, k), g.collect_at) for k in range(N)], 1)
-                _check_finite(Z, f"{g.collect_at} ({g.collect_on} of group {g.name})")
-                stats.groups[g.name].update(Z)
+                parts = [_take(current, (g.name, k), g.collect_at) for k in range(N)]
+                where = f"{g.collect_at} ({g.collect_on} of group {g.name})"
+                stats.groups[g.name].add_batch(parts, lambda v, w=where: _check_finite(v, w))
             for bn in bns:
                 for k in range(N):
-                    Z = _take(current, (bn, k), bn)
-                    _check_finite(Z, f"{bn} (output)")
-                    stats.norms[bn][k].update(Z)
+                    part = _take(current, (bn, k), bn)
+                    stats.norms[bn][k].add_batch(
+                        [part], lambda v, w=bn: _check_finite(v, f"{w} (output)")
+                    )
             stats.num_samples += x.shape[0]
             if on_batch is not None:
                 on_batch(x.shape[0])

@@ -52,3 +52,26 @@ def test_collected_statistics_match_direct_computation():
     jc = stats.groups["hidden0"]
     assert jc.n == 300
     assert torch.allclose(jc.cov, torch.cov(feats.T, correction=0), atol=1e-6)
+
+
+def test_conv_features_in_float32_match_the_float64_reference():
+    """Spatial activations are centred and multiplied in float32, added in float64."""
+    from ccamerge.stats import PairwiseCovariance, centre
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 5, 6, 6, generator=g) * 0.5 + 30 for _ in range(3)]  # mean >> std
+    rows = torch.cat([features_as_rows(x).double() for x in xs], 1)
+    jc, pw = JointCovariance(3, 5), PairwiseCovariance(3, 5, reference=1)
+    for half in (slice(0, 4), slice(4, 8)):
+        jc.add_batch([centre(x[half]) for x in xs])
+        pw.add_batch([centre(x[half]) for x in xs])
+    ref = torch.cov(rows.T, correction=0)
+    assert jc.n == pw.n == 8 * 36
+    assert torch.allclose(jc.mean, rows.mean(0), rtol=1e-6)
+    assert torch.allclose(jc.cov, ref, atol=1e-5 * float(ref.abs().max()))
+    for i, j in [(0, 0), (1, 2), (0, 1), (2, 2)]:
+        assert torch.allclose(pw.block(i, j), jc.block(i, j), atol=1e-9)
+    x = xs[0].clone()
+    batch = centre(x)
+    x.zero_()  # an in-place op after the hook must not change what was stored
+    assert batch.Z.abs().max() > 0.1
