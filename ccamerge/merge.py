@@ -35,8 +35,9 @@ from .io import (
     save_safetensors_atomic,
     sha256,
 )
-from .methods import AlignContext, Alignment, MergeMethod, make_method
+from .methods import AlignContext, Alignment, MergeMethod
 from .registry import Detected, detect_architecture
+from .select import candidate_methods, label, select, split_heldout
 from .spec import MergeSpec
 from .stats import (
     STATS_MODES,
@@ -73,6 +74,8 @@ class MergePlan:
     reset_bn: bool = True
     bn_mode: str = "auto"
     force: bool = False
+    select_by: str = "agreement"
+    heldout_fraction: float = 0.2
     save_transforms: str | None = None
     stats_mode: str = "auto"  # auto, joint or pairwise (see statistics_mode)
     memory_limit: int | None = None  # bytes for statistics; default half the available RAM
@@ -510,8 +513,10 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)
-    method = make_method(plan.method, **plan.method_params)
-    bn_mode = resolve_bn_mode(plan.bn_mode, method)
+    candidates = candidate_methods(plan.method, plan.method_params)
+    method, auto = candidates[0], len(candidates) > 1
+    bn_modes = {resolve_bn_mode(plan.bn_mode, m) for m in candidates}
+    bn_mode = "renorm" if "renorm" in bn_modes else bn_modes.pop()
     if plan.batch_size <= 0:
         raise OptionError(f"--batch-size must be positive, got {plan.batch_size}")
     out_path = check_output_path(plan.output, plan.checkpoints, plan.force) if plan.output else None
@@ -523,8 +528,10 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     n = len(plan.checkpoints)
     reference = parse_reference(plan.reference, n)
     weights = normalise_weights(plan.weights, n)
-    if method.needs_data and plan.data is None:
+    if any(m.needs_data for m in candidates) and plan.data is None:
         raise OptionError(f"method {method.name!r} needs calibration data (--data)")
+    if auto and plan.data is None:
+        raise OptionError("automatic selection (gamma or method 'auto') needs calibration data (--data)")
 
     with timer.phase("load"):
         calib = None
@@ -556,9 +563,12 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
 
     warnings: list[str] = list(loaded.warnings)
     stats = None
+    split = split_heldout(calib, plan.heldout_fraction, plan.seed) if auto and calib else None
+    if split is not None:
+        calib = split.stats  # the held-out part never feeds statistics or BN reset
     if calib is not None and (method.needs_data or bn_mode == "renorm"):
         pairwise, notes = statistics_mode(
-            plan.stats_mode, loaded.spec, n, [method], plan.memory_limit
+            plan.stats_mode, loaded.spec, n, candidates, plan.memory_limit
         )
         warnings += notes
         with timer.phase("statistics"):
@@ -573,23 +583,31 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             )
         warnings += sample_warnings(loaded.spec, stats)
 
-    with timer.phase("alignment"):
-        ctx = AlignContext(loaded.spec, loaded.state_dicts, reference, stats)
-        alignment = method.align(ctx)
-
-    with timer.phase("apply"):
-        state, model, bn_done = build_merged(
-            loaded,
-            alignment,
-            weights,
-            reference,
-            calib,
-            stats,
-            bn_mode,
-            plan.reset_bn,
-            plan.batch_size,
-            device,
-        )
+    selection = None
+    if split is not None:
+        with timer.phase("selection"):
+            winner, scored, state, model, bn_done = select(
+                loaded, stats, candidates, split, weights, reference,
+                lambda m: resolve_bn_mode(plan.bn_mode, m), plan.reset_bn,
+                plan.batch_size, device, plan.select_by,
+            )
+        method, alignment = winner.method, winner.alignment
+        bn_mode = resolve_bn_mode(plan.bn_mode, method)
+        selection = {
+            "select_by": plan.select_by,
+            "heldout_samples": len(split.heldout),
+            "candidates": [c.to_dict() for c in scored],
+            "winner": label(method),
+        }
+    else:
+        with timer.phase("alignment"):
+            ctx = AlignContext(loaded.spec, loaded.state_dicts, reference, stats)
+            alignment = method.align(ctx)
+        with timer.phase("apply"):
+            state, model, bn_done = build_merged(
+                loaded, alignment, weights, reference, calib, stats, bn_mode,
+                plan.reset_bn, plan.batch_size, device,
+            )
     if calib is None and has_batchnorm(model) and plan.reset_bn:
         warnings.append("no calibration data: BatchNorm running statistics were not reset")
 
@@ -615,6 +633,8 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         "warnings": warnings,
         "timings": timer.timings,
     }
+    if selection is not None:
+        report["selection"] = selection
     if evaluation is not None:
         report["evaluation"] = evaluation
 

@@ -8,7 +8,7 @@ from ..custom import parse_model_args
 from ..merge import BN_MODES, MergePlan, run_merge
 from ..report import render_merge_report
 from . import app
-from .common import BarProgress, console, handle_errors, parse_floats, print_json
+from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
 
 
 @app.command("merge")
@@ -35,10 +35,17 @@ def merge(
         "-m",
         help="cca (default), permute, weight-matching, zipit or average; see docs/methods.md.",
     ),
-    gamma: float | None = typer.Option(
+    gamma: str | None = typer.Option(
         None,
         "--gamma",
-        help="CCA ridge; relative to each layer's mean variance unless --ridge absolute. Default 0.1.",
+        help="CCA ridge, a number or 'auto' (chosen on held-out calibration data); relative to "
+        "each layer's mean variance unless --ridge absolute. Default 0.1.",
+    ),
+    select_by: str = typer.Option(
+        "agreement",
+        "--select-by",
+        help="Criterion of --gamma auto / --method auto: agreement (with the ensemble, no "
+        "labels needed) or loss (cross-entropy on held-out calibration labels).",
     ),
     ridge: str | None = typer.Option(
         None, "--ridge", help="CCA ridge kind: relative (default) or absolute."
@@ -123,7 +130,7 @@ def merge(
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
     given = {
-        "gamma": gamma,
+        "gamma": parse_gamma(gamma),
         "ridge": ridge,
         "alpha": alpha,
         "beta": beta,
@@ -153,6 +160,7 @@ def merge(
         force=force,
         save_transforms=str(save_transforms) if save_transforms else None,
         stats_mode=stats_mode,
+        select_by=select_by,
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:
