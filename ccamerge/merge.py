@@ -326,12 +326,19 @@ def build_merged(
     batch_size: int,
     device: str,
 ) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
-    """Transform and average, then fix BatchNorm. Returns (state dict, model, what was done to BN)."""
+    """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
+    BatchNorm: REPAIR, :mod:`ccamerge.repair`). Returns (state dict, model, what was done)."""
     Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
     merged = merge_state_dicts(loaded.state_dicts, loaded.spec, Ms, Us, weights, reference)
     model = loaded.build(merged, device)
     if not has_batchnorm(model):
         bn_done = "none (no BatchNorm)"
+        if bn_mode == "renorm" and reset_bn and calib is not None:
+            from .repair import repair_merged  # REPAIR: renorm for networks without BN
+
+            n = repair_merged(model, loaded, alignment, weights, calib, batch_size, device)
+            if n:
+                bn_done = f"no BatchNorm: {n} layers renormalised to aligned targets (REPAIR)"
     elif not reset_bn:
         bn_done = "kept merged running statistics (--no-reset-bn)"
     elif calib is None:
