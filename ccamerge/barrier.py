@@ -168,7 +168,7 @@ def path_sides(
         )
 
     first = side(0)
-    if getattr(method, "permutation_only", False):
+    if method.permutation_only:
         return first, first
     return first, side(1)
 

@@ -246,7 +246,7 @@ def resolve_bn_mode(bn_mode: str, method: MergeMethod) -> str:
         raise OptionError(f"--bn-mode must be one of {', '.join(BN_MODES)}")
     if bn_mode != "auto":
         return bn_mode
-    return "vector" if getattr(method, "permutation_only", False) else "renorm"
+    return "vector" if method.permutation_only else "renorm"
 
 
 class Timer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import AlignContext, Alignment, MergeMethod, identity_alignment, register_method
 
@@ -13,6 +14,9 @@ class Average(MergeMethod):
     name = "average"
     needs_data = False
     description = "direct weight averaging (no alignment)"
+    # the identity is a permutation: BatchNorm's vector treatment is exact (plain averaging
+    # plus a statistics reset), and one alignment serves both ends of a path
+    permutation_only: ClassVar[bool] = True
 
     def align(self, ctx: AlignContext) -> Alignment:
         return identity_alignment(ctx.spec, ctx.n_models)

@@ -68,6 +68,9 @@ class MergeMethod:
     name: ClassVar[str]
     needs_data: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    # True when every M_k is a permutation (U_k = M_k^T): a single aligned model is then
+    # the same function, and BatchNorm vectors may be transformed like any other tensor
+    permutation_only: ClassVar[bool] = False
 
     def align(self, ctx: AlignContext) -> Alignment:
         raise NotImplementedError
