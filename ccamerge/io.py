@@ -73,7 +73,9 @@ def _read_torch(path: Path, error: type[Exception], what: str) -> Any:
         # struct.error, ...) from torch's readers; all of them mean "not a usable torch file"
         text = str(e)
         if "Weights only load failed" not in text:
-            raise error(f"{what} {path} cannot be read as a torch file ({_first_line(e)})") from None
+            raise error(
+                f"{what} {path} cannot be read as a torch file ({_first_line(e)})"
+            ) from None
         glob = re.search(r"GLOBAL ([\w.]+)", text)
         if glob:  # a class or function the pickle would import and call
             raise error(
