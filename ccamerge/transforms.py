@@ -313,8 +313,13 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
             batch_size,
             device,
         )
-    if calib is None and has_norms and plan.reset_bn:
-        warnings.append("no calibration data (--data): BatchNorm running statistics were not reset")
+    if calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
+        undone = (
+            "BatchNorm running statistics were not reset"
+            if has_norms
+            else "the REPAIR renormalisation of the merged layers was not redone"
+        )
+        warnings.append(f"no calibration data (--data): {undone}")
     evaluation = None
     if eval_data is not None:
         with timer.phase("evaluate"):

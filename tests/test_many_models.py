@@ -24,16 +24,16 @@ runner = CliRunner()
 
 
 def test_cca_beats_permute_and_average_with_four_models(digits_mlps):
-    # Measured on the 2-core CPU (test accuracy, 4 seeds, 1300 calibration samples):
-    # bases 97.8-98.2%, ensemble 98.6%; cca 97.2, weight-matching 94.4, permute 93.8,
-    # zipit 91.1 (alpha 0.5, beta 0), average 59.8.
+    # Measured on the 2-core CPU (test accuracy, 4 seeds, 1300 calibration samples, REPAIR
+    # for the dense methods): bases 97.8-98.2%, ensemble 98.6%; cca 97.0, weight-matching 94.4,
+    # permute 93.8, zipit 90.7 (alpha 0.5, beta 0), average 83.9.
     kw = dict(data=str(digits_mlps.calib_path), eval_data=str(digits_mlps.test_path))
     acc = {
         m: merge(digits_mlps.paths, method=m, **kw).report["evaluation"]["merged"]["accuracy"]
         for m in ("cca", "permute", "average")
     }
     assert acc["cca"] > acc["permute"] + 0.025
-    assert acc["cca"] > acc["average"] + 0.3
+    assert acc["cca"] > acc["average"] + 0.1
     assert acc["cca"] > 0.95
 
 
@@ -175,12 +175,19 @@ def test_apply_reproduces_the_merge_bit_for_bit(digits_mlps, tmp_path, method):
         ],
     )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["apply", "--transforms", str(tr), *paths, "-o", str(again), "-q"])
+    # the same calibration data: dense methods renormalise (REPAIR) after the merge
+    calib = ["-d", str(digits_mlps.calib_path)]
+    r = runner.invoke(
+        app, ["apply", "--transforms", str(tr), *paths, *calib, "-o", str(again), "-q"]
+    )
     assert r.exit_code == 0, r.output
     a, b = load_file(str(merged)), load_file(str(again))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    r = runner.invoke(app, ["apply", "-t", str(tr), *paths, "--json", "-q"])
+    warnings = json.loads(r.stdout)["warnings"]
+    assert any("REPAIR" in w for w in warnings) == (method != "weight-matching")
     saved = load_transforms(tr)
     assert saved.metadata["method"] == method and saved.reference == 1
     assert saved.metadata["weights"] == pytest.approx([0.5, 0.3, 0.2])
