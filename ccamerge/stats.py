@@ -319,13 +319,24 @@ def collect_statistics(
 
         return store
 
+    reached: set[tuple[str, int]] = set()
+
+    def norm_updater(bn: str, k: int):
+        # per-model statistics need no other model: accumulate at once, keep nothing
+        def update(x: torch.Tensor) -> None:
+            where = f"{bn} (output)"
+            stats.norms[bn][k].add_batch([centre(x.detach())], lambda v: _check_finite(v, where))
+            reached.add((bn, k))
+
+        return update
+
     try:
         for k, model in enumerate(models):
             model.eval()
             for g in groups:
                 handles.append(_hook_point(model, g.collect_at, g.collect_on, storer((g.name, k))))
             for bn in bns:
-                handles.append(_hook_point(model, bn, "output", storer((bn, k))))
+                handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))
         for x in batches:
             x = x.to(device)
             for model in models:
@@ -336,10 +347,9 @@ def collect_statistics(
                 stats.groups[g.name].add_batch(parts, lambda v, w=where: _check_finite(v, w))
             for bn in bns:
                 for k in range(N):
-                    part = _take(current, (bn, k), bn)
-                    stats.norms[bn][k].add_batch(
-                        [part], lambda v, w=bn: _check_finite(v, f"{w} (output)")
-                    )
+                    if (bn, k) not in reached:
+                        _take(current, (bn, k), bn)  # raises: the point was not reached
+            reached.clear()
             stats.num_samples += x.shape[0]
             if on_batch is not None:
                 on_batch(x.shape[0])
