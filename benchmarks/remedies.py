@@ -4,6 +4,7 @@
     python benchmarks/remedies.py --arch mlp --seeds 0 1 2 3
     python benchmarks/remedies.py --arch resnet20x1 --seeds 0 1 --test 2000
     python benchmarks/remedies.py --bn-check            # BN reset: train-mode vs eval-mode fix
+    python benchmarks/remedies.py --arch mlp --diagnose  # model 1 alone through its transforms
 
 Every merge uses the first 2000 calibration images for statistics and BatchNorm, and is
 scored on the first ``--test`` test images (all 10000 by default). Statistics are gathered
@@ -197,15 +198,53 @@ def run(arch: str, seeds: list[int], n_test: int) -> dict[str, Any]:
     }
 
 
+def table() -> str:
+    """Markdown table of the ``remedies_{arch}_n{N}.json`` files: one row per configuration,
+    one column per file (accuracy in %)."""
+    files = sorted(RESULTS.glob("remedies_*_n*.json"))
+    data = [json.loads(f.read_text()) for f in files]
+
+    def key(r: dict) -> str:
+        parts = [r["remedy"], r["method"]]
+        if "gamma" in r:
+            parts.append(f"γ={r['gamma']:g}")
+        return " ".join(parts)
+
+    order: list[str] = []
+    for d in data:
+        for r in d["rows"]:
+            if key(r) not in order:
+                order.append(key(r))
+    cols = [f"{d['arch']} N={d['N']} ({d['test_images']} test)" for d in data]
+    lines = ["| configuration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines.append("| ensemble | " + " | ".join(f"{100 * d['ensemble']:.1f}" for d in data) + " |")
+    for k in order:
+        cells = []
+        for d in data:
+            hit = [r for r in d["rows"] if key(r) == k]
+            cells.append(f"{100 * hit[0]['accuracy']:.1f}" if hit else "")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mlp")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--test", type=int, default=10000)
     ap.add_argument("--bn-check", action="store_true")
+    ap.add_argument("--diagnose", action="store_true", help="model 1 alone, aligned to model 0")
+    ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table())
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.diagnose:
+        out = diagnose(args.arch, args.test)
+        (RESULTS / f"remedies_{args.arch}_alone.json").write_text(json.dumps(out, indent=1))
+        return
     if args.bn_check:
         out = bn_check(args.test)
         (RESULTS / "remedies_bn_check.json").write_text(json.dumps(out, indent=1))
@@ -216,11 +255,82 @@ def main() -> None:
     )
 
 
+def diagnose(arch: str, n_test: int) -> dict[str, Any]:
+    """Why dense alignment hurts: model 1 mapped alone into model 0's space (merge weights
+    (0, 1)), per method and ridge. A permutation keeps its function exactly; a dense map
+    does not, because the ReLUs between the maps do not commute with them."""
+    loaded = load_models([str(Mdl.checkpoint(arch, s)) for s in (0, 1)])
+    calib, test = data(arch, n_test)
+    stats = gather_statistics(loaded, calib, BS, "cpu", Progress())
+    ctx = AlignContext(loaded.spec, loaded.state_dicts, 0, stats)
+    model1 = acc(predict_logits(loaded.build(loaded.state_dicts[1]), test, BS, "cpu"), test.y)
+    rows = []
+    methods = [("permute", {})] + [("cca", {"gamma": g}) for g in (0.1, 1.0, 3.0, 10.0, 1e6)]
+    for name, params in methods:
+        alignment = make_method(name, **params).align(ctx)
+        for bn_mode in ("vector", "renorm"):
+            _, model, note = build_merged(
+                loaded, alignment, [0.0, 1.0], 0, calib, stats, bn_mode, True, BS, "cpu"
+            )
+            a = acc(predict_logits(model, test, BS, "cpu"), test.y)
+            row = {"method": name, **params, "bn_mode": bn_mode, "note": note, "accuracy": a}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"arch": arch, "test_images": len(test), "model1_accuracy": model1, "rows": rows}
+
+
+@torch.no_grad()
+def correct_running_stats(model: torch.nn.Module, batches: list, passes: int) -> None:
+    """Eval-mode correction of a train-mode BN reset (measured, not kept in the library):
+    each pass sets every BatchNorm's running mean and (biased) variance to the whole-set
+    statistics of its input in eval mode, all BatchNorms at once from one forward pass.
+    Exact only after as many passes as the network has BatchNorms in depth."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for _ in range(passes):
+        acc: dict = {m: [0, 0.0, 0.0] for m in bns}
+
+        def hook(m, args, acc=acc):
+            x = args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).double()
+            a = acc[m]
+            a[0] += x.shape[1]
+            a[1] = a[1] + x.sum(1)
+            a[2] = a[2] + (x * x).sum(1)
+
+        handles = [m.register_forward_pre_hook(hook) for m in bns]
+        try:
+            for x in batches:
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for m, (n, s1, s2) in acc.items():
+            mean = s1 / n
+            m.running_mean.copy_(mean.to(m.running_mean))
+            m.running_var.copy_((s2 / n - mean * mean).clamp_min(0).to(m.running_var))
+
+
+def _with_eval_passes(passes: int) -> None:
+    """Make the library's BN reset (as build_merged calls it) add ``passes`` corrections."""
+    import ccamerge.bn as bnmod
+    import ccamerge.merge as mergemod
+
+    original = getattr(bnmod, "_original_reset", bnmod.reset_batchnorm)
+    bnmod._original_reset = original
+
+    def reset(model, batches, device="cpu"):
+        batches = list(batches)
+        seen = original(model, batches, device)
+        correct_running_stats(model, [x.to(device) for x in batches], passes)
+        return seen
+
+    bnmod.reset_batchnorm = mergemod.reset_batchnorm = reset if passes else original
+
+
 def bn_check(n_test: int) -> dict[str, Any]:
     """BatchNorm reset exactness: merge a model with a permuted copy of itself (permute,
     renorm and vector BN) and compare the logits with the original's; then real merges
     (ResNet20 x1 seeds 0, 1) with 0, 1 and 2 eval-mode correction passes."""
-    import ccamerge.bn as bnmod
     from ccamerge.apply import permute_state_dict, random_permutations
 
     out: dict[str, Any] = {"test_images": n_test, "calib": CALIB, "copy": [], "merges": []}
@@ -238,7 +348,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
         )
         for bn_mode in ("renorm", "vector"):
             for passes in (0, 1, 2):
-                bnmod.EVAL_PASSES = passes
+                _with_eval_passes(passes)
                 t0 = time.perf_counter()
                 _, model, _ = build_merged(
                     pair, alignment, [0.5, 0.5], 0, calib, stats, bn_mode, True, BS, "cpu"
@@ -271,7 +381,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
     ):
         alignment = method.align(ctx)
         for passes in (0, 1, 2):
-            bnmod.EVAL_PASSES = passes
+            _with_eval_passes(passes)
             _, model, _ = build_merged(
                 loaded, alignment, [0.5, 0.5], 0, calib, stats, bn_mode, True, BS, "cpu"
             )
@@ -284,7 +394,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
             }
             out["merges"].append(row)
             print(json.dumps(row), flush=True)
-    bnmod.EVAL_PASSES = 0
+    _with_eval_passes(0)
     return out
 
 

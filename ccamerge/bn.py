@@ -23,30 +23,17 @@ from .stats import JointCovariance
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# eval-mode correction passes after every train-mode reset (see correct_running_stats)
-EVAL_PASSES = 0
-
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BN) for m in model.modules())
 
 
 @torch.no_grad()
-def reset_batchnorm(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    device="cpu",
-    eval_passes: int | None = None,
-) -> int:
-    """Recompute every BatchNorm's running statistics; returns the number of samples seen.
-
-    ``eval_passes`` (default :data:`EVAL_PASSES`) eval-mode passes of
-    :func:`correct_running_stats` follow the train-mode pass."""
+def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu") -> int:
+    """Recompute every BatchNorm's running statistics; returns the number of samples seen."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
         return 0
-    passes = EVAL_PASSES if eval_passes is None else eval_passes
-    batches = list(batches) if passes else batches
     saved = {m: m.momentum for m in bns}
     for m in bns:
         m.reset_running_stats()
@@ -63,8 +50,6 @@ def reset_batchnorm(
         for m, mom in saved.items():
             m.momentum = mom
         model.eval()
-    if passes:
-        correct_running_stats(model, batches, device, passes)
     return seen
 
 
@@ -105,51 +90,4 @@ def renormalise_batchnorm(
         bn.weight.mul_(
             torch.where(var > bn.eps, ((var + bn.eps) / var.clamp_min(bn.eps)).sqrt(), 1.0)
         )
-    return seen
-
-
-@torch.no_grad()
-def correct_running_stats(
-    model: nn.Module, batches: Iterable[torch.Tensor], device="cpu", passes: int = 1
-) -> int:
-    """Set every BatchNorm's running mean and variance to the whole-set statistics of its
-    input in eval mode (what it sees at inference), measured over ``batches``.
-
-    A train-mode reset (:func:`reset_batchnorm`) averages per-batch statistics, and
-    the layers after each BatchNorm see batch-normalised inputs, not the eval-mode ones;
-    each pass here measures all BatchNorms at once with the running statistics of the
-    pass before, so later passes also see the corrected layers above them. Returns the
-    number of samples per pass."""
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
-    batches = list(batches)
-    if not bns or not batches:
-        return 0
-    seen = 0
-    model.eval()
-    for _ in range(passes):
-        acc = {m: [0, 0.0, 0.0] for m in bns}
-
-        def hook(m, args, acc=acc):
-            x = args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).double()
-            a = acc[m]
-            a[0] += x.shape[1]
-            a[1] = a[1] + x.sum(1)
-            a[2] = a[2] + (x * x).sum(1)
-
-        handles = [m.register_forward_pre_hook(hook) for m in bns]
-        seen = 0
-        try:
-            for x in batches:
-                model(x.to(device))
-                seen += x.shape[0]
-        finally:
-            for h in handles:
-                h.remove()
-        for m, (n, s, ss) in acc.items():
-            if n == 0:
-                continue
-            mean = s / n
-            var = (ss / n - mean * mean).clamp_min(0)
-            m.running_mean.copy_(mean.to(m.running_mean))
-            m.running_var.copy_(var.to(m.running_var))
     return seen

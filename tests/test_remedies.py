@@ -1,16 +1,14 @@
-"""Remedies for dense alignment (ccamerge.repair) and the eval-mode BatchNorm correction."""
+"""Remedies for dense alignment (ccamerge.repair): REPAIR and the measurement helpers."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-from torch import nn
 
 from ccamerge.apply import permute_state_dict, random_permutations
 from ccamerge.archs.mlp import MLP
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.bn import correct_running_stats, reset_batchnorm
 from ccamerge.io import Dataset
 from ccamerge.merge import Progress, build_merged, gather_statistics, load_models
 from ccamerge.methods import AlignContext, make_method
@@ -126,26 +124,6 @@ def test_average_shared_space_keeps_inverses_and_identity(tmp_path):
     mixed = replace_groups(alignment, perm, ["hidden1"])
     assert mixed.groups["hidden1"] is perm.groups["hidden1"]
     assert mixed.groups["hidden0"] is alignment.groups["hidden0"]
-
-
-def test_correct_running_stats_gives_eval_mode_statistics():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)
-    )
-    x = torch.randn(300, 2, 8, 8) * 3 + 1
-    batches = list(x.split(64))
-    reset_batchnorm(net, batches, eval_passes=0)
-    train_var = net[1].running_var.clone()
-    assert correct_running_stats(net, batches, passes=2) == 300
-    with torch.no_grad():
-        h = net[0](x)
-        mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
-        assert torch.allclose(net[1].running_mean, mean, atol=1e-5)
-        assert torch.allclose(net[1].running_var, var, rtol=1e-4)
-        assert not torch.allclose(train_var, var, rtol=1e-4)  # train-mode reset is not exact
-        h2 = net[3](net[2](net[1](h)))  # the second BN sees the corrected first one
-        assert torch.allclose(net[4].running_var, h2.var((0, 2, 3), unbiased=False), rtol=1e-4)
 
 
 def test_build_merged_repairs_networks_without_batchnorm(tmp_path):
