@@ -41,6 +41,7 @@ reported too when 1/2 is on the grid (odd ``steps``).
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ from . import __version__
 from .bn import has_batchnorm
 from .errors import OptionError, OutputError
 from .evaluate import predict_logits, score_logits
-from .io import Dataset, load_data
+from .io import Dataset, load_data, write_atomic
 from .merge import (
     LoadedModels,
     Progress,
@@ -374,21 +375,18 @@ def plot_barrier(report: dict[str, Any], path: str | Path | None = None) -> Figu
     data = Path(report["eval_data"]).name
     fig.suptitle(f"Interpolation {a} \u2192 {b}, on {data} ({report['eval_samples']} samples)")
     if path is not None:
-        try:
-            fig.savefig(path, dpi=120)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+        write_atomic(path, buf.getvalue())
     return fig
 
 
 def write_csv(report: dict[str, Any], path: str | Path) -> None:
     """One row per (method, t): ``method,t,loss,accuracy`` with a header."""
-    try:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["method", "t", "loss", "accuracy"])
-            for name, points in report["curves"].items():
-                for p in points:
-                    w.writerow([name, repr(p["t"]), repr(p["loss"]), repr(p["accuracy"])])
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["method", "t", "loss", "accuracy"])
+    for name, points in report["curves"].items():
+        for p in points:
+            w.writerow([name, repr(p["t"]), repr(p["loss"]), repr(p["accuracy"])])
+    write_atomic(path, text.getvalue().encode())

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
-from .errors import ArchitectureError, OptionError, OutputError, SpecError
+from .errors import ArchitectureError, OptionError, SpecError
+from .io import write_atomic
 from .registry import Detected, NotThisArchitecture
 from .spec import FeatureGroup, MergeSpec
 
@@ -302,10 +303,7 @@ def save_spec(
     """Write a spec file (JSON)."""
     text = json.dumps(spec_to_dict(spec, untransformed, warnings), indent=2) + "\n"
     text = re.sub(r'\[\s+("[^"\n]*"),\s+(\d+)\s+\]', r"[\1, \2]", text)  # a member per line
-    try:
-        Path(path).write_text(text)
-    except OSError as e:
-        raise OutputError(f"cannot write spec file {path} ({e.strerror or e})") from None
+    write_atomic(path, text.encode())
 
 
 _GROUP_KEYS = {"name", "size", "members", "collect_at", "collect_on", "norms"}

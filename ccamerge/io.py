@@ -326,26 +326,18 @@ def safetensors_bytes(
     return len(blob).to_bytes(8, "little") + blob, memoryview(raw)[8 + n :]
 
 
-def save_safetensors_atomic(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any]
-) -> None:
-    """Write to a temporary file in the target's directory, fsync, then rename.
+def write_atomic(path: str | os.PathLike, *chunks: bytes) -> None:
+    """Write ``chunks`` to a temporary file in the target's directory, fsync, then rename.
 
-    Metadata values that are not strings are stored as JSON strings. The bytes are
-    deterministic (see :func:`safetensors_bytes`). On any failure or interruption the
-    temporary file is removed and the target is untouched."""
+    On any failure or interruption the temporary file is removed and the target is
+    untouched; an OSError becomes :class:`OutputError`."""
     path = Path(path)
-    meta = {
-        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()
-    }
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = None
     try:
-        header, data = safetensors_bytes(tensors, meta)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual mode
@@ -361,6 +353,20 @@ def save_safetensors_atomic(
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any]
+) -> None:
+    """Write a safetensors file atomically (:func:`write_atomic`).
+
+    Metadata values that are not strings are stored as JSON strings. The bytes are
+    deterministic (see :func:`safetensors_bytes`)."""
+    meta = {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()
+    }
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    write_atomic(path, *safetensors_bytes(tensors, meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

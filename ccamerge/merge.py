@@ -550,8 +550,6 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         loaded = load_models(
             plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape
         )
-        if plan.spec_out is not None:
-            save_spec(plan.spec_out, loaded.spec, warnings=loaded.warnings)
         if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
         eval_data = None
@@ -655,6 +653,8 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         with timer.phase("write"):
             check_output_path(transforms_path, plan.checkpoints, plan.force)
             save_transforms(transforms_path, alignment, loaded, report, plan)
+    if plan.spec_out is not None:  # last, so that a failed merge writes nothing
+        save_spec(plan.spec_out, loaded.spec, warnings=loaded.warnings)
     return MergeResult(state, model, alignment, report)
 
 
