@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .errors import DataError, OptionError
 from .evaluate import ensemble_logits, predict_logits
 from .io import Dataset
-from .methods import AlignContext, Alignment, MergeMethod, make_method
+from .methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
 
 GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_METHODS = ("cca", "permute", "zipit")
@@ -64,18 +64,23 @@ def split_heldout(data: Dataset, fraction: float = 0.2, seed: int = 0, minimum: 
 
 
 def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
-    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates."""
-    names = AUTO_METHODS if method == "auto" else (method,)
+    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates.
+
+    With ``method='auto'`` each candidate takes the given parameters it accepts
+    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit)."""
+    if method != "auto":
+        if method == "cca" and params.get("gamma") == "auto":
+            rest = {k: v for k, v in params.items() if k != "gamma"}
+            return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]
+        return [make_method(method, **params)]
+    unused = set(params)
     out: list[MergeMethod] = []
-    for name in names:
-        p = dict(params)
-        if name == "cca" and (p.get("gamma") == "auto" or (method == "auto" and "gamma" not in p)):
-            p.pop("gamma", None)
-            out += [make_method(name, gamma=g, **p) for g in GAMMA_GRID]
-        elif name == "cca":
-            out.append(make_method(name, **p))
-        else:
-            out.append(make_method(name))
+    for name in AUTO_METHODS:
+        accepted = {k: v for k, v in params.items() if k in method_parameters(name)}
+        unused -= set(accepted)
+        out += candidate_methods(name, {"gamma": "auto", **accepted} if name == "cca" else accepted)
+    if unused:
+        raise OptionError(f"--method auto: no candidate takes {', '.join(sorted(unused))}")
     return out
 
 

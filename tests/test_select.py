@@ -84,3 +84,22 @@ def test_select_by_loss_uses_labels(digits_mlps):
     assert sel["select_by"] == "loss"
     for c in sel["candidates"]:
         assert c["score"] == c["loss"]
+
+
+def test_candidates_take_the_parameters_they_accept():
+    from ccamerge.errors import OptionError
+    from ccamerge.select import candidate_methods
+
+    (zipit,) = candidate_methods("zipit", {"alpha": 0.3, "beta": 0.25})
+    assert zipit.params() == {"alpha": 0.3, "beta": 0.25}
+    cands = candidate_methods("auto", {"alpha": 0.3, "ridge": "absolute", "gamma": 2.0})
+    by_name = {}
+    for c in cands:
+        by_name.setdefault(c.name, []).append(c.params())
+    assert by_name["cca"] == [{"gamma": 2.0, "ridge": "absolute"}]  # explicit gamma kept
+    assert by_name["zipit"][0]["alpha"] == 0.3
+    assert len(candidate_methods("auto", {})) == len(GAMMA_GRID) + 2
+    import pytest
+
+    with pytest.raises(OptionError, match="max_iter"):
+        candidate_methods("auto", {"max_iter": 3})

@@ -8,6 +8,7 @@ from .base import (
     MergeMethod,
     list_methods,
     make_method,
+    method_parameters,
     register_method,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "MergeMethod",
     "list_methods",
     "make_method",
+    "method_parameters",
     "register_method",
 ]

@@ -93,17 +93,21 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def make_method(name: str, **params: Any) -> MergeMethod:
-    """Instantiate method ``name``; parameters it does not take are an error."""
+def method_parameters(name: str) -> set[str]:
+    """The parameter names method ``name`` takes."""
     if name not in _METHODS:
         raise OptionError(f"unknown method {name!r} (known: {', '.join(list_methods())})")
     cls = _METHODS[name]
-    accepted = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    extra = sorted(set(params) - accepted)
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def make_method(name: str, **params: Any) -> MergeMethod:
+    """Instantiate method ``name``; parameters it does not take are an error."""
+    extra = sorted(set(params) - method_parameters(name))
     if extra:
         raise OptionError(f"method {name!r} takes no parameter {', '.join(extra)}")
     try:
-        return cls(**params)
+        return _METHODS[name](**params)
     except (TypeError, ValueError) as e:
         raise OptionError(f"method {name!r}: {e}") from None
 
