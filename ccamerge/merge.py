@@ -35,9 +35,9 @@ from .io import (
     save_safetensors_atomic,
     sha256,
 )
-from .methods import AlignContext, Alignment, MergeMethod
+from .methods import AlignContext, Alignment, MergeMethod, make_method
 from .registry import Detected, detect_architecture
-from .select import candidate_methods, label, select, split_heldout
+from .select import MIN_HELDOUT, candidate_methods, label, select, split_heldout
 from .spec import MergeSpec
 from .stats import (
     STATS_MODES,
@@ -567,6 +567,13 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             reference_choice = {"rule": "first" if str(plan.reference) == "first" else "index"}
 
     warnings: list[str] = list(loaded.warnings)
+    if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
+        fixed = {k: v for k, v in plan.method_params.items() if v != "auto"}
+        method, auto = make_method("cca", **fixed), False
+        warnings.append(
+            f"automatic selection needs at least {2 * MIN_HELDOUT} calibration samples "
+            f"(got {len(calib)}); merged with {label(method)} instead"
+        )
     stats = None
     split = split_heldout(calib, plan.heldout_fraction, plan.seed) if auto and calib else None
     if split is not None:

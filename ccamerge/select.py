@@ -33,6 +33,7 @@ from .methods import AlignContext, Alignment, MergeMethod, make_method, method_p
 GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_METHODS = ("cca", "permute", "zipit")
 SELECT_BY = ("agreement", "loss")
+MIN_HELDOUT = 64  # samples in each part of the split
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Split:
     heldout_index: torch.Tensor
 
 
-def split_heldout(data: Dataset, fraction: float = 0.2, seed: int = 0, minimum: int = 64) -> Split:
+def split_heldout(
+    data: Dataset, fraction: float = 0.2, seed: int = 0, minimum: int = MIN_HELDOUT
+) -> Split:
     """A seeded random split; the held-out part has ``max(minimum, fraction * n)`` samples."""
     n = len(data)
     n_held = max(minimum, int(round(fraction * n)))

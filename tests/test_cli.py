@@ -12,6 +12,7 @@ from ccamerge.cli import app
 from ccamerge.evaluate import evaluate
 from ccamerge.io import load_data, read_metadata, sha256
 from ccamerge.registry import detect_architecture
+from ccamerge.select import GAMMA_GRID
 
 runner = CliRunner()
 
@@ -35,7 +36,7 @@ def test_merge_json_and_output_file(digits_mlps, tmp_path):
     out = tmp_path / "merged.safetensors"
     res = run(
         "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path,
-        "--eval-data", digits_mlps.test_path, "-o", out, "--json",
+        "--eval-data", digits_mlps.test_path, "-o", out, "--json", "--gamma", "0.1",
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)  # stdout is exactly one JSON document
@@ -63,6 +64,26 @@ def test_merge_json_and_output_file(digits_mlps, tmp_path):
     assert json.loads(meta["architecture"])["name"] == "mlp"
     assert int(meta["num_samples"]) == len(digits_mlps.train)
     assert meta["ccamerge_version"]
+
+
+def test_cli_chooses_the_ridge_by_default(digits_mlps):
+    res = run("merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "--json", "-q")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    sel = doc["selection"]
+    assert [c["params"]["gamma"] for c in sel["candidates"]] == list(GAMMA_GRID)
+    assert doc["params"]["gamma"] in GAMMA_GRID and sel["winner"].startswith("cca(")
+    assert doc["num_samples"] + sel["heldout_samples"] == len(digits_mlps.train)
+
+
+def test_too_few_samples_for_selection_fall_back_to_a_fixed_ridge(digits_mlps, tmp_path):
+    res = run(
+        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-n", "100", "--json"
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert "selection" not in doc and doc["params"]["gamma"] == 0.1
+    assert any("automatic selection needs" in w for w in doc["warnings"])
 
 
 def test_report_goes_to_stderr_only(digits_mlps):

@@ -38,8 +38,8 @@ def merge(
     gamma: str | None = typer.Option(
         None,
         "--gamma",
-        help="CCA ridge, a number or 'auto' (chosen on held-out calibration data); relative to "
-        "each layer's mean variance unless --ridge absolute. Default 0.1.",
+        help="CCA ridge, a number or 'auto' (the default: chosen from 0.01..10 on held-out "
+        "calibration data); relative to each layer's mean variance unless --ridge absolute.",
     ),
     select_by: str = typer.Option(
         "agreement",
@@ -137,6 +137,8 @@ def merge(
         "max_iter": max_iter,
     }
     params = {k: v for k, v in given.items() if v is not None}
+    if method == "cca":
+        params.setdefault("gamma", "auto")  # the CLI's default: chosen on held-out data
     plan = MergePlan(
         checkpoints=[str(c) for c in checkpoints],
         output=str(output) if output else None,
