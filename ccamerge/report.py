@@ -41,6 +41,25 @@ def evaluation_table(
     return t
 
 
+def selection_table(selection: dict[str, Any]) -> Table:
+    """Every candidate of --gamma auto / --method auto, the winner marked."""
+    by = selection["select_by"]
+    t = Table(
+        title=f"Selection on {selection['heldout_samples']} held-out calibration samples "
+        f"(by {'KL divergence to the ensemble' if by == 'agreement' else 'cross-entropy'}, "
+        "lower is better)",
+        title_justify="left",
+    )
+    t.add_column("candidate")
+    t.add_column("score", justify="right")
+    t.add_column("top-1 agreement %", justify="right")
+    for c in selection["candidates"]:
+        win = c["candidate"] == selection["winner"]
+        name = f"[bold]{c['candidate']} *[/]" if win else c["candidate"]
+        t.add_row(name, f"{c['score']:.4g}", _pct(c["top1_agreement"]))
+    return t
+
+
 def render_merge_report(report: dict[str, Any], console: Console) -> None:
     arch = report["architecture"]
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
@@ -77,6 +96,8 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
             row.append(" ".join("ref" if q is None else f"{q:.2f}" for q in g["per_model"]))
         groups.add_row(*row)
     console.print(groups)
+    if "selection" in report:
+        console.print(selection_table(report["selection"]))
 
     if "evaluation" in report:
         console.print(
