@@ -15,12 +15,15 @@ from .common import BarProgress, console, handle_errors, parse_floats, print_jso
 @handle_errors
 def apply(
     checkpoints: list[Path] = typer.Argument(
-        ..., help="The checkpoints the transforms were computed for, in the same order."
+        ...,
+        readable=False,
+        help="The checkpoints the transforms were computed for, in the same order.",
     ),
     transforms: Path = typer.Option(
         ...,
         "--transforms",
         "-t",
+        readable=False,
         help="Transforms file written by `ccamerge merge --save-transforms`.",
     ),
     output: Path | None = typer.Option(
@@ -35,10 +38,14 @@ def apply(
         None,
         "--data",
         "-d",
+        readable=False,
         help="Calibration data for the BatchNorm reset (not needed otherwise).",
     ),
     eval_data: Path | None = typer.Option(
-        None, "--eval-data", help="Labelled data: report accuracy and loss of inputs and merge."
+        None,
+        "--eval-data",
+        readable=False,
+        help="Labelled data: report accuracy and loss of inputs and merge.",
     ),
     num_samples: int | None = typer.Option(
         None,

@@ -23,15 +23,19 @@ from .common import BarProgress, console, handle_errors, print_json
 @app.command("barrier")
 @handle_errors
 def barrier(
-    checkpoint_a: Path = typer.Argument(..., help="Model A (t = 0)."),
-    checkpoint_b: Path = typer.Argument(..., help="Model B (t = 1)."),
+    checkpoint_a: Path = typer.Argument(..., readable=False, help="Model A (t = 0)."),
+    checkpoint_b: Path = typer.Argument(..., readable=False, help="Model B (t = 1)."),
     eval_data: Path = typer.Option(
-        ..., "--eval-data", help="Labelled data on which loss and accuracy are measured."
+        ...,
+        "--eval-data",
+        readable=False,
+        help="Labelled data on which loss and accuracy are measured.",
     ),
     data: Path | None = typer.Option(
         None,
         "--data",
         "-d",
+        readable=False,
         help="Calibration data for alignment statistics and BatchNorm (needed by cca, permute).",
     ),
     methods: str | None = typer.Option(

@@ -16,9 +16,9 @@ from .common import console, handle_errors, print_json
 @handle_errors
 def eval_(
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoints of one architecture (.safetensors, .pt, .pth, .bin)."
+        ..., readable=False, help="Checkpoints of one architecture (.safetensors, .pt, .pth, .bin)."
     ),
-    data: Path = typer.Option(..., "--data", "-d", help="Labelled data (x and y)."),
+    data: Path = typer.Option(..., "--data", "-d", readable=False, help="Labelled data (x and y)."),
     ensemble: bool = typer.Option(
         False, "--ensemble", help="Also score the ensemble (mean of the models' logits)."
     ),

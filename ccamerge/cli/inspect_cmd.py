@@ -15,7 +15,9 @@ from .common import console, handle_errors, print_json
 @app.command("inspect")
 @handle_errors
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (.safetensors, .pt, .pth, .bin)."),
+    checkpoint: Path = typer.Argument(
+        ..., readable=False, help="A checkpoint (.safetensors, .pt, .pth, .bin)."
+    ),
     arch: str | None = typer.Option(
         None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
     ),
