@@ -2,7 +2,7 @@
 forward passes that no merge can avoid.
 
     python benchmarks/cost.py            # every configuration below, one subprocess each
-    python benchmarks/cost.py --fast     # ResNet20 x1, N = 2, CCA at 500/2000/10000 samples
+    python benchmarks/cost.py --fast     # ResNet20 x1, N = 2, CCA at 500 and 2000 samples
 
 Each configuration runs in a fresh subprocess (so its peak memory is its own) that
 
@@ -48,20 +48,18 @@ import models as Mdl  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 CONFIGS_FAST = [
-    {"arch": "resnet20x1", "seeds": [0, 1], "method": "cca", "n": n} for n in (500, 2000, 10000)
+    {"arch": "resnet20x1", "seeds": [0, 1], "method": "cca", "n": n} for n in (500, 2000)
 ]
-CONFIGS = CONFIGS_FAST + [
-    *(
-        {"arch": "resnet20x1", "seeds": [0, 1], "method": m, "n": 2000}
-        for m in ("average", "permute", "weight-matching", "zipit")
-    ),
-    {"arch": "resnet20x1", "seeds": [0, 1], "method": "cca", "n": 2000, "gamma": "auto"},
-    {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
+# What docs/benchmarks.md shows. ResNet20 x1 at 10000 samples is left out: on the shared
+# machine one such configuration took over 15 minutes (the MLP rows show 500..10000).
+CONFIGS = [
+    *CONFIGS_FAST,
+    {"arch": "resnet20x1", "seeds": [0, 1], "method": "permute", "n": 2000},
+    {"arch": "resnet20x1", "seeds": [0, 1], "method": "weight-matching", "n": 2000},
     {"arch": "vgg11q", "seeds": [0, 1], "method": "cca", "n": 2000},
-    {"arch": "vgg11q", "seeds": [0, 1, 2], "method": "cca", "n": 2000},
-    {"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": 2000},
-    {"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": 10000},
+    *({"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": n} for n in (500, 2000, 10000)),
     {"arch": "mlp", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
+    {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
 ]
 
 
@@ -224,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="results file (default results/cost.json)")
+    p.add_argument("--redo", action="store_true", help="measure configurations already stored")
     args = p.parse_args(argv)
     if args.worker:
         res = worker(json.loads(args.worker), args.threads, args.device, args.batch_size)
@@ -245,6 +244,16 @@ def main(argv: list[str] | None = None) -> None:
         ckpts = [Mdl.checkpoint(cfg["arch"], s) for s in cfg["seeds"]]
         if not all(c.exists() for c in ckpts):
             print(f"skip {cfg}: checkpoints missing (run train_models.py)", flush=True)
+            continue
+        done = [
+            r
+            for r in doc["rows"]
+            if {k: r.get(k) for k in cfg} == cfg
+            and r.get("threads") == args.threads
+            and r.get("device") == args.device
+        ]
+        if done and not args.redo:
+            print(f"{cfg}: stored (--redo to measure again)", flush=True)
             continue
         cmd = [
             sys.executable,

@@ -49,7 +49,10 @@ def label(r: dict) -> str:
             if r.get("gamma") == "auto"
             else f"cca (γ={r['params'].get('gamma')})"
         )
-    if r["bn_mode"] != "none":
+    if r.get("has_bn") is False:
+        if r["bn_mode"] == "renorm":
+            parts.append("REPAIR")
+    elif r["bn_mode"] != "none":
         if not r["reset_bn"]:
             parts.append("BN stats kept (no reset)")
         elif r["bn_mode"] == "renorm":
@@ -174,22 +177,26 @@ def cost_table(doc: dict) -> str:
 
 def scaling_tables(doc: dict) -> dict[str, str]:
     out = {}
-    rows = doc.get("width", [])
-    if rows:
-        lines = [
-            "| network | N | widest group | groups | alignment s (cca) | alignment s (permute) "
-            "| alignment s (zipit) | accumulators MiB | peak RSS MiB |",
-            "|---" * 9 + "|",
-        ]
+    nan = float("nan")
+    head = (
+        "| network | N | widest group | groups | statistics s | alignment s: cca | permute "
+        "| zipit | weight-matching | accumulators MiB | peak RSS MiB |"
+    )
+    for kind in ("width", "models"):
+        rows = doc.get(kind, [])
+        if not rows:
+            continue
+        lines = [head, "|---" * 11 + "|"]
         for r in rows:
             a = r["align_seconds"]
             lines.append(
-                f"| {r['arch']} | {r['N']} | {r['max_d']} | {r['groups']} | "
-                f"{a.get('cca', float('nan')):.2f} | {a.get('permute', float('nan')):.2f} | "
-                f"{a.get('zipit', float('nan')):.2f} | "
+                f"| {r['arch']} | {r['N']} | {r.get('max_d', 256)} | {r.get('groups', 2)} | "
+                f"{r['statistics_seconds']:.1f} | {a.get('cca', nan):.2f} | "
+                f"{a.get('permute', nan):.2f} | {a.get('zipit', nan):.2f} | "
+                f"{a.get('weight-matching', nan):.2f} | "
                 f"{r['accumulator_bytes'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} |"
             )
-        out["scaling-width"] = "\n".join(lines)
+        out[f"scaling-{kind}"] = "\n".join(lines)
     rows = doc.get("resnet50", [])
     if rows:
         lines = ["| what | value |", "|---|---|"]
@@ -232,7 +239,8 @@ def main() -> None:
     by_arch: dict[str, list] = defaultdict(list)
     for path in sorted(RESULTS.glob("merges_*.json")):  # merges_{arch}[suffix].json
         for r in json.loads(path.read_text())["rows"]:
-            by_arch[r["arch"]].append(r)
+            if r.get("gamma") != "auto":  # early runs; see benchmarks/auto_vs_fixed.py
+                by_arch[r["arch"]].append(r)
     for arch in sorted(
         by_arch, key=lambda a: list(ARCH_TITLES).index(a) if a in ARCH_TITLES else 99
     ):

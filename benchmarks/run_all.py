@@ -1,7 +1,7 @@
 """Rerun every benchmark: data, training, accuracy tables, cost, scaling, Markdown tables.
 
     python benchmarks/run_all.py            # everything (see docs/benchmarks.md for the time)
-    python benchmarks/run_all.py --fast     # ResNet20 x1, N = 2, one model group, cost at 3 sizes
+    python benchmarks/run_all.py --fast     # ResNet20 x1, N = 2, one group, 2000 samples
     python benchmarks/run_all.py --device cuda
 
 Each step is a separate script (run it alone to redo one part); checkpoints and
@@ -49,7 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     run("fmnist.py")
     if args.fast:
         run("train_models.py", "--fast", *common)
-        run("run_merges.py", "--arch", "resnet20x1", "--n", "2", "--groups", "1", *common, *redo)
+        run(
+            "run_merges.py",
+            "--arch",
+            "resnet20x1",
+            "--n",
+            "2",
+            "--groups",
+            "1",
+            "--full-for",
+            "--sizes",
+            "2000",
+            *common,
+            *redo,
+        )
         run("cost.py", "--fast", *common)
     else:
         run("train_models.py", *common)

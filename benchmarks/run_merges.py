@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,17 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
     return {
+        "ccamerge_commit": commit,
         "cpu": model,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -108,11 +119,13 @@ def model_groups(seeds: list[int], n: int, count: int) -> list[list[int]]:
 def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
     """The merges run for one model group.
 
-    ``full`` (the N of ``--full-for``, default 2): every method with and without BN reset,
-    and for CCA the vector BN treatment and the calibration-size sweep. Otherwise: each
-    method with its default BN handling at 2000 samples, plus CCA vector. Always: CCA with
-    ``gamma="auto"`` (the CLI default, ``ccamerge.select``); every other CCA uses gamma 0.1
-    (relative ridge), the library's fixed default."""
+    Every method with its default BN handling (``bn_mode="auto"``: vector for
+    permutation methods and averaging, renorm otherwise) at 2000 samples. With BatchNorm:
+    CCA with the vector BN treatment too. Without BatchNorm, ``renorm`` means REPAIR
+    (``ccamerge.repair``): CCA without it (vector) and Permute with it, for comparison.
+    ``full`` (the N of ``--full-for``, default 2) adds every method without the BN reset
+    and the CCA calibration-size sweep. CCA uses the library's fixed default ridge
+    (gamma 0.1, relative); gamma="auto" is measured by benchmarks/auto_vs_fixed.py."""
     out = []
     for m in list_methods():
         out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": True})
@@ -120,10 +133,9 @@ def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
             out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": False})
     if has_bn:
         out.append({"method": "cca", "n": DEFAULT_N, "bn_mode": "vector", "reset_bn": True})
-    # the CLI's default: gamma chosen on a held-out 20% of the calibration samples
-    out.append(
-        {"method": "cca", "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": True, "gamma": "auto"}
-    )
+    else:
+        out.append({"method": "cca", "n": DEFAULT_N, "bn_mode": "vector", "reset_bn": True})
+        out.append({"method": "permute", "n": DEFAULT_N, "bn_mode": "renorm", "reset_bn": True})
     if full:
         for n in CALIB_SIZES:
             if n != DEFAULT_N:
@@ -153,55 +165,6 @@ def nested_statistics(loaded, calib: Dataset, sizes, bs, device) -> tuple[dict, 
         seconds[n] = t_total
         done = n
     return out, seconds
-
-
-def auto_gamma_row(loaded, calib_all, c, weights, bs, dev, test, halves) -> dict[str, Any]:
-    """CCA with the ridge chosen by ``ccamerge.select`` (agreement with the ensemble on a
-    held-out 20% of the first ``c["n"]`` calibration samples), as ``ccamerge merge`` does
-    by default. Its statistics are gathered on the other 80%."""
-    from ccamerge.select import candidate_methods, select, split_heldout
-
-    t0 = time.perf_counter()
-    split = split_heldout(Dataset(calib_all.x[: c["n"]], None, calib_all.path), 0.2, 0)
-    st = gather_statistics(loaded, split.stats, bs, dev, Progress())
-    t_stats = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    winner, scored, _, model, bn_done = select(
-        loaded,
-        st,
-        candidate_methods("cca", {}),
-        split,
-        weights,
-        0,
-        lambda m: resolve_bn_mode("auto", m),
-        True,
-        bs,
-        dev,
-        "agreement",
-    )
-    t_select = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lg = predict_logits(model, test, 1000, dev)
-    t_eval = time.perf_counter() - t0
-    sc = score_logits(lg, test.y)
-    row = {
-        **c,
-        "bn_mode": resolve_bn_mode("auto", winner.method),
-        "batchnorm": bn_done,
-        "params": winner.method.params(),
-        "accuracy": sc.accuracy,
-        "loss": sc.loss,
-        "candidates": [x.to_dict() for x in scored],
-        "seconds": {
-            "statistics_nested": t_stats,
-            "alignment": t_select,
-            "apply_and_bn": 0.0,
-            "evaluate": t_eval,
-        },
-    }
-    if halves:
-        row["halves"] = half_accuracy(lg, test.y)
-    return row
 
 
 def half_accuracy(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -314,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
                     "ensemble_halves": half_accuracy(ens, test.y),
                 }
             need = sorted({c["n"] for c in todo})
-            stats, stat_seconds = nested_statistics(loaded, calib_all, need, args.batch_size, dev)
+            stats, stat_seconds = (
+                nested_statistics(loaded, calib_all, need, args.batch_size, dev)
+                if need
+                else ({}, {})
+            )
             print(
                 f"{args.arch} N={n_models} {tag}: base {[round(a, 4) for a in base]}, "
                 f"ensemble {ens_acc:.4f}; statistics {stat_seconds} s, base eval {t_base:.1f} s",
@@ -323,30 +290,6 @@ def main(argv: list[str] | None = None) -> None:
             alignments: dict[tuple, Any] = {}
             weights = [1.0 / n_models] * n_models
             for c in todo:
-                if c.get("gamma") == "auto":
-                    row = auto_gamma_row(
-                        loaded, calib_all, c, weights, args.batch_size, dev, test, split
-                    )
-                    row.update(
-                        {
-                            "key": json.dumps([tag, c]),
-                            "arch": args.arch,
-                            "N": n_models,
-                            "models": tag,
-                            "base": base,
-                            "ensemble": ens_acc,
-                            **extra,
-                        }
-                    )
-                    if not has_bn:
-                        row["bn_mode"] = "none"
-                    doc["rows"].append(row)
-                    save()
-                    print(
-                        f"  cca gamma=auto -> {row['params']['gamma']}: acc {row['accuracy']:.4f}",
-                        flush=True,
-                    )
-                    continue
                 method = make_method(c["method"])
                 key = (c["method"], c["n"])
                 st: Statistics = stats[c["n"]]
@@ -382,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                     "N": n_models,
                     "models": tag,
                     **c,
-                    "bn_mode": bn_mode if has_bn else "none",
+                    "bn_mode": bn_mode,
+                    "has_bn": has_bn,
                     "batchnorm": bn_done,
                     "params": method.params(),
                     "accuracy": sc.accuracy,
