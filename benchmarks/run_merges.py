@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
     doc["machine"] = machine()
     done_keys = set() if args.redo else {r["key"] for r in doc["rows"]}
-    if args.redo:
-        doc["rows"] = []
     base_logits: dict[tuple, torch.Tensor] = {}
 
     def save() -> None:
@@ -343,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 if split:
                     row["halves"] = half_accuracy(lg, test.y)
+                doc["rows"] = [r for r in doc["rows"] if r["key"] != row["key"]]  # --redo
                 doc["rows"].append(row)
                 save()
                 print(
