@@ -252,7 +252,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
 
     warnings: list[str] = []
     with timer.phase("evaluate"):
-        evaluation = evaluate_all(loaded, None, eval_data, [0.5, 0.5], plan.batch_size, device)
+        evaluation = evaluate_all(loaded, None, eval_data, plan.batch_size, device)
     ends = [{"loss": m["loss"], "accuracy": m["accuracy"]} for m in evaluation["models"]]
     with_bn = has_batchnorm(loaded.build(loaded.state_dicts[0]))
     if with_bn and calib is None and plan.reset_bn:

@@ -181,11 +181,6 @@ class Dataset:
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size]
 
-    def labelled_batches(self, batch_size: int):
-        assert self.y is not None
-        for i in range(0, len(self), batch_size):
-            yield self.x[i : i + batch_size], self.y[i : i + batch_size]
-
 
 def load_data(path: str | os.PathLike, require_labels: bool = False) -> Dataset:
     path = Path(path)

@@ -363,7 +363,6 @@ def evaluate_all(
     loaded: LoadedModels,
     merged_model: nn.Module | None,
     data: Dataset,
-    weights: Sequence[float],
     batch_size: int,
     device: str,
 ) -> dict[str, Any]:
@@ -626,7 +625,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     evaluation = None
     if eval_data is not None:
         with timer.phase("evaluate"):
-            evaluation = evaluate_all(loaded, model, eval_data, weights, plan.batch_size, device)
+            evaluation = evaluate_all(loaded, model, eval_data, plan.batch_size, device)
 
     report: dict[str, Any] = {
         "ccamerge_version": __version__,

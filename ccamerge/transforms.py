@@ -323,7 +323,7 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     evaluation = None
     if eval_data is not None:
         with timer.phase("evaluate"):
-            evaluation = evaluate_all(loaded, model, eval_data, weights, batch_size, device)
+            evaluation = evaluate_all(loaded, model, eval_data, batch_size, device)
 
     report: dict[str, Any] = {
         "ccamerge_version": __version__,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccamerge.methods.cca import cca_transform, sym_powers
+from ccamerge.methods.cca import SymEig, cca_transform
 
 
 def _views(n=2000, d=12, seed=0):
@@ -82,10 +82,10 @@ def test_dead_units_give_finite_transforms():
         assert torch.isfinite(res.corr).all()
 
 
-def test_sym_powers():
+def test_symmetric_powers():
     X, _ = _views()
     S = X.T @ X / len(X)
-    half, inv_half, cond = sym_powers(S)
+    half, inv_half, cond = SymEig.of(S).powers()
     eye = torch.eye(12, dtype=torch.float64)
     assert (half @ half - S).abs().max() < 1e-9 * S.abs().max()
     assert (half @ inv_half - eye).abs().max() < 1e-9

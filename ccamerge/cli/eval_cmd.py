@@ -36,8 +36,7 @@ def eval_(
     loaded = load_models([str(c) for c in checkpoints], arch)
     dataset = load_data(data, require_labels=True)
     check_data_fits(dataset, loaded, "evaluation data")
-    n = len(checkpoints)
-    evaluation = evaluate_all(loaded, None, dataset, [1.0 / n] * n, batch_size, device)
+    evaluation = evaluate_all(loaded, None, dataset, batch_size, device)
     if not ensemble:
         del evaluation["ensemble"]
     evaluation["architecture"] = loaded.detected.name

@@ -69,11 +69,6 @@ class SymEig:
         return half, inv_half, float(top / evals.min())
 
 
-def sym_powers(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(S^1/2, S^-1/2, cond)`` of a symmetric positive semi-definite matrix via eigh."""
-    return SymEig.of(S).powers()
-
-
 def ridge(C: torch.Tensor, gamma: float, relative: bool) -> float:
     if relative:
         return max(gamma * float(torch.trace(C)) / C.shape[0], _RIDGE_FLOOR)
