@@ -35,7 +35,7 @@ from .io import (
     save_safetensors_atomic,
     sha256,
 )
-from .methods import AlignContext, Alignment, MergeMethod, make_method
+from .methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
 from .registry import Detected, detect_architecture
 from .select import MIN_HELDOUT, candidate_methods, label, select, split_heldout
 from .spec import MergeSpec
@@ -567,7 +567,11 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
 
     warnings: list[str] = list(loaded.warnings)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
-        fixed = {k: v for k, v in plan.method_params.items() if v != "auto"}
+        fixed = {
+            k: v
+            for k, v in plan.method_params.items()
+            if v != "auto" and k in method_parameters("cca")
+        }
         method, auto = make_method("cca", **fixed), False
         warnings.append(
             f"automatic selection needs at least {2 * MIN_HELDOUT} calibration samples "

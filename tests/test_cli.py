@@ -168,3 +168,13 @@ def test_demo_runs(tmp_path):
     ev = doc["evaluation"]
     assert ev["merged"]["accuracy"] > ev["average"]["accuracy"]
     assert (tmp_path / "demo" / "merged-cca.safetensors").exists()
+
+
+def test_method_auto_fallback_ignores_other_methods_parameters(digits_mlps):
+    res = run(
+        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-n", "100",
+        "--method", "auto", "--alpha", "0.3", "--json", "-q",
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["method"] == "cca" and doc["params"]["gamma"] == 0.1
