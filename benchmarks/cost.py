@@ -21,8 +21,9 @@ time and in CPU time (CPU time is less disturbed by other processes on the machi
 Memory: a thread samples the resident set size (``/proc/self/statm``) every 2 ms. We
 report the process peak (``ru_maxrss``), the RSS before the statistics pass, and the
 largest growth above it during the statistics pass and during the whole merge. The
-float64 accumulators' size is computed from the spec: per group ``8 ((N d)^2 + N d)``
-bytes, plus ``8 (d^2 + d)`` per model and BatchNorm for the renormalisation targets.
+float64 accumulators' size is computed from the spec (``ccamerge.stats.statistics_bytes``):
+per group ``8 ((N d)^2 + 2 N d)`` bytes, plus ``8 (d^2 + 2 d)`` per model and BatchNorm
+for the renormalisation targets.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
+from common import blas_env  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,12 +90,10 @@ class RssSampler(threading.Thread):
 
 
 def accumulator_bytes(spec, n_models: int) -> int:
-    total = 0
-    for g in spec.groups:
-        d = g.size
-        total += 8 * ((n_models * d) ** 2 + n_models * d)
-        total += len(g.norms) * n_models * 8 * (d * d + d)
-    return total
+    """Joint group statistics plus the BatchNorm outputs' (what ``run_merge`` gathers)."""
+    from ccamerge.stats import statistics_bytes
+
+    return statistics_bytes(spec, n_models, "joint", norm_stats=True)
 
 
 def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str, float]:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             "--batch-size",
             str(args.batch_size),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(args.threads))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"FAILED {cfg}:\n{proc.stderr[-2000:]}", flush=True)

@@ -118,7 +118,7 @@ def child(arch: str, samples: int, batch_size: int, side: int, n_models: int) ->
     acc = [jc for jc in stats.groups.values()] + [
         jc for per_model in stats.norms.values() for jc in per_model
     ]
-    accumulators = sum(8 * (jc.Q.numel() + jc.s.numel()) for jc in acc)
+    accumulators = sum(jc.nbytes for jc in acc)
     return {
         "model": label,
         "samples": stats.num_samples,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
+from common import blas_env  # noqa: E402
 from cost import RssSampler, accumulator_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             args.device,
         ]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(args.threads))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"FAILED {kind} {cfg}:\n{proc.stderr[-3000:]}", flush=True)

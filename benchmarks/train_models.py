@@ -54,7 +54,7 @@ PLAN = {
     "mlp": [0, 1, 2, 3, 4, 5],
     "resnet20x1": [0, 1, 2, 3],
     "vgg11q": [0, 1, 2],
-    "resnet20x2": [0, 1],
+    "resnet20x2": [0, 1, 2, 3],
 }
 SPLIT_SEEDS = [0, 1, 2]  # mlp split pairs (A and B trained with the same seed)
 FAST_PLAN = {"resnet20x1": [0, 1]}

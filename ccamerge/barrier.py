@@ -261,7 +261,10 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     stats = None
     if calib is not None and (needy or (with_bn and "renorm" in bn_modes.values())):
         with timer.phase("statistics"):
-            stats = gather_statistics(loaded, calib, plan.batch_size, device, progress)
+            renorm = "renorm" in bn_modes.values() and plan.reset_bn
+            stats = gather_statistics(
+                loaded, calib, plan.batch_size, device, progress, norm_stats=renorm
+            )
         warnings += sample_warnings(loaded.spec, stats)
 
     curves: dict[str, list[dict[str, float]]] = {}

@@ -470,7 +470,7 @@ def statistics_mode(
 ) -> tuple[bool, list[str]]:
     """Whether to gather statistics pairwise (reference x model k), and warnings.
 
-    Joint statistics take ``8 ((N d)^2 + N d)`` bytes per group of width d
+    Joint statistics take ``8 ((N d)^2 + 2 N d)`` bytes per group of width d
     (:func:`ccamerge.stats.statistics_bytes`). ``auto`` switches to pairwise
     blocks when that exceeds ``memory_limit`` (default: half the available RAM).
     A method that needs every cross-model block (``needs_all_blocks``) is refused
@@ -595,6 +595,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
                 progress,
                 pairwise=pairwise,
                 reference=reference,
+                norm_stats=bn_mode == "renorm" and plan.reset_bn,  # the targets' statistics
             )
         warnings += sample_warnings(loaded.spec, stats)
 

@@ -160,7 +160,7 @@ def repair_linear(
         layer = model.get_submodule(w[0])
         acc = JointCovariance(1, g.size, "cpu")
         handle = layer.register_forward_hook(
-            lambda _m, _a, out, acc=acc: acc.add_batch([centre(out)])
+            lambda _m, _a, out, acc=acc: acc.add_batch([centre(out, acc.shift(0))])
         )
         try:
             for x in batches:

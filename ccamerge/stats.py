@@ -1,12 +1,13 @@
 """Streaming joint statistics of the N models' features on calibration data.
 
 For each feature group the features of all N models are concatenated sample
-by sample into z_t (length N*d) and accumulated in float64 as
-``n``, ``s = sum z_t`` and ``Q = sum z_t z_t^T`` (cca-merge-math.md, section
-3). Memory is O((N d)^2) per group whatever the number of samples; activations
-of one batch are the only ones held at a time. :class:`PairwiseCovariance`
-keeps only the blocks with one reference model, O(N d^2) per group, for when
-the joint statistics would not fit (``statistics_bytes`` gives both sizes).
+by sample into z_t (length N*d) and accumulated in float64: ``n``, the sum and
+the sum of outer products of z_t (cca-merge-math.md, section 3), both taken
+about a fixed shift for accuracy. Memory is O((N d)^2) per group whatever the
+number of samples; activations of one batch are the only ones held at a time.
+:class:`PairwiseCovariance` keeps only the blocks with one reference model,
+O(N d^2) per group, for when the joint statistics would not fit
+(``statistics_bytes`` gives both sizes).
 """
 
 from __future__ import annotations
@@ -15,31 +16,55 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import NumericalError, OptionError, SpecError
 from .spec import MergeSpec
 
+_F32_SAFE = 0.5 * torch.finfo(torch.float32).max
+
 
 class JointCovariance:
     """Streaming float64 mean and covariance of concatenated features.
 
     ``update(Z)`` takes a (rows, N*d) matrix; ``cov`` is the biased (1/n)
-    covariance ``Q/n - mean mean^T`` of shape (N*d, N*d); ``block(i, j)`` its
-    d x d block between model i and model j.
+    covariance of shape (N*d, N*d); ``block(i, j)`` its d x d block between
+    model i and model j; ``mean`` the mean.
+
+    The sums are taken about a fixed shift ``c``, the first batch's mean:
+    ``e = sum (z - c)`` and ``Q = sum (z - c)(z - c)^T``, so that
+    ``mean = c + e/n`` and ``cov = Q/n - (e/n)(e/n)^T``. Later batches are centred
+    on ``c`` too (:meth:`shift`), which keeps their float32 products accurate
+    and makes adding a batch a plain sum. Only the blocks ``Q_ij`` with
+    ``i <= j`` are stored; the others are their transposes.
     """
 
     def __init__(self, n_models: int, d: int, device: torch.device | str = "cpu") -> None:
         self.n_models, self.d = n_models, d
         self.n = 0
-        self.s = torch.zeros(n_models * d, dtype=torch.float64, device=device)
+        self.c = torch.zeros(n_models * d, dtype=torch.float64, device=device)
+        self.e = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.Q = torch.zeros(n_models * d, n_models * d, dtype=torch.float64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulator."""
+        return self.c.nbytes + self.e.nbytes + self.Q.nbytes
+
+    def _rows(self, k: int) -> slice:
+        return slice(k * self.d, (k + 1) * self.d)
+
+    def shift(self, k: int) -> torch.Tensor | None:
+        """What to centre model ``k``'s next batch on (:func:`centre`): the shift
+        ``c``, or None (the batch's own mean) before the first batch."""
+        return self.c[self._rows(k)] if self.n else None
 
     def update(self, Z: torch.Tensor) -> None:
         if Z.ndim != 2 or Z.shape[1] != self.n_models * self.d:
             raise ValueError(f"expected (rows, {self.n_models * self.d}), got {tuple(Z.shape)}")
-        self.add_batch([centre(z) for z in Z.split(self.d, 1)])
+        self.add_batch([centre(z, self.shift(k)) for k, z in enumerate(Z.split(self.d, 1))])
 
     def add_batch(
         self,
@@ -48,81 +73,112 @@ class JointCovariance:
     ) -> None:
         """Add one batch given as each model's :func:`centre`-d activations (N parts).
 
-        Products are formed in the activations' precision (float32) from centred
-        values and added in float64: with shifts ``m_i``, centred sums ``e_i`` and
-        centred products ``G_ij = Z_i Z_j^T`` of the batch's ``n`` rows,
-        ``Q_ij += G_ij + e_i m_j^T + m_i e_j^T + n m_i m_j^T`` (exact, since
-        ``Z = x - m``). Centring keeps the float32 products accurate whatever the
-        mean; a block that overflows float32 is recomputed in float64. ``check``
-        first sees the models' batch means (non-finite iff an activation is)."""
+        Products are formed in the activations' precision (float32) and added in
+        float64. Parts centred on :meth:`shift` add their products as they are;
+        parts centred elsewhere (on ``m``) are moved to the shift exactly, with
+        ``delta = m - c``: ``Q_ij += G_ij + e_i delta_j^T + delta_i e_j^T + n delta_i delta_j^T``.
+        A batch whose products overflow float32 is recomputed in float64. ``check``
+        first sees the models' centred sums (non-finite iff an activation is)."""
         if len(parts) != self.n_models or any(p.Z.shape[0] != self.d for p in parts):
             raise ValueError(f"expected {self.n_models} parts of {self.d} features")
+        sums = [p.Z.sum(1) for p in parts]
         if check is not None:
-            check(torch.cat([p.m for p in parts]))
+            check(torch.cat(sums))
         n, dev = parts[0].n, self.Q.device
-        ms = [p.m.to(dev, torch.float64) for p in parts]
-        es = [p.Z.sum(1).to(dev, torch.float64) for p in parts]
-        for i, j in self._blocks():
-            G = parts[i].Z @ parts[j].Z.T
-            if not torch.isfinite(G).all():  # huge but finite activations
-                G = parts[i].Z.double() @ parts[j].Z.double().T
-            G = G.to(dev, torch.float64)
-            G += (
-                torch.outer(es[i], ms[j])
-                + torch.outer(ms[i], es[j])
-                + n * torch.outer(ms[i], ms[j])
-            )
-            self._add_block(i, j, G)
+        m = torch.cat([p.m.to(dev, torch.float64) for p in parts])
+        if self.n == 0:
+            self.c.copy_(m)
+        delta = m - self.c
+        e = torch.cat([s.to(dev, torch.float64) for s in sums])
+        grams = self._grams(parts)
+        for (i, j), G in grams.items():
+            if delta.any():
+                G = G.to(dev, torch.float64) + self._moved(e, delta, n, i, j)
+            self._add_block(i, j, G.to(dev))
         self.n += n
-        self.s += torch.cat([e + n * m for e, m in zip(es, ms)])
+        self.e += e + n * delta
+
+    def _grams(self, parts: Sequence[CentredBatch]) -> dict[tuple[int, int], torch.Tensor]:
+        """This batch's products ``Z_i Z_j^T`` for the stored blocks, diagonal ones first.
+        By Cauchy-Schwarz no entry of a block exceeds the largest diagonal entry of the
+        diagonal blocks, so those diagonals alone tell whether float32 was enough."""
+        blocks = sorted(self._blocks(), key=lambda b: b[0] != b[1])
+        grams: dict[tuple[int, int], torch.Tensor] = {}
+        for i, j in blocks:
+            G = gram(parts[i].Z, parts[j].Z)
+            if i == j and not bool(torch.diagonal(G).max() < _F32_SAFE):  # may overflow
+                Zs = [p.Z.double() for p in parts]
+                return {(i, j): gram(Zs[i], Zs[j]) for i, j in blocks}
+            grams[i, j] = G
+        return grams
+
+    def _moved(self, e: torch.Tensor, delta: torch.Tensor, n: int, i: int, j: int) -> torch.Tensor:
+        """Block (i, j) of the change in ``Q`` when sums ``e`` of ``n`` rows taken about
+        ``c + delta`` are moved to ``c``."""
+        a, b = self._rows(i), self._rows(j)
+        return (
+            torch.outer(e[a], delta[b])
+            + torch.outer(delta[a], e[b])
+            + n * torch.outer(delta[a], delta[b])
+        )
 
     def _blocks(self) -> list[tuple[int, int]]:
-        """The (i, j) blocks of ``Q`` that ``add_batch`` computes (``i <= j``)."""
+        """The (i, j) blocks of ``Q`` that are stored (``i <= j``)."""
         N = self.n_models
         return [(i, j) for i in range(N) for j in range(i, N)]
 
     def _add_block(self, i: int, j: int, G: torch.Tensor) -> None:
-        d = self.d
-        self.Q[i * d : (i + 1) * d, j * d : (j + 1) * d] += G
-        if i != j:
-            self.Q[j * d : (j + 1) * d, i * d : (i + 1) * d] += G.T
+        self.Q[self._rows(i), self._rows(j)] += G
+
+    def _Q(self, i: int, j: int) -> torch.Tensor:
+        """Sum of the shifted products between models i and j, (d, d)."""
+        if i <= j:
+            return self.Q[self._rows(i), self._rows(j)]
+        return self.Q[self._rows(j), self._rows(i)].T
 
     def merge(self, other: JointCovariance) -> None:
-        """Add another accumulator's samples (same shape) to this one."""
+        """Add another accumulator's samples (same shape and kind) to this one."""
+        if other.n == 0:
+            return
+        if self.n == 0:
+            self.c.copy_(other.c)
+        delta = other.c.to(self.c.device) - self.c
+        e = other.e.to(self.c.device)
+        for i, j in self._blocks():
+            moved = other._Q(i, j).to(self.c.device) + self._moved(e, delta, other.n, i, j)
+            self._add_block(i, j, moved)
+        self.e += e + other.n * delta
         self.n += other.n
-        self.s += other.s.to(self.s.device)
-        self.Q += other.Q.to(self.Q.device)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.s / max(self.n, 1)
+        return self.c + self.e / max(self.n, 1)
+
+    def mean_of(self, i: int) -> torch.Tensor:
+        return self.mean[self._rows(i)]
 
     @property
     def cov(self) -> torch.Tensor:
-        mu = self.mean
-        C = self.Q / max(self.n, 1) - torch.outer(mu, mu)
+        N, n = self.n_models, max(self.n, 1)
+        Q = torch.cat([torch.cat([self._Q(i, j) for j in range(N)], 1) for i in range(N)])
+        e = self.e / n
+        C = Q / n - torch.outer(e, e)
         return (C + C.T) / 2
 
     def block(self, i: int, j: int) -> torch.Tensor:
-        """The (d, d) block ``C_ij`` of ``cov``, computed from Q's slices alone."""
-        d, n = self.d, max(self.n, 1)
-        a, b = slice(i * d, (i + 1) * d), slice(j * d, (j + 1) * d)
-        mu = self.mean
-        C_ij = self.Q[a, b] / n - torch.outer(mu[a], mu[b])
-        C_ji = self.Q[b, a] / n - torch.outer(mu[b], mu[a])
-        return (C_ij + C_ji.T) / 2
-
-    def mean_of(self, i: int) -> torch.Tensor:
-        return self.mean[i * self.d : (i + 1) * self.d]
+        """The (d, d) block ``C_ij`` of ``cov``."""
+        e = self.e / max(self.n, 1)
+        C = self._Q(i, j) / max(self.n, 1) - torch.outer(e[self._rows(i)], e[self._rows(j)])
+        return (C + C.T) / 2 if i == j else C
 
 
 class PairwiseCovariance(JointCovariance):
     """The blocks of a joint covariance that alignment to one reference needs.
 
-    Same interface as :class:`JointCovariance` (``update`` takes the (rows, N*d)
-    concatenated features), but only ``Q[0, k] = sum z_k z_k^T`` and
-    ``Q[1, k] = sum z_ref z_k^T`` are kept: ``Q`` has shape (2, N, d, d), i.e.
-    ``8 * (2 N d^2 + N d)`` bytes instead of ``8 * ((N d)^2 + N d)``.
+    Same interface as :class:`JointCovariance`, but only the diagonal blocks
+    (``Q[0, k]``) and those with the reference (``Q[1, k]``, between the reference
+    and model k) are kept: ``Q`` has shape (2, N, d, d), i.e.
+    ``8 * (2 N d^2 + 2 N d)`` bytes instead of ``8 * ((N d)^2 + 2 N d)``.
     ``block(i, j)`` answers the diagonal blocks and those with the reference;
     any other block (and the full ``cov``) raises :class:`OptionError`.
     """
@@ -132,20 +188,9 @@ class PairwiseCovariance(JointCovariance):
     ) -> None:
         self.n_models, self.d, self.reference = n_models, d, reference
         self.n = 0
-        self.s = torch.zeros(n_models * d, dtype=torch.float64, device=device)
+        self.c = torch.zeros(n_models * d, dtype=torch.float64, device=device)
+        self.e = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.Q = torch.zeros(2, n_models, d, d, dtype=torch.float64, device=device)
-
-    def update(self, Z: torch.Tensor) -> None:
-        if Z.ndim != 2 or Z.shape[1] != self.n_models * self.d:
-            raise ValueError(f"expected (rows, {self.n_models * self.d}), got {tuple(Z.shape)}")
-        Z = Z.to(self.Q.device, torch.float64)
-        self.n += Z.shape[0]
-        self.s += Z.sum(0)
-        parts = Z.split(self.d, dim=1)
-        for k, z in enumerate(parts):
-            self.Q[0, k].addmm_(z.T, z)
-            if k != self.reference:
-                self.Q[1, k].addmm_(parts[self.reference].T, z)
 
     def _blocks(self) -> list[tuple[int, int]]:
         ref = self.reference
@@ -156,25 +201,23 @@ class PairwiseCovariance(JointCovariance):
     def _add_block(self, i: int, j: int, G: torch.Tensor) -> None:
         self.Q[0 if i == j else 1, j] += G
 
+    def _Q(self, i: int, j: int) -> torch.Tensor:
+        ref = self.reference
+        if i == j:
+            return self.Q[0, i]
+        if i == ref:
+            return self.Q[1, j]
+        if j == ref:
+            return self.Q[1, i].T
+        raise OptionError(
+            f"pairwise statistics hold no block between models {i} and {j} "
+            f"(only blocks with the reference, model {ref})"
+        )
+
     @property
     def cov(self) -> torch.Tensor:
         raise OptionError(
             "pairwise statistics hold only the blocks with the reference, not the full covariance"
-        )
-
-    def block(self, i: int, j: int) -> torch.Tensor:
-        n, ref = max(self.n, 1), self.reference
-        mu_i, mu_j = self.mean_of(i), self.mean_of(j)
-        if i == j:
-            C = self.Q[0, i] / n - torch.outer(mu_i, mu_i)
-            return (C + C.T) / 2
-        if i == ref:
-            return self.Q[1, j] / n - torch.outer(mu_i, mu_j)
-        if j == ref:
-            return (self.Q[1, i] / n - torch.outer(mu_j, mu_i)).T
-        raise OptionError(
-            f"pairwise statistics hold no block between models {i} and {j} "
-            f"(only blocks with the reference, model {ref})"
         )
 
 
@@ -184,14 +227,14 @@ STATS_MODES = ("auto", "joint", "pairwise")
 def statistics_bytes(spec: MergeSpec, n_models: int, mode: str, norm_stats: bool = True) -> int:
     """float64 bytes held by the accumulators of one statistics pass.
 
-    Per group of width d: joint ``8 ((N d)^2 + N d)``, pairwise ``8 (2 N d^2 + N d)``;
-    plus, with ``norm_stats``, ``8 N (d^2 + d)`` per BatchNorm on the group."""
+    Per group of width d: joint ``8 ((N d)^2 + 2 N d)``, pairwise ``8 (2 N d^2 + 2 N d)``;
+    plus, with ``norm_stats``, ``8 N (d^2 + 2 d)`` per BatchNorm on the group."""
     N, total = n_models, 0
     for g in spec.groups:
         d = g.size
-        total += 8 * ((N * d) ** 2 if mode == "joint" else 2 * N * d * d) + 8 * N * d
+        total += 8 * ((N * d) ** 2 if mode == "joint" else 2 * N * d * d) + 16 * N * d
         if norm_stats:
-            total += len(g.norms) * 8 * N * (d * d + d)
+            total += len(g.norms) * 8 * N * (d * d + 2 * d)
     return total
 
 
@@ -208,6 +251,18 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for (d, n) matrices. On the CPU the product goes through numpy,
+    whose BLAS computes ``a @ a.T`` (``b is a``) as a symmetric rank-k update: half
+    the multiplications of a general product (measured: 1.6-2x faster than torch's
+    ``a @ a.T`` on one core for d = 16..2048; cross blocks ``a @ b.T`` 0-15% faster)."""
+    if a.device.type != "cpu" or a.requires_grad or b.requires_grad:
+        return a @ b.T
+    an = a.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the caller
+        return torch.from_numpy(an @ (an if b is a else b.numpy()).T)
 
 
 def features_as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -229,10 +284,14 @@ class CentredBatch:
     n: int
 
 
-def centre(x: torch.Tensor) -> CentredBatch:
-    """(B, d) or (B, d, *spatial) activations -> :class:`CentredBatch` on the batch mean.
+def centre(x: torch.Tensor, shift: torch.Tensor | None = None) -> CentredBatch:
+    """(B, d) or (B, d, *spatial) activations -> :class:`CentredBatch`, centred on
+    ``shift`` (d,) or, when it is None, on the batch mean.
 
-    Every spatial position is a sample (as in :func:`features_as_rows`). One copy
+    The accumulators pass their running mean as ``shift`` (after the first batch):
+    close enough to every batch's mean for accurate float32 products, and it saves a
+    pass over the activations. Every spatial position is a sample (as in
+    :func:`features_as_rows`). One copy
     of the batch, never a view of ``x``, so later in-place ops (``ReLU(inplace=True)``,
     ``out += ...``) do not change it. Precision: float64 for (B, d) activations (B rows:
     cheap, and the statistics do not depend on the batch size beyond float64 rounding);
@@ -246,7 +305,7 @@ def centre(x: torch.Tensor) -> CentredBatch:
     dtype = torch.float64 if x.ndim == 2 else torch.promote_types(x.dtype, torch.float32)
     f = f.to(dtype)
     n = B * f.shape[2]
-    m = f.sum((0, 2)) / max(n, 1)
+    m = f.sum((0, 2)) / max(n, 1) if shift is None else shift.to(x.device, dtype)
     Z = torch.empty((d, B, f.shape[2]), dtype=dtype, device=x.device)
     torch.sub(f.transpose(0, 1), m[:, None, None], out=Z)
     return CentredBatch(Z.view(d, n), m, n)
@@ -315,7 +374,8 @@ def collect_statistics(
 
     def storer(key: tuple[str, int]):
         def store(x: torch.Tensor) -> None:
-            current[key] = centre(x.detach())  # a copy: later in-place ops cannot change it
+            # a copy: later in-place ops cannot change it
+            current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]))
 
         return store
 
@@ -325,7 +385,8 @@ def collect_statistics(
         # per-model statistics need no other model: accumulate at once, keep nothing
         def update(x: torch.Tensor) -> None:
             where = f"{bn} (output)"
-            stats.norms[bn][k].add_batch([centre(x.detach())], lambda v: _check_finite(v, where))
+            acc = stats.norms[bn][k]
+            acc.add_batch([centre(x.detach(), acc.shift(0))], lambda v: _check_finite(v, where))
             reached.add((bn, k))
 
         return update

@@ -111,7 +111,7 @@ def test_pairwise_blocks_equal_the_joint_ones(digits_mlps, reference):
             P.block(other, next(k for k in range(4) if k not in (reference, other)))
         # the memory formula is what the accumulators hold
     for mode, stats in (("joint", joint), ("pairwise", pair)):
-        held = sum(s.Q.nbytes + s.s.nbytes for s in stats.groups.values())
+        held = sum(s.nbytes for s in stats.groups.values())
         assert held == statistics_bytes(loaded.spec, 4, mode, norm_stats=False)
 
 

@@ -75,3 +75,40 @@ def test_conv_features_in_float32_match_the_float64_reference():
     batch = centre(x)
     x.zero_()  # an in-place op after the hook must not change what was stored
     assert batch.Z.abs().max() > 0.1
+
+
+def test_batches_centred_on_the_running_shift_match_the_float64_reference():
+    """After the first batch every batch is centred on the accumulator's fixed shift (not
+    on its own mean); batches whose means drift far from it still give the exact moments."""
+    from ccamerge.stats import centre
+
+    g = torch.Generator().manual_seed(1)
+    # four float32 conv batches, the later ones with means far from the first's
+    xs = [
+        [torch.randn(6, 4, 5, 5, generator=g) * 0.3 + 20 + 7 * b + k for k in range(2)]
+        for b in range(4)
+    ]
+    jc = JointCovariance(2, 4)
+    for batch in xs:
+        jc.add_batch([centre(x, jc.shift(k)) for k, x in enumerate(batch)])
+    rows = torch.cat(
+        [torch.cat([features_as_rows(x).double() for x in batch], 1) for batch in xs]
+    )
+    ref = torch.cov(rows.T, correction=0)
+    assert jc.n == 4 * 6 * 25
+    assert torch.allclose(jc.mean, rows.mean(0), rtol=1e-7)
+    assert torch.allclose(jc.cov, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert torch.allclose(jc.block(1, 0), ref[4:, :4], rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_products_that_overflow_float32_are_recomputed_in_float64():
+    from ccamerge.stats import centre
+
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(4, 3, 8, 8, generator=g) * 1e20 for _ in range(2)]  # squares > 3e38
+    jc = JointCovariance(2, 3)
+    jc.add_batch([centre(x) for x in xs])
+    rows = torch.cat([features_as_rows(x).double() for x in xs], 1)
+    ref = torch.cov(rows.T, correction=0)
+    assert torch.isfinite(jc.cov).all()
+    assert torch.allclose(jc.cov, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
