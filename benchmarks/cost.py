@@ -62,6 +62,8 @@ CONFIGS = [
     *({"arch": "mlp", "seeds": [0, 1], "method": "cca", "n": n} for n in (500, 2000, 10000)),
     {"arch": "mlp", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
     {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
+    {"arch": "resnet20x2", "seeds": [0, 1], "method": "cca", "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1], "method": "permute", "n": 2000},
 ]
 
 
@@ -94,6 +96,66 @@ def accumulator_bytes(spec, n_models: int) -> int:
     from ccamerge.stats import statistics_bytes
 
     return statistics_bytes(spec, n_models, "joint", norm_stats=True)
+
+
+@torch.no_grad()
+def mac_counts(loaded, x: torch.Tensor, n_models: int, norm_stats: bool = True) -> dict[str, float]:
+    """Multiply-accumulates per calibration sample: of one model's forward pass (convolutions
+    and linear layers) and of the statistics' Gram products for ``n_models`` models (diagonal
+    blocks as symmetric rank-k updates, d^2 rows / 2; cross blocks d^2 rows; BatchNorm
+    outputs one diagonal block per model). ``bound`` is the ratio merge / unavoidable passes
+    if the Gram products ran at the forward pass's multiply-accumulates per second and
+    nothing else cost anything: the floor that no implementation of these statistics beats."""
+    from torch import nn
+
+    model = loaded.build(loaded.state_dicts[0], "cpu").eval()
+    fwd, rows = [0.0], {}
+
+    def count(mod, _inp, out):
+        if isinstance(mod, nn.Conv2d):
+            fwd[0] += out.numel() * mod.in_channels // mod.groups * mod.weight[0, 0].numel()
+        elif isinstance(mod, nn.Linear):
+            fwd[0] += out.numel() * mod.in_features
+
+    def rows_of(name):
+        def hook(_mod, args, out=None):
+            t = args[0] if out is None else out
+            rows[name] = t.numel() / t.shape[1]
+
+        return hook
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    modules = dict(model.named_modules())
+    for g in loaded.spec.groups:
+        m = modules[g.collect_at]
+        if g.collect_on == "input":
+            handles.append(m.register_forward_pre_hook(rows_of(g.name)))
+        else:
+            handles.append(
+                m.register_forward_hook(lambda mod, a, o, f=rows_of(g.name): f(mod, a, o))
+            )
+        for bn in g.norms:
+            handles.append(
+                modules[bn].register_forward_hook(lambda mod, a, o, f=rows_of(bn): f(mod, a, o))
+            )
+    model(x)
+    for h in handles:
+        h.remove()
+    B, N = x.shape[0], n_models
+    stats = 0.0
+    for g in loaded.spec.groups:
+        d2 = g.size**2
+        stats += (N * d2 / 2 + N * (N - 1) / 2 * d2) * rows[g.name]
+        if norm_stats:
+            stats += sum(N * d2 / 2 * rows[bn] for bn in g.norms)
+    forward, stats = fwd[0] / B, stats / B
+    has_bn = any(g.norms for g in loaded.spec.groups)
+    unavoidable = (N + has_bn) * forward
+    return {
+        "forward_macs": forward,
+        "stats_macs": stats,
+        "bound": (unavoidable + stats) / unavoidable,
+    }
 
 
 def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str, float]:
@@ -205,6 +267,11 @@ def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> d
         else marks["stats_peak"] - marks["rss_before_stats"],
         "merge_rss_growth": merge_peak - marks["rss_before_stats"],
         "accumulator_bytes": accumulator_bytes(loaded.spec, len(ckpts)),
+        "macs_per_sample": mac_counts(
+            loaded, calib.x[:8], len(ckpts), norm_stats=result.report["bn_mode"] == "renorm"
+        )
+        if "statistics" in t
+        else None,
         "bn_mode": result.report["bn_mode"],
         "params": result.report["params"],
         "loadavg": os.getloadavg(),

@@ -6,7 +6,8 @@
 
 Each step is a separate script (run it alone to redo one part); checkpoints and
 finished accuracy rows are cached, so an interrupted run continues where it stopped.
-``--redo`` recomputes the accuracy rows instead of keeping those already stored.
+``--redo`` recomputes the accuracy and cost rows instead of keeping those already
+stored (scaling rows are always recomputed).
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import blas_env  # noqa: E402
+
+ENV: dict[str, str] = {}  # the scripts' environment (BLAS threads = torch threads)
 
 
 def run(script: str, *args: str) -> float:
     cmd = [sys.executable, str(HERE / script), *args]
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=ENV)
     dt = time.perf_counter() - t0
     print(f"[{script} took {dt:.0f} s]", flush=True)
     return dt
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redo", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args(argv)
+    ENV.update(blas_env(args.threads))
     common = ["--device", args.device, "--threads", str(args.threads)]
     redo = ["--redo"] if args.redo else []
     t0 = time.perf_counter()
@@ -63,16 +70,24 @@ def main(argv: list[str] | None = None) -> None:
             *common,
             *redo,
         )
-        run("cost.py", "--fast", *common)
+        run("cost.py", "--fast", *common, *redo)
     else:
         run("train_models.py", *common)
         for arch in ("resnet20x1", "mlp", "vgg11q", "mlp_split"):
             run("run_merges.py", "--arch", arch, *common, *redo)
-        if (HERE / "cache" / "models" / "resnet20x2_s1.pt").exists():
-            run(
-                "run_merges.py", "--arch", "resnet20x2", "--n", "2", "--groups", "1", *common, *redo
-            )
-        run("cost.py", *common)
+        # ResNet20 x2: four times the compute of x1, so two model groups per N and no
+        # BN-off / calibration-size variants (the x1 rows show those)
+        run(
+            "run_merges.py",
+            "--arch",
+            "resnet20x2",
+            "--groups",
+            "2",
+            "--full-for",
+            *common,
+            *redo,
+        )
+        run("cost.py", *common, *redo)
         if not args.skip_scaling:
             run("scaling.py", *common)
     run("make_tables.py")

@@ -67,8 +67,8 @@ DEFAULT_N = 2000  # calibration images for everything but the CCA sample-size sw
 SEEDS = {
     "mlp": [0, 1, 2, 3, 4, 5],
     "resnet20x1": [0, 1, 2, 3],
-    "vgg11q": [0, 1, 2],
-    "resnet20x2": [0, 1],
+    "vgg11q": [0, 1, 2, 3],
+    "resnet20x2": [0, 1, 2, 3],
 }
 SPLIT_SEEDS = [0, 1, 2]
 

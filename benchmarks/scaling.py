@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 from common import blas_env  # noqa: E402
-from cost import RssSampler, accumulator_bytes  # noqa: E402
+from cost import RssSampler, accumulator_bytes, mac_counts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("cca", "permute", "zipit", "weight-matching")
@@ -114,6 +114,7 @@ def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+    from ccamerge.bn import reset_batchnorm
     from ccamerge.io import Dataset, load_data
     from ccamerge.merge import Progress, build_merged, gather_statistics, load_models
     from ccamerge.methods import AlignContext, make_method
@@ -135,6 +136,9 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
             for b in data.batches(bs):
                 m(b.to(device))
     t_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reset_batchnorm(models[0], data.batches(bs), device)
+    t_bn = time.perf_counter() - t0
     rss0 = sampler.reset()
     t0 = time.perf_counter()
     stats = gather_statistics(loaded, data, bs, device, Progress())
@@ -150,6 +154,7 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
         loaded, alignment, [0.5, 0.5], 0, data, stats, "renorm", True, bs, device
     )
     t_apply = time.perf_counter() - t0
+    macs = mac_counts(loaded, x[:1], 2)
     finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     with torch.no_grad():
         out = model(data.x[:4].to(device))
@@ -163,9 +168,15 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
         "widest group": f"{widest.name} ({widest.size} units)",
         "activation rows in the widest group": stats.groups[widest.name].n,
         "forward passes of the 2 models (s)": t_forward,
+        "BatchNorm-reset pass of one model (s)": t_bn,
         "statistics pass (s)": t_stats,
+        "statistics pass / forward passes": t_stats / t_forward,
         "CCA alignment, all groups (s)": t_align,
         "apply + BN renormalisation (s)": t_apply,
+        "merge / unavoidable passes": (t_stats + t_align + t_apply) / (t_forward + t_bn),
+        "floor of that ratio (multiply-accumulates, cost.mac_counts)": macs["bound"],
+        "forward GMAC per image per model": macs["forward_macs"] / 1e9,
+        "statistics GMAC per image (2 models)": macs["stats_macs"] / 1e9,
         "float64 accumulators (MiB)": accumulator_bytes(loaded.spec, 2) / 2**20,
         "RSS growth during statistics (MiB)": stats_growth / 2**20,
         "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -53,7 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PLAN = {
     "mlp": [0, 1, 2, 3, 4, 5],
     "resnet20x1": [0, 1, 2, 3],
-    "vgg11q": [0, 1, 2],
+    "vgg11q": [0, 1, 2, 3],
     "resnet20x2": [0, 1, 2, 3],
 }
 SPLIT_SEEDS = [0, 1, 2]  # mlp split pairs (A and B trained with the same seed)
