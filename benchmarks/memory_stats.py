@@ -35,6 +35,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import blas_env  # noqa: E402
+
 MiB = 1024 * 1024
 
 
@@ -85,13 +89,13 @@ def build(arch: str, n_models: int, side: int):
     raise SystemExit(f"unknown arch {arch!r} (mlp or resnet_cifar)")
 
 
-def child(arch: str, samples: int, batch_size: int, side: int, n_models: int) -> dict:
+def child(arch: str, samples: int, batch_size: int, side: int, n_models: int, threads: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
     from ccamerge.stats import collect_statistics
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     models, spec, shape, label = build(arch, n_models, side)
 
     def batches():
@@ -131,7 +135,9 @@ def child(arch: str, samples: int, batch_size: int, side: int, n_models: int) ->
     }
 
 
-def measure(arch: str, samples: int, batch_size: int, side: int, n_models: int) -> dict:
+def measure(
+    arch: str, samples: int, batch_size: int, side: int, n_models: int, threads: int
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -146,8 +152,10 @@ def measure(arch: str, samples: int, batch_size: int, side: int, n_models: int) 
         str(side),
         "--models",
         str(n_models),
+        "--threads",
+        str(threads),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=blas_env(threads))
     if out.returncode != 0:
         raise SystemExit(f"measurement failed ({arch}, {samples}):\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,17 +190,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--side", type=int, default=32, help="image side for conv nets")
     p.add_argument("--models", type=int, default=2, help="number of models N")
+    p.add_argument("--threads", type=int, default=1, help="torch (and BLAS) threads")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        r = child(args.arch[0], args.samples[0], args.batch_size, args.side, args.models)
+        r = child(
+            args.arch[0], args.samples[0], args.batch_size, args.side, args.models, args.threads
+        )
         print(json.dumps(r))
         return
     rows = []
     for arch in args.arch:
         for n in args.samples:
             print(f"measuring {arch} with {n} samples ...", file=sys.stderr, flush=True)
-            rows.append(measure(arch, n, args.batch_size, args.side, args.models))
+            rows.append(measure(arch, n, args.batch_size, args.side, args.models, args.threads))
     print(table(rows, args.batch_size, args.models))
 
 
