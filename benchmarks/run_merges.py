@@ -23,7 +23,8 @@ is the reference), the script
 Results (one JSON row per merge, with timings) go to
 ``benchmarks/results/merges_{arch}.json``; ``make_tables.py`` turns them into
 the tables of docs/benchmarks.md. Rows of a configuration already in the file
-are kept unless ``--redo``; new ones are appended, so a run can be extended.
+are kept and new ones appended, so a run can be extended; ``--redo`` starts the
+file afresh, so that every row in it comes from the same run.
 """
 
 from __future__ import annotations
@@ -224,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
 
     RESULTS.mkdir(exist_ok=True)
     out_path = RESULTS / f"merges_{args.arch}{args.suffix}.json"
-    doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    # --redo starts the file afresh: its rows are then all from this run (this code)
+    keep = out_path.exists() and not args.redo
+    doc = json.loads(out_path.read_text()) if keep else {"rows": []}
     doc["machine"] = machine()
-    done_keys = set() if args.redo else {r["key"] for r in doc["rows"]}
+    done_keys = {r["key"] for r in doc["rows"]}
     base_logits: dict[tuple, torch.Tensor] = {}
 
     def save() -> None:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 if split:
                     row["halves"] = half_accuracy(lg, test.y)
-                doc["rows"] = [r for r in doc["rows"] if r["key"] != row["key"]]  # --redo
+                doc["rows"] = [r for r in doc["rows"] if r["key"] != row["key"]]
                 doc["rows"].append(row)
                 save()
                 print(
