@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
+from common import top1 as acc  # noqa: E402
 
 from ccamerge.evaluate import ensemble_logits, predict_logits  # noqa: E402
 from ccamerge.io import load_data  # noqa: E402
@@ -53,10 +54,6 @@ from ccamerge.select import candidate_methods, label, score_outputs, split_heldo
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000
 BS = 256
-
-
-def acc(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean())
 
 
 def paths_for(arch: str, seeds: list[int]) -> list[str]:

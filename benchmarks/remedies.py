@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
+from common import top1 as acc  # noqa: E402
 
 from ccamerge.bn import has_batchnorm  # noqa: E402
 from ccamerge.evaluate import ensemble_logits, predict_logits  # noqa: E402
@@ -59,10 +60,6 @@ from ccamerge.repair import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000
 BS = 256
-
-
-def acc(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean())
 
 
 def data(arch: str, n_test: int) -> tuple[Dataset, Dataset]:
