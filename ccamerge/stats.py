@@ -90,9 +90,9 @@ class JointCovariance:
             self.c.copy_(m)
         delta = m - self.c
         e = torch.cat([s.to(dev, torch.float64) for s in sums])
-        grams = self._grams(parts)
-        for (i, j), G in grams.items():
-            if delta.any():
+        moved = bool(delta.any())  # False when the parts were centred on the shift
+        for (i, j), G in self._grams(parts).items():
+            if moved:
                 G = G.to(dev, torch.float64) + self._moved(e, delta, n, i, j)
             self._add_block(i, j, G.to(dev))
         self.n += n
