@@ -131,13 +131,9 @@ def mac_counts(loaded, x: torch.Tensor, n_models: int, norm_stats: bool = True) 
         if g.collect_on == "input":
             handles.append(m.register_forward_pre_hook(rows_of(g.name)))
         else:
-            handles.append(
-                m.register_forward_hook(lambda mod, a, o, f=rows_of(g.name): f(mod, a, o))
-            )
+            handles.append(m.register_forward_hook(rows_of(g.name)))
         for bn in g.norms:
-            handles.append(
-                modules[bn].register_forward_hook(lambda mod, a, o, f=rows_of(bn): f(mod, a, o))
-            )
+            handles.append(modules[bn].register_forward_hook(rows_of(bn)))
     model(x)
     for h in handles:
         h.remove()
