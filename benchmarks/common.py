@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+from typing import Any
 
 import torch
 
@@ -17,6 +20,18 @@ def blas_env(threads: int) -> dict[str, str]:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     return env
+
+
+def run_worker(cmd: list[str], threads: int, what: str, tail: int = 3000) -> dict[str, Any] | None:
+    """Run a benchmark worker subprocess (with :func:`blas_env`) and return the JSON it
+    prints after ``RESULT ``; print ``FAILED what`` with its stderr's end and return None
+    when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(threads))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(f"FAILED {what}:\n{proc.stderr[-tail:]}", flush=True)
+        return None
+    return json.loads(line[len("RESULT ") :])
 
 
 def top1(logits: torch.Tensor, y: torch.Tensor) -> float:

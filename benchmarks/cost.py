@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
-from common import blas_env  # noqa: E402
+from common import run_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -330,12 +329,9 @@ def main(argv: list[str] | None = None) -> None:
             "--batch-size",
             str(args.batch_size),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(args.threads))
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"FAILED {cfg}:\n{proc.stderr[-2000:]}", flush=True)
+        row = run_worker(cmd, args.threads, str(cfg), tail=2000)
+        if row is None:
             continue
-        row = json.loads(line[len("RESULT ") :])
         doc["rows"] = [
             r
             for r in doc["rows"]

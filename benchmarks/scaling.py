@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
-from common import blas_env  # noqa: E402
+from common import run_worker  # noqa: E402
 from cost import RssSampler, accumulator_bytes, mac_counts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -252,12 +251,9 @@ def main(argv: list[str] | None = None) -> None:
             args.device,
         ]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(args.threads))
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"FAILED {kind} {cfg}:\n{proc.stderr[-3000:]}", flush=True)
+        row = run_worker(cmd, args.threads, f"{kind} {cfg}")
+        if row is None:
             continue
-        row = json.loads(line[len("RESULT ") :])
         row["loadavg"] = os.getloadavg()
         fresh.setdefault(kind, []).append(row)
         doc[kind] = fresh[kind]  # replace this kind's rows with the new run's
