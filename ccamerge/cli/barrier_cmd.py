@@ -15,9 +15,22 @@ from ..barrier import (
     run_barrier,
     write_csv,
 )
-from ..pipeline import BN_MODES
 from .app import app
-from .common import BarProgress, console, handle_errors, print_json
+from .common import BarProgress, console, handle_errors, parse_gamma, print_json
+from .options import (
+    Arch,
+    BatchSize,
+    BnMode,
+    Data,
+    Device,
+    Gamma,
+    Json,
+    NumSamples,
+    Quiet,
+    ResetBn,
+    Ridge,
+    Seed,
+)
 
 
 @app.command("barrier")
@@ -31,13 +44,7 @@ def barrier(
         readable=False,
         help="Labelled data on which loss and accuracy are measured.",
     ),
-    data: Path | None = typer.Option(
-        None,
-        "--data",
-        "-d",
-        readable=False,
-        help="Calibration data for alignment statistics and BatchNorm (needed by cca, permute).",
-    ),
+    data: Data = None,
     methods: str | None = typer.Option(
         None,
         "--methods",
@@ -53,37 +60,24 @@ def barrier(
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Write one row per (method, t): method,t,loss,accuracy."
     ),
-    gamma: float | None = typer.Option(
-        None, "--gamma", help="CCA ridge (relative unless --ridge absolute). Default 0.1."
-    ),
-    ridge: str | None = typer.Option(
-        None, "--ridge", help="CCA ridge kind: relative (default) or absolute."
-    ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
-    ),
-    num_samples: int | None = typer.Option(
-        None, "--num-samples", "-n", help="Use a seeded random subset of the calibration data."
-    ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Batch size."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the calibration subset."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    reset_bn: bool = typer.Option(
-        True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics at each t."
-    ),
-    bn_mode: str = typer.Option(
-        "auto", "--bn-mode", help=f"BatchNorm treatment at each t: {', '.join(BN_MODES)}."
-    ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print curves and barriers as one JSON document on stdout."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
+    gamma: Gamma = None,
+    ridge: Ridge = None,
+    arch: Arch = None,
+    num_samples: NumSamples = None,
+    batch_size: BatchSize = 256,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    reset_bn: ResetBn = True,
+    bn_mode: BnMode = "auto",
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Loss and accuracy along the interpolation path between two models, per method."""
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     plot_path = check_output_file(plot, PLOT_SUFFIXES, "--plot") if plot else None
     csv_out = check_output_file(csv_path, (".csv",), "--csv") if csv_path else None
-    params = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+    given = (("gamma", parse_gamma(gamma)), ("ridge", ridge))
+    params = {k: v for k, v in given if v is not None}
     plan = BarrierPlan(
         checkpoints=[str(checkpoint_a), str(checkpoint_b)],
         eval_data=str(eval_data),

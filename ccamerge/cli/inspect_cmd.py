@@ -10,6 +10,7 @@ from ..custom import parse_input_shape, parse_model_args
 from ..inspection import inspect_checkpoint
 from .app import app
 from .common import console, handle_errors, print_json
+from .options import Arch, Json, Model, ModelArgs, SpecOut
 
 
 @app.command("inspect")
@@ -18,28 +19,17 @@ def inspect(
     checkpoint: Path = typer.Argument(
         ..., readable=False, help="A checkpoint (.safetensors, .pt, .pth, .bin)."
     ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
-    ),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn'; "
-        "its feature groups are discovered. See docs/custom-models.md.",
-    ),
-    model_args: str | None = typer.Option(
-        None, "--model-args", help="Keyword arguments of the --model factory, a JSON object."
-    ),
+    arch: Arch = None,
+    model: Model = None,
+    model_args: ModelArgs = None,
     input_shape: str | None = typer.Option(
         None,
         "--input-shape",
         help="One sample's shape for discovery, e.g. 3,32,32 (inferred when the input "
         "feeds a Linear layer).",
     ),
-    spec_out: Path | None = typer.Option(
-        None, "--spec-out", help="Write the feature groups to a JSON spec file (for --spec)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
+    spec_out: SpecOut = None,
+    json_out: Json = False,
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
     info = inspect_checkpoint(
