@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.table import Table
 
 from ..barrier import (
     PLOT_SUFFIXES,
@@ -15,6 +13,7 @@ from ..barrier import (
     run_barrier,
     write_csv,
 )
+from ..report import render_barrier_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_gamma, print_json
 from .options import (
@@ -99,60 +98,6 @@ def barrier(
     if csv_out is not None:
         write_csv(report, csv_out)
     if not quiet:
-        render_barrier_report(report, plot_path, csv_out)
+        render_barrier_report(report, plot_path, csv_out, console)
     if json_out:
         print_json(report)
-
-
-def render_barrier_report(report: dict[str, Any], plot: Path | None, csv_out: Path | None) -> None:
-    """The curve table (t by method) and the barrier summary, on stderr."""
-    a, b = report["endpoints"]
-    console.print(f"[bold]architecture[/] {report['architecture']['name']}")
-    console.print(
-        f"  A (t = 0): {a['path']}  accuracy {100 * a['accuracy']:.2f} %  loss {a['loss']:.4f}"
-    )
-    console.print(
-        f"  B (t = 1): {b['path']}  accuracy {100 * b['accuracy']:.2f} %  loss {b['loss']:.4f}"
-    )
-    e = report["ensemble"]
-    console.print(
-        f"  ensemble of A and B (mean of logits): accuracy {100 * e['accuracy']:.2f} %  loss {e['loss']:.4f}"
-    )
-    names = list(report["curves"])
-    curve = Table(
-        title=f"Accuracy % / loss along the path ({report['eval_samples']} samples)",
-        title_justify="left",
-    )
-    curve.add_column("t", justify="right")
-    for name in names:
-        curve.add_column(name, justify="right")
-    for i, t in enumerate(report["t"]):
-        row = [f"{t:.2f}"]
-        for name in names:
-            p = report["curves"][name][i]
-            row.append(f"{100 * p['accuracy']:6.2f} / {p['loss']:.4f}")
-        curve.add_row(*row)
-    console.print(curve)
-
-    summary = Table(title="Barriers (worst gap to the straight line, at t)", title_justify="left")
-    for col in ("method", "loss", "accuracy pts", "acc. % at 1/2", "loss at 1/2"):
-        summary.add_column(col, justify="left" if col == "method" else "right")
-    for name in names:
-        r = report["barriers"][name]
-        summary.add_row(
-            name,
-            f"{r['loss']:.4f} @{r['loss_t']:.2f}",
-            f"{100 * r['accuracy']:.2f} @{r['accuracy_t']:.2f}",
-            "-" if r["accuracy_mid"] is None else f"{100 * r['accuracy_mid']:.2f}",
-            "-" if r["loss_mid"] is None else f"{r['loss_mid']:.4f}",
-        )
-    console.print(summary)
-    for name, done in report["batchnorm"].items():
-        if not done.startswith("none"):
-            console.print(f"[bold]BatchNorm[/] ({name}, 0 < t < 1): {done}")
-    console.print("endpoints (t = 0, 1) are the checkpoints themselves, not re-merged")
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
-    for what, path in (("plot", plot), ("curve CSV", csv_out)):
-        if path is not None:
-            console.print(f"[green]wrote[/] {what} {path}")
