@@ -70,7 +70,9 @@ def main() -> None:
                    "--worker", *paths]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            ranks = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+            ranks = [
+                json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")
+            ]
             rows.append({"processes": k, "images": args.images, "ranks": ranks,
                          "loadavg": os.getloadavg()})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)

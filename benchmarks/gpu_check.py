@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 del runs["torchrun cuda"]
             for label, (launcher, device) in runs.items():
                 out = tmp / f"{name}_{label.replace(' ', '_')}.safetensors"
-                row = {"model": name, "run": label, **run_merge(launcher, paths, data, out,
-                                                                 device, args.refit)}
+                row = {
+                    "model": name,
+                    "run": label,
+                    **run_merge(launcher, paths, data, out, device, args.refit),
+                }
                 reference = tmp / f"{name}_cuda.safetensors"
                 if row["ok"] and label != "cuda" and reference.exists():
                     row["difference_to_cuda"] = largest_difference(out, reference)

@@ -455,7 +455,9 @@ def reduce_accumulators(accumulators: Sequence[JointCovariance], samples: int = 
     rank; returns ``samples`` summed likewise. Without distribution: nothing, ``samples``."""
     if not distributed.is_distributed():
         return samples
-    counts = torch.tensor([float(samples)] + [float(a.n) for a in accumulators], dtype=torch.float64)
+    counts = torch.tensor(
+        [float(samples)] + [float(a.n) for a in accumulators], dtype=torch.float64
+    )
     distributed.all_reduce_sum([counts, *(t for a in accumulators for t in (a.e, a.Q))])
     for a, n in zip(accumulators, counts[1:].tolist()):
         a.n = int(n)

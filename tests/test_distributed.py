@@ -59,7 +59,6 @@ def largest_relative_difference(a: dict, b: dict, skip: str = "") -> float:
 
 def merge_both_ways(tmp_path, checkpoints, data, *options: str):
     """(one process, two processes): merged tensors, transforms, torchrun's result."""
-    out = {}
     for name in ("one", "two"):
         args = [
             "merge", *map(str, checkpoints), "--data", str(data), "--batch-size", "64",

@@ -82,7 +82,9 @@ def handle_errors(fn: F) -> F:
         except MemoryError:
             if _state["debug"]:
                 raise
-            fail("out of memory; try a smaller --batch-size or fewer --num-samples", EXIT_USER_ERROR)
+            fail(
+                "out of memory; try a smaller --batch-size or fewer --num-samples", EXIT_USER_ERROR
+            )
         except Exception as e:  # a bug: say so in one line, traceback with --debug
             if _state["debug"]:
                 raise
