@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from . import archs  # noqa: F401  (registers the built-in architectures)
-from .merge import MergePlan, MergeResult, merge, run_merge
-from .registry import (
-    detect_architecture,
-    get_architecture,
-    list_architectures,
-    register_architecture,
-)
+from .interrupts import quiet_interrupt_on_command_line
 from .version import __version__
+
+with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line, not a traceback
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+    from .merge import MergePlan, MergeResult, merge, run_merge
+    from .registry import (
+        detect_architecture,
+        get_architecture,
+        list_architectures,
+        register_architecture,
+    )
 
 __all__ = [
     "__version__",

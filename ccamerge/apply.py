@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArchitectureError, OptionError
-from .files import check_output_path, sha256
+from .files import OUTPUT_SUFFIXES, check_output_path, sha256
 from .pipeline import (
     BN_MODES,
     MergeResult,
@@ -60,8 +60,10 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)
-    inputs = [plan.transforms, *plan.checkpoints]
-    out_path = check_output_path(plan.output, inputs, plan.force) if plan.output else None
+    inputs = [p for p in (plan.transforms, *plan.checkpoints, plan.data, plan.eval_data) if p]
+    out_path = None
+    if plan.output:
+        out_path = check_output_path(plan.output, inputs, plan.force, suffixes=OUTPUT_SUFFIXES)
     with timer.phase("load"):
         saved = load_transforms(plan.transforms)
         arch = saved.metadata["architecture"].get("name")
@@ -152,5 +154,5 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
                 "name": Path(plan.transforms).name,
                 "sha256": report["transforms"]["sha256"],
             }
-            write_model(state, out_path, inputs, plan.force, metadata)
+            write_model(state, plan.output, inputs, plan.force, metadata)
     return MergeResult(state, model, saved.alignment, report)

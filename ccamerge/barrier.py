@@ -51,7 +51,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .bn import has_batchnorm
-from .errors import OptionError, OutputError
+from .errors import OptionError
 from .files import Dataset, write_atomic
 from .methods import Alignment, MergeMethod, list_methods
 from .pipeline import (
@@ -185,18 +185,6 @@ def path_model(
         device,
     )
     return model, bn_done
-
-
-def check_output_file(path: str | Path, suffixes: Sequence[str], option: str) -> Path:
-    """Refuse, before any work, an output whose type or directory is wrong."""
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise OutputError(f"{option} {out} must end in one of {', '.join(suffixes)}")
-    if not out.parent.exists():
-        raise OutputError(f"{option}: directory {out.parent} does not exist")
-    if out.is_dir():
-        raise OutputError(f"{option} {out} is a directory")
-    return out
 
 
 def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .errors import DataError
 from .stats import JointCovariance
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -36,7 +37,11 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu") -> int:
-    """Recompute every BatchNorm's running statistics; returns the number of samples seen."""
+    """Recompute every BatchNorm's running statistics; returns the number of samples seen.
+
+    Batches of one sample have no batch variance and are skipped; when no batch is
+    left the statistics cannot be estimated: :class:`DataError` (never a model whose
+    running statistics are the reset defaults)."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
         return 0
@@ -46,18 +51,25 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    seen = 0
+    seen = skipped = 0
     model.train()
     try:
         for x in batches:
             if x.shape[0] < 2:
-                continue  # a single sample has no batch variance
+                skipped += x.shape[0]  # a single sample has no batch variance
+                continue
             model(x.to(device))
             seen += x.shape[0]
     finally:
         for m, mom in saved.items():
             m.momentum = mom
         model.eval()
+    if seen == 0:
+        raise DataError(
+            f"BatchNorm statistics need batches of at least 2 calibration samples; got "
+            f"{skipped} sample(s) in batches of 1: give more calibration data (and a "
+            "--batch-size of at least 2), or keep the merged statistics with --no-reset-bn"
+        )
     return seen
 
 

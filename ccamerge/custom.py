@@ -38,7 +38,7 @@ from torch import nn
 
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .errors import ArchitectureError, OptionError, SpecError
-from .files import write_atomic
+from .files import json_text, write_atomic
 from .registry import Detected, NotThisArchitecture
 from .spec import FeatureGroup, MergeSpec
 
@@ -301,7 +301,7 @@ def save_spec(
     warnings: Iterable[str] = (),
 ) -> None:
     """Write a spec file (JSON)."""
-    text = json.dumps(spec_to_dict(spec, untransformed, warnings), indent=2) + "\n"
+    text = json_text(spec_to_dict(spec, untransformed, warnings), indent=2) + "\n"
     text = re.sub(r'\[\s+("[^"\n]*"),\s+(\d+)\s+\]', r"[\1, \2]", text)  # a member per line
     write_atomic(path, text.encode())
 

@@ -45,6 +45,8 @@ mix all units), which the merge accepts as it accepts ReLU (section 5).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import operator
@@ -785,8 +787,8 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
             2, *input_shape, dtype=dtype, generator=torch.Generator().manual_seed(0)
         ).to(param.device if param is not None else "cpu")
         gm = fx.GraphModule(model, graph)
-        try:
-            with torch.no_grad():
+        try:  # ShapeProp prints a traceback to stderr before raising: the error says it all
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(example)
         except Exception as e:
             cause = e.__cause__ or e

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .custom import save_spec, untransformed_of
+from .files import check_output_path
 from .pipeline import load_models
 
 
@@ -22,6 +23,7 @@ def inspect_checkpoint(
     model_args: dict[str, Any] | None = None,
     input_shape: tuple[int, ...] | None = None,
     spec_out: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Describe ``path``.
 
@@ -35,11 +37,15 @@ def inspect_checkpoint(
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
     With ``factory`` (``--model``, see :mod:`ccamerge.custom`) the groups are discovered
     on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
-    discovery left alone and why. ``spec_out`` writes the groups as a spec file.
+    discovery left alone and why. ``spec_out`` writes the groups as a spec file (an
+    existing one only with ``force``).
     """
+    if spec_out is not None:
+        check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
     loaded = load_models([path], arch, factory, model_args, input_shape=input_shape)
     untransformed = untransformed_of(loaded.detected)
     if spec_out is not None:
+        check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
         save_spec(spec_out, loaded.spec, untransformed, loaded.warnings)
     sd = loaded.state_dicts[0]
     model = loaded.build(sd)

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from .assumptions import check_settings, describe
 from .bn import has_batchnorm
 from .custom import save_spec
 from .errors import OptionError
-from .files import check_output_path
-from .methods import make_method, method_parameters
+from .files import OUTPUT_SUFFIXES, check_outputs
+from .methods import list_methods, make_method, method_parameters
 from .pipeline import (
     MIN_HELDOUT,
     MergeResult,
@@ -66,6 +67,7 @@ class MergePlan:
     arch: str | None = None
     model: str | None = None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.custom)
     model_args: dict[str, Any] = field(default_factory=dict)
+    activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
     spec: str | None = None  # a spec file (JSON) that replaces the detected feature groups
     spec_out: str | None = None  # write the feature groups used to this JSON file
     method: str = "cca"
@@ -95,27 +97,26 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     bn_modes = {resolve_bn_mode(plan.bn_mode, m) for m in candidates}
     bn_mode = "renorm" if "renorm" in bn_modes else bn_modes.pop()
     check_batch_size(plan.batch_size)
-    out_path = check_output_path(plan.output, plan.checkpoints, plan.force) if plan.output else None
-    transforms_path = None
-    if plan.save_transforms is not None:
-        transforms_path = check_output_path(plan.save_transforms, plan.checkpoints, plan.force)
-        if out_path is not None and transforms_path.resolve() == out_path.resolve():
-            raise OptionError("--save-transforms and --output name the same file")
+    inputs = run_inputs(plan)
+    output_files = output_options(plan)
+    out_path, transforms_path, spec_path = check_outputs(output_files, inputs, plan.force)
     n = len(plan.checkpoints)
     reference = parse_reference(plan.reference, n)
     weights = normalise_weights(plan.weights, n)
-    if any(m.needs_data for m in candidates) and plan.data is None:
-        raise OptionError(f"method {method.name!r} needs calibration data (--data)")
-    if auto and plan.data is None:
+    if plan.data is None and (auto or any(m.needs_data for m in candidates)):
+        free = " or ".join(m for m in list_methods() if not make_method(m).needs_data)
         raise OptionError(
-            "automatic selection (gamma or method 'auto') needs calibration data (--data)"
+            f"method {plan.method!r} needs calibration data: pass model-ready inputs with "
+            "--data FILE (.npz, .npy, .pt, .safetensors; '-' reads standard input), or merge "
+            f"without data with --method {free}"
         )
 
     with timer.phase("load"):
         calib = read_calibration(plan.data, plan.num_samples, plan.seed)
         shape = tuple(calib.x.shape[1:]) if calib is not None else None
+        stated = {"activation": plan.activation}
         loaded = load_models(
-            plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape
+            plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape, stated
         )
         if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
@@ -132,6 +133,11 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             reference_choice = {"rule": "first" if str(plan.reference) == "first" else "index"}
 
     warnings: list[str] = list(loaded.warnings)
+    for data, what in ((calib, "calibration data"), (eval_data, "evaluation data")):
+        note = data.scale_warning(what) if data is not None else None
+        warnings += [note] if note else []
+    labelled = eval_data if eval_data is not None else calib
+    warnings += check_settings(loaded, labelled, stated, plan.batch_size, device)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
         fixed = {
             k: v
@@ -215,6 +221,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
+        assumptions=describe(loaded.detected, stated),
         method=method.name,
         params=method.params(),
         inputs=describe_inputs(plan.checkpoints),
@@ -232,16 +239,15 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         evaluation=evaluation,
     ).to_dict()
 
-    if out_path is not None:
-        with timer.phase("write"):
+    with timer.phase("write"):
+        check_outputs(output_files, inputs, plan.force)  # again: minutes passed
+        if out_path is not None:
             metadata = provenance(report, plan.data, plan.seed)
-            write_model(state, out_path, plan.checkpoints, plan.force, metadata)
-    if transforms_path is not None:
-        with timer.phase("write"):
-            check_output_path(transforms_path, plan.checkpoints, plan.force)
+            write_model(state, plan.output, inputs, plan.force, metadata)
+        if transforms_path is not None:
             save_transforms(transforms_path, alignment, loaded, report, calibration_of(plan))
-    if plan.spec_out is not None:  # last, so that a failed merge writes nothing
-        save_spec(plan.spec_out, loaded.spec, warnings=loaded.warnings)
+        if spec_path is not None:  # last, so that a failed merge writes nothing
+            save_spec(spec_path, loaded.spec, warnings=loaded.warnings)
     return MergeResult(state, model, alignment, report)
 
 
@@ -249,6 +255,21 @@ def calibration_of(plan: MergePlan) -> dict[str, Any]:
     """The calibration settings a transforms file records."""
     keys = ("data", "num_samples", "seed", "batch_size", "heldout_fraction")
     return {k: getattr(plan, k) for k in keys}
+
+
+def run_inputs(plan: MergePlan) -> list[str]:
+    """Every file the merge reads: no output may land on one of them."""
+    named = [*plan.checkpoints, plan.data, plan.eval_data, plan.spec]
+    return [p for p in named if p is not None]
+
+
+def output_options(plan: MergePlan) -> list[tuple[str, str | None, tuple[str, ...] | None]]:
+    """Every file the merge writes: (option, path or None, suffixes) for :func:`check_outputs`."""
+    return [
+        ("output", plan.output, OUTPUT_SUFFIXES),
+        ("--save-transforms", plan.save_transforms, (".safetensors",)),
+        ("--spec-out", plan.spec_out, None),
+    ]
 
 
 def merge(checkpoints: Sequence[str], **options: Any) -> MergeResult:

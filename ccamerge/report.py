@@ -41,10 +41,11 @@ class Report:
 class MergeReport(Report):
     """``ccamerge merge`` and ``ccamerge apply`` (schema: docs/cli.md)."""
 
-    OPTIONAL = ("transforms", "reference_choice", "selection", "evaluation")
+    OPTIONAL = ("transforms", "reference_choice", "assumptions", "selection", "evaluation")
 
     ccamerge_version: str = __version__
     architecture: dict[str, Any]
+    assumptions: list[dict[str, str]] | None = None  # merge: what checkpoints do not record
     method: str
     params: dict[str, Any]
     transforms: dict[str, str] | None = None  # apply: the transforms file used
@@ -142,6 +143,8 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items()) or "-"
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
+    for a in report.get("assumptions", []):
+        console.print(f"[bold]{a['setting']}[/] {a['value']} ({a['source']})")
     console.print(f"[bold]method[/] {report['method']} ({params})")
     for k, inp in enumerate(report["inputs"]):
         tag = " \\[reference]" if k == report["reference"] else ""

@@ -226,7 +226,7 @@ CORRUPT = {
     "safetensors_header": "is not a valid safetensors file",
     "safetensors_header_length": "is not a valid safetensors file",
     "empty": "is empty",
-    "directory": "is a directory",
+    "directory": "holds none of model.safetensors",
     "missing": "does not exist",
     "not_a_state_dict": "holds no state dict of tensors",
     "unknown_suffix": "unknown file type",
@@ -517,8 +517,8 @@ def test_output_paths_that_are_refused(env):
     cases = {
         env.root / "nowhere" / "m.safetensors": "does not exist",
         env.root / "a_file" / "m.safetensors": "is not a directory",
-        env.out_dir: "must end in .safetensors",
-        env.out_dir / "m.pt": "must end in .safetensors",
+        env.out_dir: "must end in one of .safetensors, .pt, .pth, .bin, /",
+        env.out_dir / "m.npz": "must end in one of .safetensors, .pt, .pth, .bin, /",
         env.existing: "exists; pass --force to overwrite it",
     }
     for out, text in cases.items():
@@ -591,7 +591,7 @@ def test_output_file_mode_follows_umask(env):
 def test_new_file_appearing_during_the_merge_is_not_clobbered(env, monkeypatch):
     """The output is checked again right before writing (a merge takes minutes)."""
     ccmerge = importlib.import_module("ccamerge.merge")  # ccamerge.merge is also a function
-    real_check = ccmerge.check_output_path
+    real_check = ccmerge.check_outputs
     calls = {"n": 0}
 
     def check(*args, **kwargs):
@@ -600,9 +600,7 @@ def test_new_file_appearing_during_the_merge_is_not_clobbered(env, monkeypatch):
             env.out.write_bytes(b"theirs")
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(ccmerge, "check_output_path", check)  # the check before the work
-    write_step = importlib.import_module("ccamerge.pipeline.write")  # the check before writing
-    monkeypatch.setattr(write_step, "check_output_path", check)
+    monkeypatch.setattr(ccmerge, "check_outputs", check)  # before the work and before writing
     line = refused(env.merge())
     assert calls["n"] == 2 and "exists; pass --force" in line
     assert env.out.read_bytes() == b"theirs"

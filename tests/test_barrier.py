@@ -295,4 +295,4 @@ def test_barrier_gamma_takes_the_merge_type_and_refuses_auto(digits_mlps):
     assert auto.exit_code == 1 and "not 'auto'" in auto.stderr
     assert len(auto.stderr.strip().splitlines()) == 1
     word = run(*common, "--gamma", "big")
-    assert word.exit_code == 1 and "--gamma expects a number or 'auto'" in word.stderr
+    assert word.exit_code == 1 and "--gamma expects a finite number or 'auto'" in word.stderr

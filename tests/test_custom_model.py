@@ -168,8 +168,8 @@ def test_inspect_shows_discovered_groups_and_writes_a_spec(tmp_path: Path) -> No
     assert load_spec(spec_path).groups[0].members == tuple(
         (m["tensor"], m["axis"]) for m in g["members"]
     )
-    res = run("inspect", ckpt, *model, "--input-shape", "1,8,8")  # the rich tables
-    assert res.exit_code == 0 and "untransformed units of fc" in res.stderr
+    res = run("inspect", ckpt, *model, "--input-shape", "1,8,8")  # the tables, on stdout
+    assert res.exit_code == 0 and "untransformed units of fc" in res.stdout
 
 
 def test_statistics_are_read_before_later_in_place_ops() -> None:

@@ -79,10 +79,11 @@ def test_inspect_json_describes_the_mlp(digits_mlps):
         {"tensor": "layers.1.weight", "axis": 1, "role": "input", "shape": [64, 64]},
     ]
     assert doc["ungrouped"] == ["layers.2.bias"]
-    # the rich view names the architecture and every group on stderr
+    # the view names the architecture and every group, on stdout (its product)
     res = run("inspect", digits_mlps.paths[0])
-    assert res.exit_code == 0 and res.stdout == ""
-    assert "mlp" in res.stderr and "hidden0" in res.stderr and "hidden1" in res.stderr
+    assert res.exit_code == 0 and res.stderr == ""
+    assert "mlp" in res.stdout and "hidden0" in res.stdout and "hidden1" in res.stdout
+    assert "\x1b[" not in res.stdout  # plain text when stdout is not a terminal
 
 
 def test_inspect_lists_batchnorm_members_and_buffers(tmp_path):

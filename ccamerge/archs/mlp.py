@@ -1,4 +1,4 @@
-"""MLPs: a stack of Linear layers with ReLU between them.
+"""MLPs: a stack of Linear layers with an activation (ReLU unless told) between them.
 
 Two layouts are detected from tensor names alone:
 
@@ -8,6 +8,9 @@ Two layouts are detected from tensor names alone:
 * ``ccamerge``: this package's :class:`MLP`, saved as ``layers.{i}.weight``.
 
 Inputs are flattened, so (B, 1, 28, 28) images feed a 784-wide MLP.
+
+A state dict does not record the activation: the entry assumes ReLU and says
+so (``assumptions``); ``--activation`` states another one.
 """
 
 from __future__ import annotations
@@ -17,17 +20,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..registry import NotThisArchitecture, register_architecture
 from ..spec import MergeSpec, SpecBuilder
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
 
 class MLP(nn.Module):
-    """``sizes = [in, h1, ..., out]``: Linear layers with ReLU between them."""
+    """``sizes = [in, h1, ..., out]``: Linear layers with ``activation`` between them."""
 
-    def __init__(self, sizes: list[int], bias: bool = True) -> None:
+    def __init__(self, sizes: list[int], bias: bool = True, activation: str = "relu") -> None:
         super().__init__()
         if len(sizes) < 2:
             raise ValueError("an MLP needs at least input and output sizes")
@@ -35,13 +47,14 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(
             nn.Linear(a, b, bias=bias) for a, b in zip(sizes[:-1], sizes[1:])
         )
+        self.act = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x)
+                x = self.act(x)
         return x
 
 
@@ -59,7 +72,11 @@ _OWN = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
 @register_architecture
 class MLPArchitecture:
     name = "mlp"
-    description = "Linear layers with ReLU between them (nn.Sequential or ccamerge.MLP layout)"
+    description = (
+        "Linear layers with an activation between them (nn.Sequential or ccamerge.MLP layout)"
+    )
+    # what a state dict does not record: option -> choices, the assumed default first
+    assumptions = {"activation": tuple(ACTIVATIONS)}
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         keys = list(state_dict)
@@ -108,18 +125,25 @@ class MLPArchitecture:
             raise NotThisArchitecture("layers.{i} indices are not 0, 1, 2, ...", score)
         if layout == "sequential" and any(b - a < 2 for a, b in zip(indices, indices[1:])):
             raise NotThisArchitecture("two Linear layers with no ReLU slot between them", score)
-        return {"layout": layout, "indices": indices, "sizes": sizes, "bias": bool(has_bias)}
+        return {
+            "layout": layout,
+            "indices": indices,
+            "sizes": sizes,
+            "bias": bool(has_bias),
+            "activation": "relu",
+        }
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         sizes, bias = list(config["sizes"]), bool(config.get("bias", True))
+        activation = config.get("activation", "relu")
         if config["layout"] == "ccamerge":
-            return MLP(sizes, bias=bias)
+            return MLP(sizes, bias=bias, activation=activation)
         indices = list(config["indices"])
         modules: list[nn.Module] = [nn.Identity() for _ in range(indices[-1] + 1)]
         for j, idx in enumerate(indices):
             modules[idx] = nn.Linear(sizes[j], sizes[j + 1], bias=bias)
             if j + 1 < len(indices):
-                modules[idx + 1] = nn.ReLU()
+                modules[idx + 1] = ACTIVATIONS[activation]()
         return SequentialMLP(*modules)
 
     def spec(self, config: Mapping[str, Any]) -> MergeSpec:
@@ -141,4 +165,10 @@ class MLPArchitecture:
 
     def example_config(self) -> dict[str, Any]:
         """A tiny configuration for the registry's generic tests."""
-        return {"layout": "ccamerge", "indices": [0, 1, 2], "sizes": [12, 8, 6, 5], "bias": True}
+        return {
+            "layout": "ccamerge",
+            "indices": [0, 1, 2],
+            "sizes": [12, 8, 6, 5],
+            "bias": True,
+            "activation": "relu",
+        }

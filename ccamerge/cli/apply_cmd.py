@@ -58,7 +58,7 @@ def apply(
     plan = ApplyPlan(
         transforms=str(transforms),
         checkpoints=[str(c) for c in checkpoints],
-        output=str(output) if output else None,
+        output=output,
         weights=parse_floats(weights, "--weights"),
         data=str(data) if data else None,
         eval_data=str(eval_data) if eval_data else None,

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import sys
+
 from rich.table import Table
 
 from ..methods import list_methods
 from ..registry import get_architecture, list_architectures
 from .app import app
-from .common import console, handle_errors, print_json
+from .common import handle_errors, print_json, product_console
 from .options import Json
 
 
@@ -21,6 +23,11 @@ def archs(
     ]
     if json_out:
         print_json({"architectures": entries, "methods": list_methods()})
+        return
+    console = product_console()
+    if not console.is_terminal:  # piped: one line per architecture, for grep and cut
+        lines = [f"{e['name']}\t{e['description']}" for e in entries]
+        sys.stdout.write("\n".join([*lines, f"methods: {', '.join(list_methods())}"]) + "\n")
         return
     t = Table(title="Architectures", title_justify="left")
     t.add_column("name")

@@ -7,12 +7,12 @@ import typer
 from ..barrier import (
     PLOT_SUFFIXES,
     BarrierPlan,
-    check_output_file,
     default_methods,
     plot_barrier,
     run_barrier,
     write_csv,
 )
+from ..files import check_outputs
 from ..report import render_barrier_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_gamma, print_json
@@ -22,6 +22,7 @@ from .options import (
     BnMode,
     Data,
     Device,
+    Force,
     Gamma,
     Json,
     NumSamples,
@@ -70,11 +71,13 @@ def barrier(
     bn_mode: BnMode = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
+    force: Force = False,
 ) -> None:
     """Loss and accuracy along the interpolation path between two models, per method."""
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
-    plot_path = check_output_file(plot, PLOT_SUFFIXES, "--plot") if plot else None
-    csv_out = check_output_file(csv_path, (".csv",), "--csv") if csv_path else None
+    inputs = [p for p in (checkpoint_a, checkpoint_b, eval_data, data) if p is not None]
+    outputs = [("--plot", plot, PLOT_SUFFIXES), ("--csv", csv_path, (".csv",))]
+    plot_path, csv_out = check_outputs(outputs, inputs, force)
     given = (("gamma", parse_gamma(gamma)), ("ridge", ridge))
     params = {k: v for k, v in given if v is not None}
     plan = BarrierPlan(
@@ -93,6 +96,7 @@ def barrier(
         bn_mode=bn_mode,
     )
     report = run_barrier(plan, BarProgress(enabled=not (quiet or json_out)))
+    check_outputs(outputs, inputs, force)  # again: minutes passed
     if plot_path is not None:
         plot_barrier(report, plot_path)
     if csv_out is not None:

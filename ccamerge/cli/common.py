@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a user error (bad file, bad data, bad option value);
 2 a usage error reported by the argument parser; 3 an internal error (a bug:
-rerun with ``--debug`` for the traceback); 130 interrupted (Ctrl-C).
+rerun with ``--debug`` for the traceback); 130 interrupted (Ctrl-C); 143 and 129
+terminated by SIGTERM and SIGHUP (cleaned up like Ctrl-C).
 
 Under torchrun (:mod:`ccamerge.distributed`) only rank 0 prints: the console
 and the JSON document are silent on the other ranks, and of the ranks that
@@ -12,7 +13,7 @@ fail only the first prints its error line.
 from __future__ import annotations
 
 import functools
-import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from rich.progress import Progress as RichProgress
 
 from .. import distributed
 from ..errors import CcaMergeError, OptionError
+from ..files import json_text
+from ..interrupts import INTERRUPTED, Terminated, stop_signals_raise
 from ..pipeline import Progress
 
 
@@ -56,19 +59,37 @@ def set_debug(on: bool) -> None:
     _state["debug"] = on or bool(os.environ.get("CCAMERGE_DEBUG"))
 
 
+def product_console(to_stderr: bool = False) -> Console:
+    """Where a command whose product is information (archs, inspect, eval) prints it:
+    stdout, so that it pipes (rich styles it only on a terminal; piped, it is plain
+    text); stderr when stdout carries ``--json``. Silent on ranks other than 0."""
+    if to_stderr:
+        return console
+    piped = not sys.stdout.isatty()  # piped: never wrap or cut a line (paths stay whole)
+    return Console(
+        file=sys.stdout,
+        highlight=False,
+        soft_wrap=True,
+        width=10_000 if piped else None,
+        quiet=not distributed.is_main(),
+    )
+
+
 def error_line(message: str) -> None:
     """One line on stderr, no markup interpretation, never wrapped."""
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def handle_errors(fn: F) -> F:
-    """Map library errors to one line and exit 1; Ctrl-C to 130; bugs to exit 3.
-    Under torchrun only the first rank to fail prints (:func:`fail`)."""
+    """Map library errors to one line and exit 1; Ctrl-C to 130, SIGTERM and SIGHUP to
+    128 + the signal number; bugs to exit 3. Under torchrun only the first rank to fail
+    prints (:func:`fail`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = fn(*args, **kwargs)
+            with stop_signals_raise():
+                result = fn(*args, **kwargs)
         except typer.Exit:
             raise
         except CcaMergeError as e:
@@ -78,7 +99,11 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+            fail(INTERRUPTED, EXIT_INTERRUPTED)
+        except Terminated as e:  # SIGTERM, SIGHUP: cleaned up like Ctrl-C
+            if _state["debug"]:
+                raise
+            fail(f"terminated by {e}; nothing was written", e.exit_code)
         except MemoryError:
             if _state["debug"]:
                 raise
@@ -110,19 +135,12 @@ def fail(message: str, code: int) -> None:
 
 
 def print_json(document: Any) -> None:
-    """The one JSON document a command writes on stdout (on rank 0 only)."""
+    """The one JSON document a command writes on stdout (on rank 0 only): strict JSON,
+    null where a number is undefined (NaN or infinite)."""
     if not distributed.is_main():
         return
-    sys.stdout.write(json.dumps(document, indent=2, default=_jsonable) + "\n")
+    sys.stdout.write(json_text(document, indent=2) + "\n")
     sys.stdout.flush()
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "__fspath__"):
-        return os.fspath(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class BarProgress(Progress):
@@ -161,9 +179,12 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise OptionError(f"{option} expects comma-separated numbers, got {text!r}") from None
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise OptionError(f"{option} expects comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def parse_gamma(text: str | None) -> float | str | None:
@@ -171,6 +192,10 @@ def parse_gamma(text: str | None) -> float | str | None:
     if text is None or text == "auto":
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise OptionError(f"--gamma expects a number or 'auto', got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise OptionError(f"--gamma expects a finite number or 'auto', got {text!r}")
+    return value
+

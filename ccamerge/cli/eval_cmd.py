@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..assumptions import check_settings, describe
 from ..pipeline import (
     check_batch_size,
     evaluate_all,
@@ -13,8 +14,8 @@ from ..pipeline import (
 )
 from ..report import evaluation_table
 from .app import app
-from .common import console, handle_errors, print_json
-from .options import Arch, BatchSize, Device, Json
+from .common import console, handle_errors, print_json, product_console
+from .options import Activation, Arch, BatchSize, Device, Json
 
 
 @app.command("eval")
@@ -28,6 +29,7 @@ def eval_(
         False, "--ensemble", help="Also score the ensemble (mean of the models' logits)."
     ),
     arch: Arch = None,
+    activation: Activation = None,
     batch_size: BatchSize = 512,
     device: Device = "cpu",
     json_out: Json = False,
@@ -35,12 +37,20 @@ def eval_(
     """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
     device = resolve_device(device)
     check_batch_size(batch_size)
-    loaded = load_models([str(c) for c in checkpoints], arch)
+    stated = {"activation": activation}
+    loaded = load_models([str(c) for c in checkpoints], arch, stated=stated)
     dataset = read_eval_data(str(data), loaded)
     evaluation = evaluate_all(loaded, None, dataset, batch_size, device)
     if not ensemble:
         del evaluation["ensemble"]
     evaluation["architecture"] = loaded.detected.name
-    console.print(evaluation_table(evaluation, title=f"Evaluation on {data}"))
+    evaluation["assumptions"] = describe(loaded.detected, stated)
+    evaluation["warnings"] = loaded.warnings + check_settings(
+        loaded, dataset, stated, batch_size, device
+    )
+    table = evaluation_table(evaluation, title=f"Evaluation on {data}")
+    product_console(to_stderr=json_out).print(table)
+    for note in evaluation["warnings"]:
+        console.print(f"[yellow]warning:[/] {note}")
     if json_out:
         print_json(evaluation)

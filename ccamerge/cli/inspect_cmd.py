@@ -8,8 +8,8 @@ from ..custom import parse_input_shape, parse_model_args
 from ..inspection import inspect_checkpoint
 from ..report import render_inspection
 from .app import app
-from .common import console, handle_errors, print_json
-from .options import Arch, Json, Model, ModelArgs, SpecOut
+from .common import handle_errors, print_json, product_console
+from .options import Arch, Force, Json, Model, ModelArgs, SpecOut
 
 
 @app.command("inspect")
@@ -28,6 +28,7 @@ def inspect(
         "feeds a Linear layer).",
     ),
     spec_out: SpecOut = None,
+    force: Force = False,
     json_out: Json = False,
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
@@ -38,8 +39,9 @@ def inspect(
         parse_model_args(model_args),
         parse_input_shape(input_shape),
         str(spec_out) if spec_out else None,
+        force,
     )
     if json_out:
         print_json(info)
         return
-    render_inspection(info, console)
+    render_inspection(info, product_console())

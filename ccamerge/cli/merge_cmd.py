@@ -5,11 +5,15 @@ from pathlib import Path
 import typer
 
 from ..custom import parse_model_args
+from ..errors import OptionError
+from ..files import STREAM, check_stdout, safetensors_file, write_stdout
 from ..merge import MergePlan, run_merge
+from ..pipeline import provenance
 from ..report import render_merge_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
 from .options import (
+    Activation,
     Arch,
     BatchSize,
     BnMode,
@@ -87,6 +91,7 @@ def merge(
     arch: Arch = None,
     model: Model = None,
     model_args: ModelArgs = None,
+    activation: Activation = None,
     spec: Path | None = typer.Option(
         None, "--spec", help="Feature groups from a JSON spec file (see --spec-out)."
     ),
@@ -109,15 +114,24 @@ def merge(
         "beta": beta,
         "max_iter": max_iter,
     }
+    to_stdout = output is not None and str(output) == STREAM
+    if to_stdout:
+        if json_out:
+            raise OptionError(
+                "-o - writes the merged model on standard output; --json cannot share it "
+                "(the report goes to stderr)"
+            )
+        check_stdout()
     params = {k: v for k, v in given.items() if v is not None}
     plan = MergePlan(
         checkpoints=[str(c) for c in checkpoints],
-        output=str(output) if output else None,
+        output=output if output and not to_stdout else None,
         data=str(data) if data else None,
         eval_data=str(eval_data) if eval_data else None,
         arch=arch,
         model=model,
         model_args=parse_model_args(model_args),
+        activation=activation,
         spec=str(spec) if spec else None,
         spec_out=str(spec_out) if spec_out else None,
         method=method,
@@ -136,6 +150,10 @@ def merge(
         select_by=select_by,
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
+    if to_stdout:
+        result.report["output"] = STREAM
+        metadata = provenance(result.report, plan.data, plan.seed)
+        write_stdout(safetensors_file(result.state_dict, metadata, "output -"))
     if not quiet:
         render_merge_report(result.report, console)
     if json_out:

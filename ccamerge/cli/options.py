@@ -20,7 +20,8 @@ Data = Annotated[
         "--data",
         "-d",
         readable=False,
-        help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs.",
+        help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs; - reads "
+        "standard input.",
     ),
 ]
 EvalData = Annotated[
@@ -32,7 +33,15 @@ EvalData = Annotated[
     ),
 ]
 Output = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Merged model, a .safetensors file.")
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Merged model: .safetensors (with provenance metadata), .pt/.pth/.bin (a plain "
+        "state dict), DIR/ (a Hugging Face-style folder: model.safetensors, sharded when "
+        "large, and the first input's config.json), or - (merge only) for safetensors on "
+        "standard output.",
+    ),
 ]
 Arch = Annotated[
     str | None,
@@ -44,6 +53,15 @@ Model = Annotated[
         "--model",
         help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn' returning "
         "an nn.Module; feature groups are discovered by tracing. See docs/custom-models.md.",
+    ),
+]
+Activation = Annotated[
+    str | None,
+    typer.Option(
+        "--activation",
+        help="An MLP's activation (relu, tanh, gelu, sigmoid, silu, elu, leaky_relu); a "
+        "checkpoint does not record it. Default: relu, assumed, said in the report and "
+        "checked on labelled data.",
     ),
 ]
 ModelArgs = Annotated[
@@ -90,7 +108,9 @@ BnMode = Annotated[
         "vector for permutations.",
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
+Force = Annotated[
+    bool, typer.Option("--force", "-f", help="Overwrite existing output files (never an input).")
+]
 Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]

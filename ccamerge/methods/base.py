@@ -10,6 +10,7 @@ models disagree.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -106,6 +107,9 @@ def make_method(name: str, **params: Any) -> MergeMethod:
     extra = sorted(set(params) - method_parameters(name))
     if extra:
         raise OptionError(f"method {name!r} takes no parameter {', '.join(extra)}")
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"method {name!r}: {key} must be a finite number, got {value}")
     try:
         return _METHODS[name](**params)
     except (TypeError, ValueError) as e:

@@ -49,7 +49,8 @@ def build_merged(
     """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
     BatchNorm: REPAIR, :mod:`ccamerge.repair`). Returns (state dict, model, what was done)."""
     Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
-    merged = merge_state_dicts(loaded.state_dicts, loaded.spec, Ms, Us, weights, reference)
+    wide = [_widened(sd) for sd in loaded.state_dicts]  # one rounding, at the very end
+    merged = merge_state_dicts(wide, loaded.spec, Ms, Us, weights, reference)
     model = loaded.build(merged, device)
     if not has_batchnorm(model):
         bn_done = "none (no BatchNorm)"
@@ -74,4 +75,13 @@ def build_merged(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, t in loaded.state_dicts[reference].items():
         state[name] = state[name].to(t.dtype)
+    model.load_state_dict(state)  # the model scores what is written (fp16, fp8 rounding)
     return state, model, bn_done
+
+
+def _widened(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors narrower than float32 (float16, bfloat16, float8) as float32."""
+    return {
+        k: v.float() if v.is_floating_point() and v.element_size() < 4 else v
+        for k, v in sd.items()
+    }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..assumptions import state_settings
 from ..custom import detect_custom, resolve_spec
 from ..errors import ArchitectureError, CheckpointError, DataError, OptionError
 from ..files import Dataset, load_checkpoint, load_data
@@ -68,11 +69,14 @@ def load_models(
     model_args: dict[str, Any] | None = None,
     spec_file: str | None = None,
     input_shape: Sequence[int] | None = None,
+    stated: dict[str, str | None] | None = None,
 ) -> LoadedModels:
     """Read every checkpoint, detect the architecture from the first, check the rest fit.
 
     ``model`` (a factory, see :mod:`ccamerge.custom`) replaces detection; its feature
     groups are discovered on samples of ``input_shape``. ``spec_file`` replaces the groups.
+    ``stated``: settings a checkpoint does not record (``{"activation": "tanh"}``,
+    :mod:`ccamerge.assumptions`).
     """
     if not paths:
         raise OptionError("no checkpoints given")
@@ -80,13 +84,27 @@ def load_models(
         raise OptionError("--model and --arch exclude each other")
     sds = [load_checkpoint(p) for p in paths]
     if model is not None:
-        detected = detect_custom(paths[0], sds[0], model, model_args, input_shape)
+        detect = lambda sd: detect_custom(paths[0], sd, model, model_args, input_shape)  # noqa: E731
     else:
-        try:
-            detected = detect_architecture(sds[0], arch)
-        except ArchitectureError as e:
-            raise ArchitectureError(f"{paths[0]}: {e}") from None
-    spec, notes = resolve_spec(detected, spec_file)
+        detect = lambda sd: detect_architecture(sd, arch)  # noqa: E731
+    detected, selection = find_model(sds[0], detect, paths[0], hint=model is None)
+    notes = []
+    for k, (path, sd) in enumerate(zip(paths, sds)):
+        sds[k], ignored = selection.part(sd)
+        stray = [n for n in sds[k] if k and "." not in n and n not in sds[0]]  # step counters
+        ignored = sorted(ignored + [selection.prefix + n for n in stray])
+        for name in stray:
+            del sds[k][name]
+        if selection.prefix:
+            notes.append(f"{path}: read the tensors under '{selection.prefix}' as the model")
+        if ignored:
+            notes.append(
+                f"{path}: ignored {len(ignored)} tensor(s) beside the {detected.name} model: "
+                f"{_few(ignored)}"
+            )
+    detected = state_settings(detected, stated or {})
+    spec, spec_notes = resolve_spec(detected, spec_file)
+    notes += spec_notes
     ref = sds[0]
     template = detected.build()
     expected = template.state_dict()  # the dtypes the model expects
@@ -119,6 +137,73 @@ def load_models(
     except RuntimeError as e:
         raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
     return LoadedModels(list(paths), sds, detected, spec, notes)
+
+
+MAX_PREFIXES = 16  # prefixes tried when the whole checkpoint fits no architecture
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """Which tensors of a checkpoint are the model: those under ``prefix`` (stripped),
+    without the names that have no dot (``step``, ``n_averaged``: no module's own
+    parameters) when ``skip_dotless``."""
+
+    prefix: str = ""
+    skip_dotless: bool = False
+
+    def part(self, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The model's tensors and the names left out."""
+        model, ignored = {}, []
+        for name, t in sd.items():
+            rest = name[len(self.prefix) :] if name.startswith(self.prefix) else None
+            if rest is None or (self.skip_dotless and "." not in rest):
+                ignored.append(name)
+            else:
+                model[rest] = t
+        return model, sorted(ignored)
+
+
+def find_model(
+    sd: dict[str, torch.Tensor], detect: Any, path: str, hint: bool
+) -> tuple[Detected, KeySelection]:
+    """Detect the architecture on the whole checkpoint, else on the tensors under a common
+    dotted prefix (``model.`` of a Lightning module, ...) or without stray tensors beside
+    the model: the first selection ``detect`` accepts. When none fits, the error is the
+    one about the whole checkpoint (with a hint toward ``--model``)."""
+    try:
+        return detect(sd), KeySelection()
+    except ArchitectureError as e:
+        first = e
+    tried = [set(sd)]
+    for selection in _selections(sd):
+        part, _ = selection.part(sd)
+        if not part or set(part) in tried:
+            continue
+        tried.append(set(part))
+        try:
+            return detect(part), selection
+        except ArchitectureError:
+            continue
+    text = str(first) if not hint else f"{path}: {first}"
+    if hint:
+        text += "; for a network of your own, pass --model pkg.module:factory (docs/custom-models.md)"
+    raise ArchitectureError(text) from None
+
+
+def _selections(sd: dict[str, torch.Tensor]) -> list[KeySelection]:
+    """Candidate selections: stray tensors skipped, then each dotted prefix (one or two
+    levels deep, the most common first), as is and without stray tensors."""
+    counts: dict[str, int] = {}
+    for name in sd:
+        parts = name.split(".")
+        for depth in (1, 2):
+            if len(parts) > depth:
+                prefix = ".".join(parts[:depth]) + "."
+                counts[prefix] = counts.get(prefix, 0) + 1
+    prefixes = sorted(counts, key=lambda p: (-counts[p], p.count("."), p))[:MAX_PREFIXES]
+    return [KeySelection("", True)] + [
+        KeySelection(p, skip) for p in prefixes for skip in (False, True)
+    ]
 
 
 def _check_same_architecture(path: str, sd: dict, first: str, name: str) -> None:

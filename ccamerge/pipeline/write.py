@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import check_output_path, save_safetensors_atomic
+from ..files import OUTPUT_SUFFIXES, check_output_path, save_checkpoint_atomic
 from ..methods import Alignment
 
 
@@ -40,8 +40,11 @@ def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str,
 
 
 def write_model(
-    state: dict[str, torch.Tensor], path: Path, inputs: list[str], force: bool, metadata: dict
+    state: dict[str, torch.Tensor], path: str, inputs: list[str], force: bool, metadata: dict
 ) -> None:
-    """Check the output path again (minutes may have passed) and write atomically."""
-    check_output_path(path, inputs, force)
-    save_safetensors_atomic(state, path, metadata)
+    """Check the output path again (minutes may have passed) and write atomically, as
+    safetensors with ``metadata``, a plain state dict, or a folder with the first input's
+    config.json (:func:`save_checkpoint_atomic`)."""
+    check_output_path(path, inputs, force, suffixes=OUTPUT_SUFFIXES)
+    config = Path(inputs[0]) / "config.json"  # a folder output copies the first input's
+    save_checkpoint_atomic(state, path, metadata, config if config.is_file() else None)

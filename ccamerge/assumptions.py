@@ -1,0 +1,104 @@
+"""What a checkpoint does not record, and a check of it on labelled data.
+
+A state dict holds tensors, not the functions between them: an MLP's activation is
+invisible in its weights. An architecture entry lists such settings in
+``assumptions`` (setting -> its choices, the assumed one first); the detected
+config holds the assumed value until the user states another (``--activation``).
+
+The check: with labelled data, every input model is scored under each choice of
+the setting. The activation a network was trained with fits its weights; another
+one computes a different function, which scores lower. When another choice scores
+clearly better than the one used (mean accuracy over the models at least
+:data:`MIN_GAIN` higher, and an error rate at most 1 / :data:`ERROR_RATIO` of the
+used choice's), the report warns and names it. A network checked under its own
+activation is not flagged by a near relative (ReLU, leaky ReLU, GELU score alike
+on a ReLU network): both conditions must hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .errors import OptionError
+from .registry import Detected
+
+MIN_GAIN = 0.02  # mean accuracy by which another choice must win to be flagged ...
+ERROR_RATIO = 1.5  # ... and by which factor its error rate must be lower
+CHECK_SAMPLES = 2048  # labelled samples the check scores on (the first ones)
+
+
+def settings_of(detected: Detected) -> dict[str, tuple[str, ...]]:
+    """The settings ``detected`` assumes: name -> choices (the default first)."""
+    return dict(getattr(detected.arch, "assumptions", {}))
+
+
+def state_settings(detected: Detected, stated: dict[str, str | None]) -> Detected:
+    """``detected`` with the settings the user stated (None: keep the assumption)."""
+    choices = settings_of(detected)
+    config = dict(detected.config)
+    for name, value in stated.items():
+        if value is None:
+            continue
+        if name not in choices:
+            raise OptionError(f"--{name} does not apply to {detected.name} checkpoints")
+        if value not in choices[name]:
+            raise OptionError(f"--{name} must be one of {', '.join(choices[name])}, not {value!r}")
+        config[name] = value
+    return dataclasses.replace(detected, config=config)
+
+
+def describe(detected: Detected, stated: dict[str, str | None]) -> list[dict[str, Any]]:
+    """For the report: each setting, its value, and whether it was stated or assumed."""
+    return [
+        {
+            "setting": name,
+            "value": detected.config.get(name, choices[0]),
+            "source": f"--{name}" if stated.get(name) else "assumed (not recorded in checkpoints)",
+        }
+        for name, choices in settings_of(detected).items()
+    ]
+
+
+def check_settings(
+    loaded: Any, data: Any, stated: dict[str, str | None], batch_size: int, device: str
+) -> list[str]:
+    """Warnings for assumed settings that another choice fits clearly better on ``data``
+    (labelled). ``loaded`` is a :class:`ccamerge.pipeline.LoadedModels`."""
+    if data is None or data.y is None:
+        return []
+    sample = data.subset(CHECK_SAMPLES)
+    out = []
+    for name, choices in settings_of(loaded.detected).items():
+        if stated.get(name):
+            continue
+        used = loaded.detected.config.get(name, choices[0])
+        scores = {c: _mean_accuracy(loaded, {name: c}, sample, batch_size, device) for c in choices}
+        best = max(choices, key=lambda c: (scores[c], c == used))
+        gain = scores[best] - scores[used]
+        if gain >= MIN_GAIN and 1 - scores[used] >= ERROR_RATIO * (1 - scores[best]):
+            out.append(
+                f"the input models score {100 * scores[used]:.1f}% on average with {name} "
+                f"{used} (assumed) but {100 * scores[best]:.1f}% with {best} on {len(sample)} "
+                f"labelled samples of {data.path}: they were probably trained with {best}; "
+                f"pass --{name} {best}"
+            )
+    return out
+
+
+@torch.no_grad()
+def _mean_accuracy(loaded: Any, setting: dict[str, str], data: Any, batch_size: int, device: str):
+    detected = dataclasses.replace(loaded.detected, config={**loaded.detected.config, **setting})
+    total = 0.0
+    for sd in loaded.state_dicts:
+        model = detected.build()
+        model.load_state_dict(sd, strict=True)
+        model = model.to(device).eval()
+        hits = sum(
+            int((model(x.to(device)).argmax(1).cpu() == data.y[i : i + len(x)]).sum())
+            for i, x in zip(range(0, len(data), batch_size), data.batches(batch_size))
+        )
+        total += hits / len(data)
+    return total / len(loaded.state_dicts)
