@@ -1,0 +1,757 @@
+"""Sequential least-squares refit of a merged network (refit-math.md).
+
+After alignment and averaging, every ``nn.Linear`` and ``nn.Conv2d`` of the
+merged network is refitted in forward order, in closed form, on unlabelled
+calibration data. Layer L, fed with the *merged* network's own inputs x (every
+earlier layer already refitted), is fitted to the merge-weighted mean of the
+endpoints' outputs mapped into the shared space,
+
+    t = sum_k w_k M_k^a z_k        (a: L's output group; M = I without one),
+
+by ridge regression towards the averaged weights W0:
+
+    W^T = (G + lam I)^-1 (R + lam W0^T),  G = sum x x^T,  R = sum x t^T,
+    lam = ridge * trace(G) / p.
+
+A BatchNorm that is the layer's only reader is folded into the fit (the target
+is read at its output); afterwards the layer gets W and the BatchNorm the true
+running statistics of W x with ``weight = sqrt(var + eps)``, ``bias = b + mean``,
+so that in eval mode the pair computes W x + b exactly. When the comparison
+point's only reader is a residual ``add`` whose other summand the merged network
+has already computed, the target is read at the sum and that summand is
+subtracted. BatchNorms that no refitted layer feeds get honest running
+statistics of their merged inputs, as a BatchNorm reset would measure them.
+
+The network is traced once with ``torch.fx``; its nodes are executed one by one
+for the merged network and for every endpoint on every calibration chunk.
+"stored" mode keeps every chunk's live values between layers (N + 1 forward
+passes in all); "recompute" mode, used when those would exceed the memory
+budget, runs every chunk afresh through the already refitted prefix for each
+layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import CcaMergeError, OptionError
+from .methods.base import Alignment
+from .spec import MergeSpec
+from .stats import available_memory, gram
+
+DEFAULT_RIDGE = 1e-3
+MODES = ("stored", "recompute")
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# per-sample normalisations: merged like any tensor, the layers after them absorb the rest
+_OTHER_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_BLOCK_ELEMENTS = 1 << 22  # rows x inputs of one block of the normal equations (16 MiB in float32)
+
+
+class RefitError(CcaMergeError):
+    """The refit cannot run on this network (it cannot be traced, or the endpoints differ)."""
+
+
+# ---------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class LayerFit:
+    """One refitted layer. Residuals are ``||W x - t||^2 / ||t||^2`` on the calibration
+    data, before (the averaged weights on the merged inputs) and after the fit."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    norm: str | None  # the BatchNorm folded into the fit
+    residual_sum: bool  # the target is read at a residual sum
+    inputs: int  # p: input values per sample, with the constant of a fitted bias
+    samples: int  # rows of the fit (samples x output positions)
+    residual_before: float | None
+    residual_after: float | None
+    seconds: float
+
+
+@dataclass
+class RefitReport:
+    mode: str  # "stored" or "recompute"
+    ridge: float
+    layers: list[LayerFit] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# the plan: which nodes are fitted, where their targets are read
+
+
+@dataclass(eq=False)
+class _Fit:
+    """A Linear/Conv2d layer to refit; its target is read at ``point`` (the layer, its
+    folded BatchNorm ``norm``, or a residual sum), less the merged value of ``other``."""
+
+    node: fx.Node
+    module: nn.Linear | nn.Conv2d
+    norm: fx.Node | None
+    bn: nn.modules.batchnorm._BatchNorm | None  # the module of ``norm``
+    point: fx.Node
+    other: fx.Node | None
+    group: str | None
+
+    @property
+    def name(self) -> str:
+        return str(self.node.target)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.module.bias is not None or self.norm is not None
+
+    @property
+    def channel_dim(self) -> int:
+        return 1 if isinstance(self.module, nn.Conv2d) else -1
+
+
+@dataclass(eq=False)
+class _Norm:
+    """A BatchNorm whose running statistics are measured on its merged inputs."""
+
+    node: fx.Node
+    module: nn.modules.batchnorm._BatchNorm
+
+    @property
+    def name(self) -> str:
+        return str(self.node.target)
+
+
+@dataclass
+class _Plan:
+    nodes: list[fx.Node]  # execution order, without the output node
+    position: dict[fx.Node, int]
+    last_read: dict[fx.Node, int]  # position of a node's last reader
+    steps: list[_Fit | _Norm]
+    taps: dict[fx.Node, list[_Fit]]  # target points -> the fits reading them
+    warnings: list[str]
+
+    @property
+    def fits(self) -> list[_Fit]:
+        return [s for s in self.steps if isinstance(s, _Fit)]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return fx.symbolic_trace(model).graph
+    except Exception as e:  # any failure of tracing user code
+        raise RefitError(
+            f"torch.fx cannot trace {type(model).__name__}.forward ({_first_line(e)})"
+        ) from None
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The symmetric zero padding of ``conv`` as integers (None: asymmetric "same")."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+def _unfit_reason(node: fx.Node, m: nn.Module, calls: Counter) -> str | None:
+    """Why layer ``m`` cannot be refitted; None when it can."""
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return f"{type(m).__name__} layers are not refitted"
+    if calls[node.target] > 1:
+        return "the module is called more than once"
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
+        return "it is not called on one tensor"
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return f"grouped convolution (groups={m.groups})"
+        if m.padding_mode != "zeros":
+            return f"padding mode {m.padding_mode!r} (only zero padding is refitted)"
+        if _conv_padding(m) is None:
+            return "asymmetric 'same' padding"
+    return None
+
+
+def _foldable(bn: nn.Module, layer: nn.Module) -> bool:
+    kind = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
+    out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return (
+        type(bn) is kind
+        and bn.affine
+        and bn.track_running_stats
+        and bn.num_features == out
+    )
+
+
+def _only_reader(node: fx.Node) -> fx.Node | None:
+    readers = list(node.users)
+    return readers[0] if len(readers) == 1 else None
+
+
+def _residual_add(point: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other summand)`` when ``point``'s only reader adds it to another node."""
+    add = _only_reader(point)
+    if add is None or add.kwargs or len(add.args) != 2:
+        return None
+    is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or (
+        add.op == "call_method" and add.target in _ADD_METHODS
+    )
+    a, b = add.args
+    if not is_add or not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
+        return None
+    return add, (b if a is point else a)
+
+
+def _plan(model: nn.Module, spec: MergeSpec) -> _Plan:
+    graph = _trace(model)
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    position = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)  # the output node: values it reads are never dropped
+    last_read = {n: max((position.get(u, end) for u in n.users), default=position[n]) for n in nodes}
+    inputs = [n for n in nodes if n.op == "placeholder" and not n.args]
+    if len(inputs) != 1:
+        raise RefitError(f"{type(model).__name__}.forward must take one input tensor")
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    used_directly = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
+    steps: list[_Fit | _Norm] = []
+    warnings = []
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        m = modules[node.target]
+        if isinstance(m, _BATCHNORM):
+            if m.track_running_stats and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
+                steps.append(_Norm(node, m))
+            continue
+        if isinstance(m, _OTHER_NORMS) or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        reason = _unfit_reason(node, m, calls)
+        if reason is None and node.target in used_directly:
+            reason = "its parameters are also used outside the module"
+        if reason is not None:
+            warnings.append(f"layer {node.target} keeps its averaged weights: {reason}")
+            continue
+        steps.append(_make_fit(node, m, spec, modules, calls, position))
+    for n in nodes:
+        if n.op == "get_attr" and isinstance(_attribute(model, str(n.target)), nn.Parameter):
+            warnings.append(
+                f"parameter {n.target} is used outside a module call; it keeps its averaged value"
+            )
+    taps: dict[fx.Node, list[_Fit]] = {}
+    for s in steps:
+        if isinstance(s, _Fit):
+            taps.setdefault(s.point, []).append(s)
+    return _Plan(nodes, position, last_read, steps, taps, warnings)
+
+
+def _make_fit(
+    node: fx.Node,
+    layer: nn.Module,
+    spec: MergeSpec,
+    modules: dict[str, nn.Module],
+    calls: Counter,
+    position: dict[fx.Node, int],
+) -> _Fit:
+    norm = _only_reader(node)
+    if not (
+        norm is not None
+        and norm.op == "call_module"
+        and calls[norm.target] == 1
+        and _foldable(modules[norm.target], layer)
+    ):
+        norm = None
+    point, other = norm or node, None
+    residual = _residual_add(point)
+    if residual is not None and position[residual[1]] < position[node]:
+        point, other = residual
+    group = spec.axes.get(f"{node.target}.weight", {}).get(0)
+    bn = modules[str(norm.target)] if norm is not None else None
+    return _Fit(node, layer, norm, bn, point, other, group)
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# execution: one model, one chunk, node by node
+
+
+class _Run:
+    """``root`` evaluated node by node on one input; a value is dropped after its last
+    reader. ``on_value(node, value)`` sees every value as it is computed."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        root: nn.Module,
+        x: torch.Tensor,
+        on_value: Callable[[fx.Node, Any], None] | None = None,
+    ) -> None:
+        self.plan, self.root, self.x, self.on_value = plan, root, x, on_value
+        self.env: dict[fx.Node, Any] = {}
+        self.done = 0  # plan.nodes[:done] have run
+
+    def run_to(self, stop: int) -> None:
+        """Run the nodes before position ``stop``."""
+        last_read = self.plan.last_read
+        while self.done < stop:
+            node = self.plan.nodes[self.done]
+            value = self._execute(node)
+            if self.on_value is not None:
+                self.on_value(node, value)
+            self.env[node] = value
+            for n in (*node.all_input_nodes, node):
+                if last_read[n] == self.done:
+                    del self.env[n]
+            self.done += 1
+
+    def _execute(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            if node.args:
+                return node.args[0]  # an argument's default
+            x, self.x = self.x, None  # held from here on (and dropped) like any value
+            return x
+        if node.op == "get_attr":
+            return _attribute(self.root, str(node.target))
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.env.__getitem__)
+        if node.op == "call_module":
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            obj, *rest = args
+            return getattr(obj, str(node.target))(*rest, **kwargs)
+        raise RefitError(f"cannot execute graph node {node.op} {node.target}")
+
+
+def _map_channels(value: torch.Tensor, M: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``M`` applied to the channel axis ``dim`` of ``value``."""
+    if M is None:
+        return value
+    mapped = torch.tensordot(value, M.to(value), dims=([dim], [1]))
+    return torch.movedim(mapped, -1, dim)
+
+
+class _Chunk:
+    """One calibration chunk: the merged network's run, every endpoint's run, and the
+    targets (``sum_k w_k M_k z_k`` at each fit's point) of the fits in ``wanted``."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        merged: nn.Module,
+        endpoints: Sequence[nn.Module],
+        maps: dict[_Fit, list[tuple[float, torch.Tensor | None]]],
+        x: torch.Tensor,
+        wanted: Iterable[_Fit],
+    ) -> None:
+        self.plan, self.maps, self.wanted = plan, maps, set(wanted)
+        self.merged = _Run(plan, merged, x)
+        self.endpoints = [
+            _Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)
+        ]
+        self.targets: dict[_Fit, torch.Tensor] = {}
+
+    def _tapper(self, k: int) -> Callable[[fx.Node, Any], None]:
+        def tap(node: fx.Node, value: Any) -> None:
+            for fit in self.plan.taps.get(node, ()):
+                w, M = self.maps[fit][k]
+                if fit in self.wanted and w:
+                    part = w * _map_channels(value, M, fit.channel_dim)
+                    self.targets[fit] = self.targets[fit] + part if fit in self.targets else part
+
+        return tap
+
+    def advance(self, step: _Fit | _Norm) -> None:
+        """Run the merged network up to ``step``'s node, the endpoints through its point."""
+        position = self.plan.position
+        self.merged.run_to(position[step.node])
+        if isinstance(step, _Fit):
+            for run in self.endpoints:
+                run.run_to(position[step.point] + 1)
+
+    def input_of(self, step: _Fit | _Norm) -> torch.Tensor:
+        return self.merged.env[step.node.args[0]]
+
+    def target_of(self, fit: _Fit) -> torch.Tensor:
+        target = self.targets.pop(fit)
+        return target if fit.other is None else target - self.merged.env[fit.other]
+
+
+# ---------------------------------------------------------------------------
+# the normal equations
+
+
+class NormalEquations:
+    """``G = sum x x^T``, ``R = sum x t^T`` and ``sum |t|^2`` over streamed rows, in
+    float64 (each block's products formed in the rows' precision)."""
+
+    def __init__(self, inputs: int, outputs: int, device: torch.device | str = "cpu") -> None:
+        self.G = torch.zeros(inputs, inputs, dtype=torch.float64, device=device)
+        self.R = torch.zeros(inputs, outputs, dtype=torch.float64, device=device)
+        self.target_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = 0
+
+    def add(self, X: torch.Tensor, T: torch.Tensor) -> None:
+        """Rows ``X`` (n x p) with their targets ``T`` (n x out)."""
+        XT = X.T
+        self.G += gram(XT, XT).to(torch.float64)
+        self.R += gram(XT, T.T).to(torch.float64)
+        self.target_norm += torch.sum(T * T, dtype=torch.float64)
+        self.samples += X.shape[0]
+
+    def residual(self, WT: torch.Tensor) -> float | None:
+        """``||W x - t||^2 / ||t||^2`` for ``WT`` (p x out); None when every target is 0."""
+        tt = float(self.target_norm)
+        if tt <= 0:
+            return None
+        err = float((self.G @ WT * WT).sum() - 2 * (self.R * WT).sum()) + tt
+        return max(err, 0.0) / tt
+
+    def solve(self, W0T: torch.Tensor, ridge: float) -> torch.Tensor | None:
+        """``(G + lam I)^-1 (R + lam W0^T)``, ``lam = ridge trace(G) / p``; None when that
+        is not finite.
+
+        G is positive semi-definite, but products formed in float32 can leave it
+        slightly indefinite where the inputs are (nearly) collinear; when the Cholesky
+        factorisation fails, the solve uses G's eigendecomposition with the negative
+        eigenvalues set to 0."""
+        G, p = self.G, self.G.shape[0]
+        if not (torch.isfinite(G).all() and torch.isfinite(self.R).all()):
+            return None
+        lam = ridge * float(torch.trace(G)) / p
+        B = self.R + lam * W0T
+        L, info = torch.linalg.cholesky_ex(G + lam * torch.eye(p, dtype=G.dtype, device=G.device))
+        if int(info) == 0:
+            WT = torch.cholesky_solve(B, L)
+        else:
+            e, V = torch.linalg.eigh(G)
+            WT = V @ ((V.T @ B) / (e.clamp_min(0) + lam)[:, None])
+        return WT if torch.isfinite(WT).all() else None
+
+
+def _rows(fit: _Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Blocks of (inputs, targets) rows of ``fit`` on one chunk; conv inputs as patches."""
+    layer = fit.module
+    if isinstance(layer, nn.Conv2d):
+        padding = _conv_padding(layer)
+        patch = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        positions = t.shape[2] * t.shape[3]
+        step = max(1, _BLOCK_ELEMENTS // (patch * positions))
+        for i in range(0, x.shape[0], step):
+            cols = F.unfold(x[i : i + step], layer.kernel_size, layer.dilation, padding, layer.stride)
+            X = cols.transpose(1, 2).reshape(-1, patch)
+            T = t[i : i + step].flatten(2).transpose(1, 2).reshape(-1, t.shape[1])
+            yield _with_constant(X, fit), T
+    else:
+        X, T = x.reshape(-1, layer.in_features), t.reshape(-1, layer.out_features)
+        step = max(1, _BLOCK_ELEMENTS // layer.in_features)
+        for i in range(0, X.shape[0], step):
+            yield _with_constant(X[i : i + step], fit), T[i : i + step]
+
+
+def _with_constant(X: torch.Tensor, fit: _Fit) -> torch.Tensor:
+    return torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if fit.has_bias else X
+
+
+def _scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, c)`` with ``bn(y) = s * y + c`` in eval mode (float64)."""
+    s = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    return s, bn.bias.double() - s * bn.running_mean.double()
+
+
+def _current(fit: _Fit) -> torch.Tensor:
+    """The layer's weights now, BatchNorm folded, as ``W0^T`` (p x out, float64)."""
+    layer = fit.module
+    W = layer.weight.detach().double().flatten(1)
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(W[:, 0])
+    if fit.bn is not None:
+        s, c = _scale_shift(fit.bn)
+        W, b = s[:, None] * W, s * b + c
+    return (torch.cat([W, b[:, None]], 1) if fit.has_bias else W).T.contiguous()
+
+
+def _write(fit: _Fit, WT: torch.Tensor) -> torch.Tensor | None:
+    """Put the fitted ``W^T`` (p x out) into the layer; returns the bias its folded
+    BatchNorm must add (None without one)."""
+    layer = fit.module
+    W = WT.T
+    b = W[:, -1] if fit.has_bias else None
+    layer.weight.copy_(W[:, : W.shape[1] - int(fit.has_bias)].reshape(layer.weight.shape))
+    if fit.bn is not None:
+        if layer.bias is not None:
+            layer.bias.zero_()  # the BatchNorm's shift carries the bias
+        return b
+    if layer.bias is not None:
+        layer.bias.copy_(b)
+    return None
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations (channels on axis 1),
+    merged over chunks in float64 (Chan et al.'s pairwise update)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = torch.zeros(())
+        self.m2 = torch.zeros(())
+
+    def add(self, x: torch.Tensor) -> None:
+        v = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        n, mean = v.shape[1], v.mean(1)
+        m2 = (v - mean[:, None]).square().sum(1)
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
+        self.n = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased, as a train-mode BatchNorm records it."""
+        return self.m2 / max(self.n - 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# the driver
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def _peak_bytes(plan: _Plan, model: nn.Module, x: torch.Tensor) -> int:
+    """The most bytes of live values while ``model`` runs on ``x``."""
+    run, peak = _Run(plan, model, x), 0
+    for i in range(len(plan.nodes)):
+        run.run_to(i + 1)
+        peak = max(peak, sum(_nbytes(v) for v in run.env.values()))
+    return peak
+
+
+def _choose_mode(
+    plan: _Plan,
+    merged: nn.Module,
+    batches: Callable[[], Iterable[torch.Tensor]],
+    n_models: int,
+    budget: int | None,
+    device: torch.device,
+) -> str:
+    """"stored" when every chunk's live values of all models fit in ``budget`` bytes
+    (default: half the available RAM), else "recompute"."""
+    first, samples = None, 0
+    for x in batches():
+        first = x if first is None else first
+        samples += x.shape[0]
+    if first is None or samples == 0:
+        raise RefitError("no calibration samples")
+    if budget is None:
+        available = available_memory()
+        if available is None:
+            return "stored"
+        budget = available // 2
+    per_sample = _peak_bytes(plan, merged, first.to(device)) / first.shape[0]
+    return "stored" if per_sample * samples * (n_models + 1) <= budget else "recompute"
+
+
+def _target_maps(
+    fit: _Fit, alignment: Alignment, weights: Sequence[float], device: torch.device
+) -> list[tuple[float, torch.Tensor | None]]:
+    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity)."""
+    if fit.group is None:
+        return [(w, None) for w in weights]
+    if fit.group not in alignment.groups:
+        raise RefitError(f"the alignment has no transforms for group {fit.group}")
+    Ms = alignment.groups[fit.group].M
+    return [(w, Ms[k].to(device)) for k, w in enumerate(weights)]
+
+
+def _check_endpoints(merged: nn.Module, endpoints: Sequence[nn.Module]) -> None:
+    shapes = {k: v.shape for k, v in merged.state_dict().items()}
+    kinds = {name: type(m) for name, m in merged.named_modules()}
+    for k, model in enumerate(endpoints):
+        if {n: v.shape for n, v in model.state_dict().items()} != shapes or {
+            name: type(m) for name, m in model.named_modules()
+        } != kinds:
+            raise RefitError(f"model {k} does not have the merged network's modules and shapes")
+
+
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Every module in eval mode; the previous modes restored afterwards."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def _check_options(endpoints: Sequence[nn.Module], weights: Sequence[float], ridge: float) -> None:
+    if not endpoints or len(weights) != len(endpoints):
+        raise OptionError(f"{len(weights)} merge weights given for {len(endpoints)} models")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise OptionError("merge weights must be finite, non-negative and not all zero")
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise OptionError(f"the refit ridge must be finite and non-negative, got {ridge}")
+
+
+@torch.no_grad()
+def refit(
+    merged: nn.Module,
+    endpoints: Sequence[nn.Module],
+    spec: MergeSpec,
+    alignment: Alignment,
+    weights: Sequence[float],
+    batches: Callable[[], Iterable[torch.Tensor]],
+    ridge: float = DEFAULT_RIDGE,
+    memory_budget: int | None = None,
+    on_layer: Callable[[str, int, int], None] | None = None,
+) -> RefitReport:
+    """Refit ``merged`` in place (weights and BatchNorm buffers) to the endpoints.
+
+    ``endpoints`` are the unmerged models (left untouched), ``alignment`` maps their
+    units into the merged network's, ``weights`` are the merge weights, and
+    ``batches()`` yields the calibration inputs afresh on every call. ``memory_budget``
+    (bytes; default half the available RAM) decides between keeping every chunk's
+    activations ("stored") and recomputing them per layer ("recompute").
+    ``on_layer(name, i, total)`` is called after the i-th of ``total`` layers (i from 1).
+    Raises :class:`RefitError` when the network cannot be traced or the endpoints
+    differ from it."""
+    _check_options(endpoints, weights, ridge)
+    _check_endpoints(merged, endpoints)
+    plan = _plan(merged, spec)
+    device = next((p.device for p in merged.parameters()), torch.device("cpu"))
+    maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
+    report = RefitReport(mode="stored", ridge=ridge, warnings=list(plan.warnings))
+    with _eval_mode([merged, *endpoints]):
+        report.mode = _choose_mode(plan, merged, batches, len(endpoints), memory_budget, device)
+
+        def chunk(x: torch.Tensor, wanted: Iterable[_Fit]) -> _Chunk:
+            return _Chunk(plan, merged, endpoints, maps, x.to(device), wanted)
+
+        if report.mode == "stored":
+            stored = [chunk(x, plan.fits) for x in batches()]
+
+        def chunks(step: _Fit | _Norm) -> Iterable[_Chunk]:
+            if report.mode == "stored":
+                return stored
+            return (chunk(x, [step] if isinstance(step, _Fit) else []) for x in batches())
+
+        folded_bias: dict[fx.Node, torch.Tensor] = {}
+        fits = plan.fits
+        for step in plan.steps:
+            if isinstance(step, _Norm):
+                _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
+                continue
+            bias = _fit_layer(step, chunks(step), ridge, report)
+            if bias is not None and step.norm is not None:
+                folded_bias[step.norm] = bias
+            if on_layer is not None:
+                on_layer(step.name, fits.index(step) + 1, len(fits))
+    return report
+
+
+def _fit_layer(
+    fit: _Fit, chunks: Iterable[_Chunk], ridge: float, report: RefitReport
+) -> torch.Tensor | None:
+    """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
+    start = time.perf_counter()
+    W0T = _current(fit)
+    eq = NormalEquations(*W0T.shape, device=W0T.device)
+    for chunk in chunks:
+        chunk.advance(fit)
+        for X, T in _rows(fit, chunk.input_of(fit), chunk.target_of(fit)):
+            eq.add(X, T)
+    WT = eq.solve(W0T, ridge)
+    if WT is None:
+        report.warnings.append(
+            f"layer {fit.name} keeps its averaged weights: the least-squares solve was not "
+            "finite (non-finite activations, or a singular Gram matrix with ridge 0)"
+        )
+        return None
+    p = W0T.shape[0]
+    if eq.samples < p:
+        report.warnings.append(
+            f"layer {fit.name}: {eq.samples} samples for {p} inputs; the ridge towards the "
+            "averaged weights decides what the data does not"
+        )
+    bias = _write(fit, WT)
+    report.layers.append(
+        LayerFit(
+            name=fit.name,
+            kind="conv" if isinstance(fit.module, nn.Conv2d) else "linear",
+            norm=str(fit.norm.target) if fit.norm is not None else None,
+            residual_sum=fit.other is not None,
+            inputs=p,
+            samples=eq.samples,
+            residual_before=eq.residual(W0T),
+            residual_after=eq.residual(WT),
+            seconds=time.perf_counter() - start,
+        )
+    )
+    return bias
+
+
+def _measure_norm(
+    norm: _Norm, chunks: Iterable[_Chunk], bias: torch.Tensor | None, report: RefitReport
+) -> None:
+    """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
+    of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
+    moments = _Moments()
+    for chunk in chunks:
+        chunk.advance(norm)
+        moments.add(chunk.input_of(norm))
+    if moments.n < 2:
+        report.warnings.append(
+            f"BatchNorm {norm.name}: one value per channel, its running variance is set to 0"
+        )
+    bn, var = norm.module, moments.variance
+    bn.running_mean.copy_(moments.mean)
+    bn.running_var.copy_(var)
+    if bias is not None:
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.copy_(bias + moments.mean)
