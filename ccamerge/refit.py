@@ -205,12 +205,7 @@ def _unfit_reason(node: fx.Node, m: nn.Module, calls: Counter) -> str | None:
 def _foldable(bn: nn.Module, layer: nn.Module) -> bool:
     kind = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
     out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-    return (
-        type(bn) is kind
-        and bn.affine
-        and bn.track_running_stats
-        and bn.num_features == out
-    )
+    return type(bn) is kind and bn.affine and bn.track_running_stats and bn.num_features == out
 
 
 def _only_reader(node: fx.Node) -> fx.Node | None:
@@ -237,7 +232,9 @@ def _plan(model: nn.Module, spec: MergeSpec) -> _Plan:
     nodes = [n for n in graph.nodes if n.op != "output"]
     position = {n: i for i, n in enumerate(nodes)}
     end = len(nodes)  # the output node: values it reads are never dropped
-    last_read = {n: max((position.get(u, end) for u in n.users), default=position[n]) for n in nodes}
+    last_read = {
+        n: max((position.get(u, end) for u in n.users), default=position[n]) for n in nodes
+    }
     inputs = [n for n in nodes if n.op == "placeholder" and not n.args]
     if len(inputs) != 1:
         raise RefitError(f"{type(model).__name__}.forward must take one input tensor")
@@ -382,9 +379,7 @@ class _Chunk:
     ) -> None:
         self.plan, self.maps, self.wanted = plan, maps, set(wanted)
         self.merged = _Run(plan, merged, x)
-        self.endpoints = [
-            _Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)
-        ]
+        self.endpoints = [_Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)]
         self.targets: dict[_Fit, torch.Tensor] = {}
 
     def _tapper(self, k: int) -> Callable[[fx.Node, Any], None]:
@@ -429,6 +424,8 @@ class NormalEquations:
 
     def add(self, X: torch.Tensor, T: torch.Tensor) -> None:
         """Rows ``X`` (n x p) with their targets ``T`` (n x out)."""
+        if X.dtype not in (torch.float32, torch.float64):  # half precision: sum in float32
+            X, T = X.float(), T.float()
         XT = X.T
         self.G += gram(XT, XT).to(torch.float64)
         self.R += gram(XT, T.T).to(torch.float64)
@@ -465,7 +462,9 @@ class NormalEquations:
         return WT if torch.isfinite(WT).all() else None
 
 
-def _rows(fit: _Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _rows(
+    fit: _Fit, x: torch.Tensor, t: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Blocks of (inputs, targets) rows of ``fit`` on one chunk; conv inputs as patches."""
     layer = fit.module
     if isinstance(layer, nn.Conv2d):
@@ -474,7 +473,9 @@ def _rows(fit: _Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.T
         positions = t.shape[2] * t.shape[3]
         step = max(1, _BLOCK_ELEMENTS // (patch * positions))
         for i in range(0, x.shape[0], step):
-            cols = F.unfold(x[i : i + step], layer.kernel_size, layer.dilation, padding, layer.stride)
+            cols = F.unfold(
+                x[i : i + step], layer.kernel_size, layer.dilation, padding, layer.stride
+            )
             X = cols.transpose(1, 2).reshape(-1, patch)
             T = t[i : i + step].flatten(2).transpose(1, 2).reshape(-1, t.shape[1])
             yield _with_constant(X, fit), T
@@ -578,7 +579,7 @@ def _choose_mode(
     budget: int | None,
     device: torch.device,
 ) -> str:
-    """"stored" when every chunk's live values of all models fit in ``budget`` bytes
+    """ "stored" when every chunk's live values of all models fit in ``budget`` bytes
     (default: half the available RAM), else "recompute"."""
     first, samples = None, 0
     for x in batches():
