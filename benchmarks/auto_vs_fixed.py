@@ -9,10 +9,10 @@ pieces, while scoring every candidate on the test set as well:
 
 * fixed choice: statistics and BatchNorm reset on the first 2000 calibration images
   (what ``--method X --gamma g`` does), merged and scored on the test images;
-* automatic choice: :func:`ccamerge.select.split_heldout` (seed 0, 20%) splits the same
+* automatic choice: :func:`ccamerge.pipeline.split_heldout` (seed 0, 20%) splits the same
   2000 images into 1600 for statistics/BN and 400 held out; every candidate of
-  :func:`ccamerge.select.candidate_methods` is merged from the 1600 and scored on the 400
-  by KL to the ensemble (:func:`ccamerge.select.score_outputs`); ``gamma auto`` is the
+  :func:`ccamerge.pipeline.candidate_methods` is merged from the 1600 and scored on the 400
+  by KL to the ensemble (:func:`ccamerge.pipeline.score_outputs`); ``gamma auto`` is the
   best CCA candidate, ``method auto`` the best of all. Their test accuracy is that of the
   winner merged from the 1600 (exactly what ``run_merge`` returns).
 
@@ -39,17 +39,21 @@ import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 from common import top1 as acc  # noqa: E402
 
-from ccamerge.evaluate import ensemble_logits, predict_logits  # noqa: E402
-from ccamerge.io import load_data  # noqa: E402
-from ccamerge.merge import (  # noqa: E402
+from ccamerge.files import load_data  # noqa: E402
+from ccamerge.methods import AlignContext, make_method  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402  # noqa: E402  # noqa: E402
     Progress,
     build_merged,
+    candidate_methods,
+    ensemble_logits,
     gather_statistics,
+    label,
     load_models,
+    predict_logits,
     resolve_bn_mode,
+    score_outputs,
+    split_heldout,
 )
-from ccamerge.methods import AlignContext, make_method  # noqa: E402
-from ccamerge.select import candidate_methods, label, score_outputs, split_heldout  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000

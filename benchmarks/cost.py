@@ -187,8 +187,9 @@ def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str,
 
 
 def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> dict[str, Any]:
-    from ccamerge.io import load_data
-    from ccamerge.merge import MergePlan, Progress, load_models, run_merge
+    from ccamerge.files import load_data
+    from ccamerge.merge import MergePlan, run_merge
+    from ccamerge.pipeline import Progress, load_models
 
     torch.set_num_threads(threads)
     sampler = RssSampler()

@@ -27,7 +27,7 @@ from torch import nn
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.archs.resnet_tv import tv_resnet_config
 from ccamerge.archs.vgg import vgg_config
-from ccamerge.registry import _load_builtin, get_architecture
+from ccamerge.registry import get_architecture
 
 CACHE = Path(__file__).resolve().parent / "cache"
 MODEL_DIR = CACHE / "models"
@@ -48,7 +48,6 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str]] = {
 
 
 def build(name: str) -> nn.Module:
-    _load_builtin()
     entry, config, _ = ARCHS[name]
     return get_architecture(entry).build(config)
 

@@ -44,10 +44,16 @@ import models as Mdl  # noqa: E402
 from common import top1 as acc  # noqa: E402
 
 from ccamerge.bn import has_batchnorm  # noqa: E402
-from ccamerge.evaluate import ensemble_logits, predict_logits  # noqa: E402
-from ccamerge.io import Dataset, load_data  # noqa: E402
-from ccamerge.merge import Progress, build_merged, gather_statistics, load_models  # noqa: E402
+from ccamerge.files import Dataset, load_data  # noqa: E402
 from ccamerge.methods import AlignContext, make_method  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
+    Progress,
+    build_merged,
+    ensemble_logits,
+    gather_statistics,
+    load_models,
+    predict_logits,
+)
 from ccamerge.repair import (  # noqa: E402
     average_shared_space,
     preactivation_spec,
@@ -310,7 +316,7 @@ def correct_running_stats(model: torch.nn.Module, batches: list, passes: int) ->
 def _with_eval_passes(passes: int) -> None:
     """Make the library's BN reset (as build_merged calls it) add ``passes`` corrections."""
     import ccamerge.bn as bnmod
-    import ccamerge.merge as mergemod
+    import ccamerge.pipeline.assemble as assemble
 
     original = getattr(bnmod, "_original_reset", bnmod.reset_batchnorm)
     bnmod._original_reset = original
@@ -321,14 +327,14 @@ def _with_eval_passes(passes: int) -> None:
         correct_running_stats(model, [x.to(device) for x in batches], passes)
         return seen
 
-    bnmod.reset_batchnorm = mergemod.reset_batchnorm = reset if passes else original
+    bnmod.reset_batchnorm = assemble.reset_batchnorm = reset if passes else original
 
 
 def bn_check(n_test: int) -> dict[str, Any]:
     """BatchNorm reset exactness: merge a model with a permuted copy of itself (permute,
     renorm and vector BN) and compare the logits with the original's; then real merges
     (ResNet20 x1 seeds 0, 1) with 0, 1 and 2 eval-mode correction passes."""
-    from ccamerge.apply import permute_state_dict, random_permutations
+    from ccamerge.algebra import permute_state_dict, random_permutations
 
     out: dict[str, Any] = {"test_images": n_test, "calib": CALIB, "copy": [], "merges": []}
     for arch in ("resnet20x1", "vgg11q"):

@@ -6,10 +6,10 @@
 For each architecture, each N and each model group (a set of N seeds; the first
 is the reference), the script
 
-1. loads the checkpoints with ``ccamerge.merge.load_models`` (the CLI's path);
+1. loads the checkpoints with ``ccamerge.pipeline.load_models`` (the CLI's path);
 2. evaluates each base model once on the 10000 test images (logits cached per
    seed) and their ensemble (mean of logits);
-3. gathers the calibration statistics with ``ccamerge.merge.gather_statistics``
+3. gathers the calibration statistics with ``ccamerge.pipeline.gather_statistics``
    on the first 500, 2000 and 10000 images of the calibration set, nested: the
    2000-sample statistics are the 500-sample ones plus a pass over images
    500..1999 (``JointCovariance.merge``), so each image is run through the
@@ -17,7 +17,7 @@ is the reference), the script
 4. for each configuration (method, parameters, calibration size, BN mode, BN
    reset on/off) aligns with ``make_method(...).align(AlignContext(...))`` (one
    alignment per method and calibration size, shared by the BN variants), builds
-   the merged model with ``ccamerge.merge.build_merged`` (BatchNorm reset or
+   the merged model with ``ccamerge.pipeline.build_merged`` (BatchNorm reset or
    renormalised on the same calibration images), and evaluates it.
 
 Results (one JSON row per merge, with timings) go to
@@ -48,16 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 
-from ccamerge.evaluate import ensemble_logits, predict_logits, score_logits  # noqa: E402
-from ccamerge.io import Dataset, load_data  # noqa: E402
-from ccamerge.merge import (  # noqa: E402
+from ccamerge.files import Dataset, load_data  # noqa: E402
+from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     Progress,
     build_merged,
+    ensemble_logits,
     gather_statistics,
     load_models,
+    predict_logits,
     resolve_bn_mode,
+    score_logits,
 )
-from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
 from ccamerge.stats import Statistics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -67,8 +67,8 @@ def _time_methods(loaded, stats, methods) -> dict[str, float]:
 
 
 def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
-    from ccamerge.io import Dataset, load_data
-    from ccamerge.merge import Progress, gather_statistics, load_models
+    from ccamerge.files import Dataset, load_data
+    from ccamerge.pipeline import Progress, gather_statistics, load_models
 
     sampler = RssSampler()
     sampler.start()
@@ -93,8 +93,8 @@ def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
-    from ccamerge.io import Dataset, load_data
-    from ccamerge.merge import Progress, gather_statistics, load_models
+    from ccamerge.files import Dataset, load_data
+    from ccamerge.pipeline import Progress, gather_statistics, load_models
 
     loaded = load_models([str(Mdl.checkpoint("mlp", s)) for s in range(cfg["N"])])
     calib = load_data(fmnist.write_npz("flat")["calib"])
@@ -114,9 +114,9 @@ def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     from ccamerge.bn import reset_batchnorm
-    from ccamerge.io import Dataset, load_data
-    from ccamerge.merge import Progress, build_merged, gather_statistics, load_models
+    from ccamerge.files import Dataset, load_data
     from ccamerge.methods import AlignContext, make_method
+    from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
 
     sampler = RssSampler()
     sampler.start()

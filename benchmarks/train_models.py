@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as M  # noqa: E402
 
-from ccamerge.io import Dataset  # noqa: E402
+from ccamerge.files import Dataset  # noqa: E402
 from ccamerge.train import train_classifier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

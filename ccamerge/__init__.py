@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .merge import MergePlan, MergeResult, merge, run_merge  # noqa: E402
-from .registry import (  # noqa: E402
+from . import archs  # noqa: F401  (registers the built-in architectures)
+from .merge import MergePlan, MergeResult, merge, run_merge
+from .registry import (
     detect_architecture,
     get_architecture,
     list_architectures,
     register_architecture,
 )
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "MergePlan",
     "MergeResult",
     "merge",

@@ -1,97 +1,159 @@
-"""Transform tensors along their grouped axes and average them.
-
-For model k and group g, ``M[g]`` (d x d) maps the model's unit activations
-(column vectors) into the shared space and ``U[g]`` maps back (normally
-``U = M^-1``). A weight whose axis 0 lies in group a and axis 1 in group b
-becomes ``M^a W U^b`` (cca-merge-math.md, section 5); kernel axes beyond 1 are
-untouched; tensors with no grouped axis are only averaged. Arithmetic is in
-float64 and the result is cast back to each tensor's dtype; integer tensors
-(``num_batches_tracked``) are copied from the reference model.
-"""
+"""``ccamerge apply``: merge checkpoints again with saved transforms, no alignment
+statistics needed (the file format: :mod:`ccamerge.pipeline.transforms`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
-
-from .spec import MergeSpec
-
-Transforms = Mapping[str, torch.Tensor]
-
-
-def transform_tensor(
-    t: torch.Tensor,
-    axes: Mapping[int, str],
-    M: Transforms | None,
-    U: Transforms | None,
-) -> torch.Tensor:
-    """Apply ``M`` on axis 0 and ``U`` on axis 1 of ``t`` (float64 in, float64 out)."""
-    out = t
-    if 0 in axes and M is not None and axes[0] in M:
-        m = M[axes[0]].to(out)
-        out = torch.tensordot(m, out, dims=([1], [0]))
-    if 1 in axes and U is not None and axes[1] in U:
-        u = U[axes[1]].to(out)
-        # contract axis 1 with U's rows, then move the new axis back to position 1
-        out = torch.movedim(torch.tensordot(out, u, dims=([1], [0])), -1, 1)
-    return out
-
-
-def transform_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    spec: MergeSpec,
-    M: Transforms,
-    U: Transforms,
-) -> dict[str, torch.Tensor]:
-    """One model's tensors mapped through its transforms (dtype preserved)."""
-    return merge_state_dicts([state_dict], spec, [M], [U], [1.0])
+from .errors import ArchitectureError, OptionError
+from .files import check_output_path, sha256
+from .pipeline import (
+    BN_MODES,
+    MergeResult,
+    Progress,
+    Timer,
+    build_merged,
+    check_batch_size,
+    check_data_fits,
+    check_fits,
+    evaluate_all,
+    gather_statistics,
+    group_report,
+    load_models,
+    load_transforms,
+    normalise_weights,
+    provenance,
+    read_calibration,
+    read_eval_data,
+    resolve_device,
+    split_heldout,
+    write_model,
+)
+from .version import __version__
 
 
-def merge_state_dicts(
-    state_dicts: Sequence[Mapping[str, torch.Tensor]],
-    spec: MergeSpec,
-    Ms: Sequence[Transforms | None],
-    Us: Sequence[Transforms | None],
-    weights: Sequence[float],
-    reference: int = 0,
-) -> dict[str, torch.Tensor]:
-    """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
-    ref = state_dicts[reference]
-    out: dict[str, torch.Tensor] = {}
-    for name, t_ref in ref.items():
-        if not (t_ref.is_floating_point() or t_ref.is_complex()):
-            out[name] = t_ref.clone()
-            continue
-        axes = spec.axes.get(name, {})
-        acc = torch.zeros(t_ref.shape, dtype=torch.float64, device=t_ref.device)
-        for sd, M, U, w in zip(state_dicts, Ms, Us, weights):
-            if w == 0.0:
-                continue
-            acc += w * transform_tensor(sd[name].to(torch.float64), axes, M, U)
-        out[name] = acc.to(t_ref.dtype).contiguous()
-    return out
+@dataclass
+class ApplyPlan:
+    """Everything ``ccamerge apply`` was asked to do. ``weights``, ``bn_mode``,
+    ``num_samples``, ``seed`` and ``batch_size`` default to those recorded in the
+    transforms file."""
+
+    transforms: str
+    checkpoints: list[str]
+    output: str | None = None
+    weights: list[float] | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    num_samples: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    device: str = "cpu"
+    reset_bn: bool = True
+    bn_mode: str | None = None
+    force: bool = False
 
 
-def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
-    """``P`` with ``(P h)[i] = h[perm[i]]``: unit i of the result is unit perm[i]."""
-    d = perm.numel()
-    P = torch.zeros(d, d, dtype=torch.float64)
-    P[torch.arange(d), perm] = 1.0
-    return P
+def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
+    """Merge ``plan.checkpoints`` with saved transforms (no alignment statistics)."""
+    progress = progress or Progress()
+    timer = Timer()
+    device = resolve_device(plan.device)
+    inputs = [plan.transforms, *plan.checkpoints]
+    out_path = check_output_path(plan.output, inputs, plan.force) if plan.output else None
+    with timer.phase("load"):
+        saved = load_transforms(plan.transforms)
+        arch = saved.metadata["architecture"].get("name")
+        try:
+            loaded = load_models(plan.checkpoints, arch)
+        except ArchitectureError as e:
+            raise ArchitectureError(
+                f"transforms {plan.transforms} were computed for a {arch}, "
+                f"but the checkpoints do not fit it: {e}"
+            ) from None
+        warnings = check_fits(saved, loaded)
+        meta = saved.metadata
+        plan = dataclasses.replace(
+            plan,
+            num_samples=plan.num_samples
+            if plan.num_samples is not None
+            else meta.get("num_samples"),
+            seed=plan.seed if plan.seed is not None else int(meta.get("seed") or 0),
+            batch_size=plan.batch_size or int(meta.get("batch_size") or 256),
+        )
+        batch_size = check_batch_size(int(plan.batch_size or 0))
+        calib = read_calibration(plan.data, plan.num_samples, plan.seed)
+        if calib is not None:
+            check_data_fits(calib, loaded, "calibration data")
+            split = meta.get("heldout_split")
+            if split:
+                calib = split_heldout(calib, split["fraction"], split["seed"]).stats
+        eval_data = read_eval_data(plan.eval_data, loaded)
+    n, reference = len(loaded.paths), saved.reference
+    weights = normalise_weights(plan.weights or meta.get("weights"), n)
+    bn_mode = plan.bn_mode if plan.bn_mode not in (None, "auto") else meta.get("bn_mode")
+    if bn_mode not in BN_MODES or bn_mode == "auto":
+        raise OptionError(f"--bn-mode must be vector or renorm, not {bn_mode!r}")
 
+    stats = None
+    has_norms = any(g.norms for g in loaded.spec.groups)
+    if calib is not None and plan.reset_bn and bn_mode == "renorm" and has_norms:
+        with timer.phase("statistics"):
+            stats = gather_statistics(
+                loaded, calib, batch_size, device, progress, group_stats=False
+            )
+    with timer.phase("apply"):
+        state, model, bn_done = build_merged(
+            loaded,
+            saved.alignment,
+            weights,
+            reference,
+            calib,
+            stats,
+            bn_mode,
+            plan.reset_bn,
+            batch_size,
+            device,
+        )
+    if calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
+        undone = (
+            "BatchNorm running statistics were not reset"
+            if has_norms
+            else "the REPAIR renormalisation of the merged layers was not redone"
+        )
+        warnings.append(f"no calibration data (--data): {undone}")
+    evaluation = None
+    if eval_data is not None:
+        with timer.phase("evaluate"):
+            evaluation = evaluate_all(loaded, model, eval_data, batch_size, device)
 
-def permute_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    spec: MergeSpec,
-    perms: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Reorder every group's units by ``perms[group]``: the same function, new unit order."""
-    M = {g: permutation_matrix(p) for g, p in perms.items()}
-    U = {g: P.T for g, P in M.items()}
-    return transform_state_dict(state_dict, spec, M, U)
-
-
-def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
+    report: dict[str, Any] = {
+        "ccamerge_version": __version__,
+        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
+        "method": saved.metadata["method"],
+        "params": saved.metadata.get("params") or {},
+        "transforms": {"path": plan.transforms, "sha256": sha256(plan.transforms)},
+        "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
+        "reference": reference,
+        "weights": weights,
+        "output": str(out_path) if out_path else None,
+        "num_samples": stats.num_samples if stats else 0,
+        "batchnorm": bn_done,
+        "bn_mode": bn_mode,
+        "groups": group_report(loaded.spec, saved.alignment, reference),
+        "warnings": warnings,
+        "timings": timer.timings,
+    }
+    if evaluation is not None:
+        report["evaluation"] = evaluation
+    if out_path is not None:
+        with timer.phase("write"):
+            metadata = provenance(report, plan.data, int(plan.seed or 0))
+            metadata["transforms"] = {
+                "name": Path(plan.transforms).name,
+                "sha256": report["transforms"]["sha256"],
+            }
+            write_model(state, out_path, inputs, plan.force, metadata)
+    return MergeResult(state, model, saved.alignment, report)

@@ -19,7 +19,7 @@ with each method's transforms (``average``: all identities, the naive path).
 Statistics are gathered once for both models: the joint covariance is
 symmetric in which model is the reference (``AlignContext.reference`` only
 selects blocks). Transforms are computed once per method and side, never per
-``t``. BatchNorm is handled per ``t`` by :func:`ccamerge.merge.build_merged`
+``t``. BatchNorm is handled per ``t`` by :func:`ccamerge.pipeline.build_merged`
 (running statistics recomputed, or renormalised, on calibration data).
 
 Endpoints: at ``t = 0`` and ``t = 1`` the curves use the checkpoints
@@ -50,26 +50,32 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import __version__
 from .bn import has_batchnorm
 from .errors import OptionError, OutputError
-from .evaluate import predict_logits, score_logits
-from .io import Dataset, load_data, write_atomic
-from .merge import (
+from .files import Dataset, write_atomic
+from .methods import Alignment, MergeMethod, list_methods
+from .pipeline import (
     LoadedModels,
     Progress,
     Timer,
+    align_models,
     build_merged,
+    check_batch_size,
     check_data_fits,
     evaluate_all,
     gather_statistics,
     load_models,
+    make_methods,
+    predict_logits,
+    read_calibration,
+    read_eval_data,
     resolve_bn_mode,
     resolve_device,
     sample_warnings,
+    score_logits,
 )
-from .methods import AlignContext, Alignment, MergeMethod, list_methods, make_method
 from .stats import Statistics
+from .version import __version__
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 DEFAULT_METHODS = ("average", "permute", "cca")
@@ -135,25 +141,6 @@ def barrier(
     return gaps[k], ts[k]
 
 
-def make_methods(names: Sequence[str], params: dict[str, Any]) -> list[MergeMethod]:
-    """Instantiate each method with the parameters it takes; unknown parameters are errors."""
-    if not names:
-        raise OptionError("no methods given")
-    dupes = sorted({n for n in names if list(names).count(n) > 1})
-    if dupes:
-        raise OptionError(f"method(s) listed twice: {', '.join(dupes)}")
-    methods, used = [], set()
-    for name in names:
-        accepted = set(make_method(name).params())
-        mine = {k: v for k, v in params.items() if k in accepted}
-        used |= set(mine)
-        methods.append(make_method(name, **mine))
-    unused = sorted(set(params) - used)
-    if unused:
-        raise OptionError(f"no listed method takes {', '.join(unused)} ({', '.join(names)})")
-    return methods
-
-
 def path_sides(
     method: MergeMethod, loaded: LoadedModels, stats: Statistics | None
 ) -> tuple[PathSide, PathSide]:
@@ -164,9 +151,7 @@ def path_sides(
     gives back its own tensors."""
 
     def side(ref: int) -> PathSide:
-        return PathSide(
-            method.align(AlignContext(loaded.spec, loaded.state_dicts, ref, stats)), ref
-        )
+        return PathSide(align_models(method, loaded, ref, stats), ref)
 
     first = side(0)
     if method.permutation_only:
@@ -230,8 +215,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     device = resolve_device(plan.device)
     if len(plan.checkpoints) != 2:
         raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
-    if plan.batch_size <= 0:
-        raise OptionError(f"--batch-size must be positive, got {plan.batch_size}")
+    check_batch_size(plan.batch_size)
     ts = grid(plan.steps)
     methods = make_methods(plan.methods, plan.method_params)
     bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
@@ -241,14 +225,10 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
 
     with timer.phase("load"):
         loaded = load_models(plan.checkpoints, plan.arch)
-        calib = None
-        if plan.data is not None:
-            calib = load_data(plan.data).subset(
-                plan.num_samples, plan.seed if plan.num_samples else None
-            )
+        calib = read_calibration(plan.data, plan.num_samples, plan.seed)
+        if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
-        eval_data = load_data(plan.eval_data, require_labels=True)
-        check_data_fits(eval_data, loaded, "evaluation data")
+        eval_data = read_eval_data(plan.eval_data, loaded)
 
     warnings: list[str] = []
     with timer.phase("evaluate"):

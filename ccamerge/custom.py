@@ -38,7 +38,7 @@ from torch import nn
 
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .errors import ArchitectureError, OptionError, SpecError
-from .io import write_atomic
+from .files import write_atomic
 from .registry import Detected, NotThisArchitecture
 from .spec import FeatureGroup, MergeSpec
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .archs.mlp import MLP
-from .merge import MergePlan, Progress, run_merge
+from .merge import MergePlan, run_merge
+from .pipeline import Progress
 from .train import digits, train_classifier
 
 

@@ -68,12 +68,10 @@ def unregister_architecture(name: str) -> None:
 
 
 def list_architectures() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_architecture(name: str) -> Architecture:
-    _load_builtin()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -111,7 +109,6 @@ def detect_architecture(
     state_dict: Mapping[str, torch.Tensor], name: str | None = None
 ) -> Detected:
     """Find the registry entry that fits ``state_dict`` (or check entry ``name``)."""
-    _load_builtin()
     if name is not None:
         arch = get_architecture(name)
         try:
@@ -128,13 +125,3 @@ def detect_architecture(
     raise ArchitectureError(
         f"no registered architecture fits this checkpoint; closest is {best!r}: {reason}"
     )
-
-
-_loaded = False
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import archs  # noqa: F401  (registers the built-in entries)

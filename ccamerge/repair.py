@@ -30,7 +30,7 @@ from torch import nn
 from .bn import renorm_targets
 from .methods.base import Alignment, GroupAlignment
 from .spec import FeatureGroup, MergeSpec
-from .stats import JointCovariance, Statistics, centre
+from .stats import JointCovariance, Statistics, centre, collect_statistics
 
 _WRITERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -186,7 +186,6 @@ _PRE_CACHE: dict[str, tuple[list, Statistics]] = {}
 
 
 def _preactivation_statistics(loaded, calib, batch_size: int, device: str) -> Statistics | None:
-    from .stats import collect_statistics
 
     keys = [calib.x, *loaded.state_dicts[0].values()]
     hit = _PRE_CACHE.get("latest")

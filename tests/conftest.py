@@ -12,7 +12,7 @@ import torch
 from ccamerge.archs.mlp import MLP
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.archs.vgg import vgg_config
-from ccamerge.io import Dataset
+from ccamerge.files import Dataset
 from ccamerge.registry import get_architecture
 from ccamerge.train import digits, train_classifier
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccamerge.apply import permute_state_dict, random_permutations
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.archs.resnet_tv import tv_resnet_config
 from ccamerge.archs.vgg import vgg_config

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ccamerge import io as ccio
+from ccamerge import files as ccio
 from ccamerge import stats as ccstats
 from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
@@ -404,7 +404,7 @@ def test_eval_labels_that_do_not_fit(env, monkeypatch):
         raise AssertionError("the statistics pass ran before the labels were checked")
 
     monkeypatch.setattr(
-        importlib.import_module("ccamerge.merge"), "collect_statistics", no_statistics
+        importlib.import_module("ccamerge.pipeline.statistics"), "collect_statistics", no_statistics
     )
     cases = {
         env.npz("short.npz", x=env.x, y=env.y[:150]): "(150,) labels for 200 samples",
@@ -600,7 +600,9 @@ def test_new_file_appearing_during_the_merge_is_not_clobbered(env, monkeypatch):
             env.out.write_bytes(b"theirs")
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(ccmerge, "check_output_path", check)
+    monkeypatch.setattr(ccmerge, "check_output_path", check)  # the check before the work
+    write_step = importlib.import_module("ccamerge.pipeline.write")  # the check before writing
+    monkeypatch.setattr(write_step, "check_output_path", check)
     line = refused(env.merge())
     assert calls["n"] == 2 and "exists; pass --force" in line
     assert env.out.read_bytes() == b"theirs"

@@ -24,10 +24,9 @@ from ccamerge.barrier import (
 )
 from ccamerge.cli import app
 from ccamerge.errors import OptionError
-from ccamerge.evaluate import evaluate, predict_logits
-from ccamerge.io import load_data
-from ccamerge.merge import Progress, gather_statistics, load_models
+from ccamerge.files import load_data
 from ccamerge.methods import AlignContext, list_methods, make_method
+from ccamerge.pipeline import Progress, evaluate, gather_statistics, load_models, predict_logits
 
 METHODS = ["average", "permute", "cca"]
 STEPS = 7

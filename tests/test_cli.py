@@ -9,10 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from ccamerge.cli import app
-from ccamerge.evaluate import evaluate
-from ccamerge.io import load_data, read_metadata, sha256
+from ccamerge.files import load_data, read_metadata, sha256
+from ccamerge.pipeline import GAMMA_GRID, evaluate
 from ccamerge.registry import detect_architecture
-from ccamerge.select import GAMMA_GRID
 
 runner = CliRunner()
 
@@ -145,7 +144,7 @@ def test_containers_and_module_prefix_are_unwrapped(digits_mlps, tmp_path):
     sd = digits_mlps.models[1].state_dict()
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
-    from ccamerge.io import load_checkpoint
+    from ccamerge.files import load_checkpoint
 
     loaded = load_checkpoint(wrapped)
     assert set(loaded) == set(sd)

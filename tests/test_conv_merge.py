@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccamerge.apply import permute_state_dict, random_permutations
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.bn import reset_batchnorm
 from ccamerge.merge import merge
 from ccamerge.methods import list_methods

@@ -25,8 +25,8 @@ from ccamerge.cli import app
 from ccamerge.custom import load_factory, load_spec, spec_from_dict
 from ccamerge.discover import discover
 from ccamerge.errors import OptionError, SpecError
-from ccamerge.evaluate import evaluate
-from ccamerge.io import load_data
+from ccamerge.files import load_data
+from ccamerge.pipeline import evaluate
 from ccamerge.stats import collect_statistics
 from ccamerge.train import digits, train_classifier
 

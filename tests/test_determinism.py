@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
-from ccamerge.io import safetensors_bytes, save_safetensors_atomic
+from ccamerge.files import safetensors_bytes, save_safetensors_atomic
 from ccamerge.registry import get_architecture, list_architectures
 
 runner = CliRunner()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccamerge.apply import permute_state_dict, random_permutations
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.archs.vgg import vgg_config
 from ccamerge.discover import discover
 from ccamerge.errors import SpecError

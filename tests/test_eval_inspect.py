@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from ccamerge.cli import app
-from ccamerge.evaluate import ensemble_logits, evaluate, predict_logits, score_logits
-from ccamerge.inspect import inspect_checkpoint
-from ccamerge.io import load_data
+from ccamerge.files import load_data
+from ccamerge.inspection import inspect_checkpoint
+from ccamerge.pipeline import ensemble_logits, evaluate, predict_logits, score_logits
 
 runner = CliRunner()
 

@@ -13,12 +13,11 @@ from typer.testing import CliRunner
 from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
 from ccamerge.errors import OptionError
-from ccamerge.evaluate import evaluate
-from ccamerge.merge import LoadedModels, load_models, merge
+from ccamerge.merge import merge
 from ccamerge.methods import list_methods
+from ccamerge.pipeline import LoadedModels, evaluate, load_models, load_transforms
 from ccamerge.registry import get_architecture
 from ccamerge.stats import PairwiseCovariance, collect_statistics, statistics_bytes
-from ccamerge.transforms import load_transforms
 
 runner = CliRunner()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ccamerge.apply import permute_state_dict, random_permutations
-from ccamerge.evaluate import evaluate
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.merge import merge
+from ccamerge.pipeline import evaluate
 from ccamerge.registry import detect_architecture
 
 

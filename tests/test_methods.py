@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ccamerge.apply import permute_state_dict, random_permutations
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.errors import OptionError
 from ccamerge.merge import merge
 from ccamerge.methods import AlignContext, make_method

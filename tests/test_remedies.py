@@ -6,12 +6,12 @@ import dataclasses
 
 import torch
 
-from ccamerge.apply import permute_state_dict, random_permutations
+from ccamerge.algebra import permute_state_dict, random_permutations
 from ccamerge.archs.mlp import MLP
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.io import Dataset
-from ccamerge.merge import Progress, build_merged, gather_statistics, load_models
+from ccamerge.files import Dataset
 from ccamerge.methods import AlignContext, make_method
+from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
 from ccamerge.registry import get_architecture
 from ccamerge.repair import (
     average_shared_space,

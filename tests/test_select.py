@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ccamerge.io import Dataset
+from ccamerge.files import Dataset
 from ccamerge.merge import merge
+from ccamerge.pipeline import GAMMA_GRID, split_heldout
 from ccamerge.registry import detect_architecture
-from ccamerge.select import GAMMA_GRID, split_heldout
 
 
 def _outputs(state_dict, x):
@@ -88,7 +88,7 @@ def test_select_by_loss_uses_labels(digits_mlps):
 
 def test_candidates_take_the_parameters_they_accept():
     from ccamerge.errors import OptionError
-    from ccamerge.select import candidate_methods
+    from ccamerge.pipeline import candidate_methods
 
     (zipit,) = candidate_methods("zipit", {"alpha": 0.3, "beta": 0.25})
     assert zipit.params() == {"alpha": 0.3, "beta": 0.25}

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..registry import NotThisArchitecture, register_architecture
 from ..spec import MergeSpec
-from .resnet_cifar import (
+from .common import check_fits
+from .residual import (
     MissingShortcut,
     check_head,
     check_stem,
@@ -42,7 +43,6 @@ from .resnet_cifar import (
     residual_spec,
     stage_summary,
 )
-from .vgg import check_fits
 
 _TV_KEY = re.compile(
     r"^(conv1\.weight|bn1\.\w+|fc\.(weight|bias)"

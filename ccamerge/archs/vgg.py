@@ -29,7 +29,7 @@ works. A checkpoint whose classifier reads a larger C*H*W flatten is refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 
 from ..registry import NotThisArchitecture, register_architecture
 from ..spec import MergeSpec, SpecBuilder
+from .common import check_fits
 
 _FEATURE = re.compile(
     r"^features\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
@@ -282,31 +283,3 @@ class VGGArchitecture:
 
     def example_config(self) -> dict[str, Any]:
         return vgg_config((1, 1, 2), (4, 6, 8), batch_norm=True, num_classes=5)
-
-
-def check_fits(
-    state_dict: Mapping[str, torch.Tensor],
-    build: Callable[[Mapping[str, Any]], nn.Module],
-    config: Mapping[str, Any],
-    score: float,
-) -> None:
-    """Raise NotThisArchitecture unless ``build(config)`` has the checkpoint's tensors.
-
-    Same names and shapes; the model is built on the ``meta`` device, so this
-    allocates nothing. ``num_batches_tracked`` may be missing from the
-    checkpoint (old PyTorch versions did not save it; BatchNorm's loader fills
-    it in). Shared by the built-in entries.
-    """
-    with torch.device("meta"):
-        model = build(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k in state_dict:
-        if k not in expected:
-            raise NotThisArchitecture(f"unexpected tensor {k!r}", score)
-        if tuple(state_dict[k].shape) != expected[k]:
-            raise NotThisArchitecture(
-                f"{k} has shape {tuple(state_dict[k].shape)}, expected {expected[k]}", score
-            )
-    for k in expected:
-        if k not in state_dict and not k.endswith("num_batches_tracked"):
-            raise NotThisArchitecture(f"tensor {k!r} is missing", score)

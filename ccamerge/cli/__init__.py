@@ -3,39 +3,7 @@ calls the library; results go to stdout, everything else to stderr."""
 
 from __future__ import annotations
 
-import typer
-
-from .. import __version__
-from .common import set_debug
-
-app = typer.Typer(
-    name="ccamerge",
-    help="Merge neural networks of one architecture with CCA Merge and its baselines.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"ccamerge {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(
-        False, "--debug", help="Show tracebacks instead of one-line errors (or CCAMERGE_DEBUG=1)."
-    ),
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
-) -> None:
-    set_debug(debug)
-
-
-from . import (  # noqa: E402,F401  (register commands)
+from . import (  # noqa: F401  (register commands)
     apply_cmd,
     archs_cmd,
     barrier_cmd,
@@ -44,6 +12,7 @@ from . import (  # noqa: E402,F401  (register commands)
     inspect_cmd,
     merge_cmd,
 )
+from .app import app
 
 
 def main() -> None:

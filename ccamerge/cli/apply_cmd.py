@@ -4,10 +4,10 @@ from pathlib import Path
 
 import typer
 
-from ..merge import BN_MODES
+from ..apply import ApplyPlan, run_apply
+from ..pipeline import BN_MODES
 from ..report import render_merge_report
-from ..transforms import ApplyPlan, run_apply
-from . import app
+from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, print_json
 
 

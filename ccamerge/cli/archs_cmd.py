@@ -5,7 +5,7 @@ from rich.table import Table
 
 from ..methods import list_methods
 from ..registry import get_architecture, list_architectures
-from . import app
+from .app import app
 from .common import console, handle_errors, print_json
 
 

@@ -15,8 +15,8 @@ from ..barrier import (
     run_barrier,
     write_csv,
 )
-from ..merge import BN_MODES
-from . import app
+from ..pipeline import BN_MODES
+from .app import app
 from .common import BarProgress, console, handle_errors, print_json
 
 

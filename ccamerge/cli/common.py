@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from ..errors import CcaMergeError
-from ..merge import Progress
+from ..errors import CcaMergeError, OptionError
+from ..pipeline import Progress
 
 console = Console(stderr=True, highlight=False)
 
@@ -130,8 +130,6 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        from ..errors import OptionError
-
         raise OptionError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
@@ -142,6 +140,4 @@ def parse_gamma(text: str | None) -> float | str | None:
     try:
         return float(text)
     except ValueError:
-        from ..errors import OptionError
-
         raise OptionError(f"--gamma expects a number or 'auto', got {text!r}") from None

@@ -6,7 +6,7 @@ import typer
 
 from ..demo import run_demo
 from ..report import evaluation_table
-from . import app
+from .app import app
 from .common import BarProgress, console, handle_errors, print_json
 
 

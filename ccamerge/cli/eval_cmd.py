@@ -5,10 +5,10 @@ from pathlib import Path
 import typer
 
 from ..errors import OptionError
-from ..io import load_data
-from ..merge import check_data_fits, evaluate_all, load_models, resolve_device
+from ..files import load_data
+from ..pipeline import check_data_fits, evaluate_all, load_models, resolve_device
 from ..report import evaluation_table
-from . import app
+from .app import app
 from .common import console, handle_errors, print_json
 
 

@@ -7,8 +7,8 @@ import typer
 from rich.table import Table
 
 from ..custom import parse_input_shape, parse_model_args
-from ..inspect import inspect_checkpoint
-from . import app
+from ..inspection import inspect_checkpoint
+from .app import app
 from .common import console, handle_errors, print_json
 
 

@@ -5,9 +5,10 @@ from pathlib import Path
 import typer
 
 from ..custom import parse_model_args
-from ..merge import BN_MODES, MergePlan, run_merge
+from ..merge import MergePlan, run_merge
+from ..pipeline import BN_MODES
 from ..report import render_merge_report
-from . import app
+from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
 
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..apply import permutation_matrix
+from ..algebra import permutation_matrix
 from ..errors import OptionError
 from ..stats import JointCovariance
 from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method

@@ -26,7 +26,6 @@ same tensors bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -35,35 +34,17 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import ArchitectureError, CheckpointError, OptionError, SpecError
-from .io import (
+from ..errors import ArchitectureError, CheckpointError, OptionError, SpecError
+from ..files import (
     _check_readable,
     _read_safetensors,
-    check_output_path,
-    load_data,
     read_metadata,
     save_safetensors_atomic,
     sha256,
 )
-from .merge import (
-    BN_MODES,
-    LoadedModels,
-    MergePlan,
-    MergeResult,
-    Progress,
-    Timer,
-    build_merged,
-    check_data_fits,
-    evaluate_all,
-    gather_statistics,
-    group_report,
-    load_models,
-    normalise_weights,
-    provenance,
-    resolve_device,
-)
-from .methods import Alignment, GroupAlignment
+from ..methods import Alignment, GroupAlignment
+from ..version import __version__
+from .load import LoadedModels
 
 FORMAT = "ccamerge-transforms"
 FORMAT_VERSION = 1
@@ -79,9 +60,10 @@ def save_transforms(
     alignment: Alignment,
     loaded: LoadedModels,
     report: dict[str, Any],
-    plan: MergePlan,
+    calibration: dict[str, Any],
 ) -> None:
-    """Write every ``M_k`` and ``U_k`` of ``alignment`` (float64) with the merge's provenance."""
+    """Write every ``M_k`` and ``U_k`` of ``alignment`` (float64) with the merge's provenance;
+    ``calibration``: ``data``, ``num_samples``, ``seed``, ``batch_size``, ``heldout_fraction``."""
     tensors = {}
     for g in loaded.spec.groups:
         ga = alignment.groups[g.name]
@@ -102,12 +84,12 @@ def save_transforms(
         "bn_mode": report["bn_mode"],
         "quality": {g: a.quality for g, a in alignment.groups.items()},
         "inputs": [{"name": Path(i["path"]).name, "sha256": i["sha256"]} for i in report["inputs"]],
-        "calibration_data": Path(plan.data).name if plan.data else None,
-        "num_samples": plan.num_samples,
-        "seed": plan.seed,
-        "batch_size": plan.batch_size,
+        "calibration_data": Path(calibration["data"]).name if calibration["data"] else None,
+        "num_samples": calibration["num_samples"],
+        "seed": calibration["seed"],
+        "batch_size": calibration["batch_size"],
         # automatic selection holds part of the calibration data out of the BN reset
-        "heldout_split": {"fraction": plan.heldout_fraction, "seed": plan.seed}
+        "heldout_split": {"fraction": calibration["heldout_fraction"], "seed": calibration["seed"]}
         if "selection" in report
         else None,
     }
@@ -219,138 +201,3 @@ def check_fits(saved: SavedTransforms, loaded: LoadedModels) -> list[str]:
                 f"({info.get('name')}); the alignment may not fit it"
             )
     return warnings
-
-
-@dataclass
-class ApplyPlan:
-    """Everything ``ccamerge apply`` was asked to do. ``weights``, ``bn_mode``,
-    ``num_samples``, ``seed`` and ``batch_size`` default to those recorded in the
-    transforms file."""
-
-    transforms: str
-    checkpoints: list[str]
-    output: str | None = None
-    weights: list[float] | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    num_samples: int | None = None
-    seed: int | None = None
-    batch_size: int | None = None
-    device: str = "cpu"
-    reset_bn: bool = True
-    bn_mode: str | None = None
-    force: bool = False
-
-
-def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
-    """Merge ``plan.checkpoints`` with saved transforms (no alignment statistics)."""
-    progress = progress or Progress()
-    timer = Timer()
-    device = resolve_device(plan.device)
-    inputs = [plan.transforms, *plan.checkpoints]
-    out_path = check_output_path(plan.output, inputs, plan.force) if plan.output else None
-    with timer.phase("load"):
-        saved = load_transforms(plan.transforms)
-        arch = saved.metadata["architecture"].get("name")
-        try:
-            loaded = load_models(plan.checkpoints, arch)
-        except ArchitectureError as e:
-            raise ArchitectureError(
-                f"transforms {plan.transforms} were computed for a {arch}, "
-                f"but the checkpoints do not fit it: {e}"
-            ) from None
-        warnings = check_fits(saved, loaded)
-        meta = saved.metadata
-        plan = dataclasses.replace(
-            plan,
-            num_samples=plan.num_samples
-            if plan.num_samples is not None
-            else meta.get("num_samples"),
-            seed=plan.seed if plan.seed is not None else int(meta.get("seed") or 0),
-            batch_size=plan.batch_size or int(meta.get("batch_size") or 256),
-        )
-        batch_size = int(plan.batch_size or 0)
-        if batch_size <= 0:
-            raise OptionError(f"--batch-size must be positive, got {batch_size}")
-        calib = None
-        if plan.data is not None:
-            calib = load_data(plan.data).subset(
-                plan.num_samples, plan.seed if plan.num_samples else None
-            )
-            check_data_fits(calib, loaded, "calibration data")
-            split = meta.get("heldout_split")
-            if split:
-                from .select import split_heldout
-
-                calib = split_heldout(calib, split["fraction"], split["seed"]).stats
-        eval_data = None
-        if plan.eval_data is not None:
-            eval_data = load_data(plan.eval_data, require_labels=True)
-            check_data_fits(eval_data, loaded, "evaluation data")
-    n, reference = len(loaded.paths), saved.reference
-    weights = normalise_weights(plan.weights or meta.get("weights"), n)
-    bn_mode = plan.bn_mode if plan.bn_mode not in (None, "auto") else meta.get("bn_mode")
-    if bn_mode not in BN_MODES or bn_mode == "auto":
-        raise OptionError(f"--bn-mode must be vector or renorm, not {bn_mode!r}")
-
-    stats = None
-    has_norms = any(g.norms for g in loaded.spec.groups)
-    if calib is not None and plan.reset_bn and bn_mode == "renorm" and has_norms:
-        with timer.phase("statistics"):
-            stats = gather_statistics(
-                loaded, calib, batch_size, device, progress, group_stats=False
-            )
-    with timer.phase("apply"):
-        state, model, bn_done = build_merged(
-            loaded,
-            saved.alignment,
-            weights,
-            reference,
-            calib,
-            stats,
-            bn_mode,
-            plan.reset_bn,
-            batch_size,
-            device,
-        )
-    if calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
-        undone = (
-            "BatchNorm running statistics were not reset"
-            if has_norms
-            else "the REPAIR renormalisation of the merged layers was not redone"
-        )
-        warnings.append(f"no calibration data (--data): {undone}")
-    evaluation = None
-    if eval_data is not None:
-        with timer.phase("evaluate"):
-            evaluation = evaluate_all(loaded, model, eval_data, batch_size, device)
-
-    report: dict[str, Any] = {
-        "ccamerge_version": __version__,
-        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
-        "method": saved.metadata["method"],
-        "params": saved.metadata.get("params") or {},
-        "transforms": {"path": plan.transforms, "sha256": sha256(plan.transforms)},
-        "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
-        "reference": reference,
-        "weights": weights,
-        "output": str(out_path) if out_path else None,
-        "num_samples": stats.num_samples if stats else 0,
-        "batchnorm": bn_done,
-        "bn_mode": bn_mode,
-        "groups": group_report(loaded.spec, saved.alignment, reference),
-        "warnings": warnings,
-        "timings": timer.timings,
-    }
-    if evaluation is not None:
-        report["evaluation"] = evaluation
-    if out_path is not None:
-        with timer.phase("write"):
-            check_output_path(out_path, inputs, plan.force)
-            meta = provenance(report, plan)  # type: ignore[arg-type]  (reads data and seed)
-            meta["transforms"] = {
-                "name": Path(plan.transforms).name,
-                "sha256": report["transforms"]["sha256"],
-            }
-            save_safetensors_atomic(state, out_path, meta)
-    return MergeResult(state, model, saved.alignment, report)

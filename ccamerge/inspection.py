@@ -1,7 +1,7 @@
 """What the registry sees in a checkpoint: architecture, size and feature groups.
 
 ``inspect_checkpoint`` loads one checkpoint exactly as ``merge`` does
-(:func:`ccamerge.merge.load_models`: detection, spec validation, a strict
+(:func:`ccamerge.pipeline.load_models`: detection, spec validation, a strict
 load into the built module) and describes it as a plain dictionary that the
 CLI prints as tables or JSON.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .custom import save_spec, untransformed_of
-from .merge import load_models
+from .pipeline import load_models
 
 
 def inspect_checkpoint(

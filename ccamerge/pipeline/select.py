@@ -18,20 +18,22 @@ forward pass over the held-out part; the ensemble's outputs are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
+from ..files import Dataset
+from ..methods import Alignment, MergeMethod
+from ..stats import Statistics
+from .align import align_models, label
+from .assemble import build_merged
 from .evaluate import ensemble_logits, predict_logits
-from .io import Dataset
-from .methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
+from .load import LoadedModels
 
-GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-AUTO_METHODS = ("cca", "permute", "zipit")
 SELECT_BY = ("agreement", "loss")
 MIN_HELDOUT = 64  # samples in each part of the split
 
@@ -64,32 +66,6 @@ def split_heldout(
         return Dataset(data.x[idx], None if data.y is None else data.y[idx], data.path)
 
     return Split(take(rest), take(held), rest, held)
-
-
-def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
-    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates.
-
-    With ``method='auto'`` each candidate takes the given parameters it accepts
-    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit)."""
-    if method != "auto":
-        if method == "cca" and params.get("gamma") == "auto":
-            rest = {k: v for k, v in params.items() if k != "gamma"}
-            return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]
-        return [make_method(method, **params)]
-    unused = set(params)
-    out: list[MergeMethod] = []
-    for name in AUTO_METHODS:
-        accepted = {k: v for k, v in params.items() if k in method_parameters(name)}
-        unused -= set(accepted)
-        out += candidate_methods(name, {"gamma": "auto", **accepted} if name == "cca" else accepted)
-    if unused:
-        raise OptionError(f"--method auto: no candidate takes {', '.join(sorted(unused))}")
-    return out
-
-
-def label(method: MergeMethod) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in method.params().items())
-    return f"{method.name}({params})" if params else method.name
 
 
 @dataclass
@@ -130,13 +106,13 @@ def score_outputs(
 
 
 def select(
-    loaded: Any,
-    stats: Any,
+    loaded: LoadedModels,
+    stats: Statistics | None,
     candidates: Sequence[MergeMethod],
     split: Split,
     weights: Sequence[float],
     reference: int,
-    bn_mode_of: Any,
+    bn_mode_of: Callable[[MergeMethod], str],
     reset_bn: bool,
     batch_size: int,
     device: str,
@@ -144,8 +120,6 @@ def select(
 ) -> tuple[Scored, list[Scored], dict[str, torch.Tensor], torch.nn.Module, str]:
     """Score every candidate on the held-out part; returns the winner, all scores (in
     candidate order) and the winner's merged state dict, model and BN note."""
-    from .merge import build_merged  # merge.py imports this module
-
     if select_by not in SELECT_BY:
         raise OptionError(f"--select-by must be one of {', '.join(SELECT_BY)}")
     held = split.heldout
@@ -159,7 +133,7 @@ def select(
     scored: list[Scored] = []
     best: tuple[float, int, Any] | None = None
     for method in candidates:
-        alignment = method.align(AlignContext(loaded.spec, loaded.state_dicts, reference, stats))
+        alignment = align_models(method, loaded, reference, stats)
         state, model, bn_done = build_merged(
             loaded,
             alignment,

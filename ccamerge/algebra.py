@@ -1,0 +1,97 @@
+"""Transform tensors along their grouped axes and average them.
+
+For model k and group g, ``M[g]`` (d x d) maps the model's unit activations
+(column vectors) into the shared space and ``U[g]`` maps back (normally
+``U = M^-1``). A weight whose axis 0 lies in group a and axis 1 in group b
+becomes ``M^a W U^b`` (cca-merge-math.md, section 5); kernel axes beyond 1 are
+untouched; tensors with no grouped axis are only averaged. Arithmetic is in
+float64 and the result is cast back to each tensor's dtype; integer tensors
+(``num_batches_tracked``) are copied from the reference model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .spec import MergeSpec
+
+Transforms = Mapping[str, torch.Tensor]
+
+
+def transform_tensor(
+    t: torch.Tensor,
+    axes: Mapping[int, str],
+    M: Transforms | None,
+    U: Transforms | None,
+) -> torch.Tensor:
+    """Apply ``M`` on axis 0 and ``U`` on axis 1 of ``t`` (float64 in, float64 out)."""
+    out = t
+    if 0 in axes and M is not None and axes[0] in M:
+        m = M[axes[0]].to(out)
+        out = torch.tensordot(m, out, dims=([1], [0]))
+    if 1 in axes and U is not None and axes[1] in U:
+        u = U[axes[1]].to(out)
+        # contract axis 1 with U's rows, then move the new axis back to position 1
+        out = torch.movedim(torch.tensordot(out, u, dims=([1], [0])), -1, 1)
+    return out
+
+
+def transform_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: MergeSpec,
+    M: Transforms,
+    U: Transforms,
+) -> dict[str, torch.Tensor]:
+    """One model's tensors mapped through its transforms (dtype preserved)."""
+    return merge_state_dicts([state_dict], spec, [M], [U], [1.0])
+
+
+def merge_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    spec: MergeSpec,
+    Ms: Sequence[Transforms | None],
+    Us: Sequence[Transforms | None],
+    weights: Sequence[float],
+    reference: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
+    ref = state_dicts[reference]
+    out: dict[str, torch.Tensor] = {}
+    for name, t_ref in ref.items():
+        if not (t_ref.is_floating_point() or t_ref.is_complex()):
+            out[name] = t_ref.clone()
+            continue
+        axes = spec.axes.get(name, {})
+        acc = torch.zeros(t_ref.shape, dtype=torch.float64, device=t_ref.device)
+        for sd, M, U, w in zip(state_dicts, Ms, Us, weights):
+            if w == 0.0:
+                continue
+            acc += w * transform_tensor(sd[name].to(torch.float64), axes, M, U)
+        out[name] = acc.to(t_ref.dtype).contiguous()
+    return out
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """``P`` with ``(P h)[i] = h[perm[i]]``: unit i of the result is unit perm[i]."""
+    d = perm.numel()
+    P = torch.zeros(d, d, dtype=torch.float64)
+    P[torch.arange(d), perm] = 1.0
+    return P
+
+
+def permute_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: MergeSpec,
+    perms: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Reorder every group's units by ``perms[group]``: the same function, new unit order."""
+    M = {g: permutation_matrix(p) for g, p in perms.items()}
+    U = {g: P.T for g, P in M.items()}
+    return transform_state_dict(state_dict, spec, M, U)
+
+
+def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}

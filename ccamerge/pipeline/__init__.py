@@ -1,0 +1,96 @@
+"""The merge pipeline, one module per step, in the order a merge runs them:
+
+    load -> statistics -> align -> assemble -> [refit] -> evaluate -> write
+
+``select`` runs align and assemble for each candidate of ``--gamma auto`` /
+``--method auto`` and scores it with evaluate; ``transforms`` is the saved
+transforms file (written after a merge, read by ``ccamerge apply``). A step
+imports only the steps before it; the runs (:mod:`ccamerge.merge`,
+:mod:`ccamerge.apply`, :mod:`ccamerge.barrier`) and the benchmarks import
+the names below.
+"""
+
+from __future__ import annotations
+
+from .align import (
+    GAMMA_GRID,
+    align_models,
+    candidate_methods,
+    group_report,
+    label,
+    make_methods,
+)
+from .assemble import BN_MODES, build_merged, resolve_bn_mode
+from .evaluate import (
+    Score,
+    check_labels,
+    choose_best_reference,
+    ensemble_logits,
+    evaluate,
+    evaluate_all,
+    predict_logits,
+    score_logits,
+)
+from .load import (
+    LoadedModels,
+    Progress,
+    Timer,
+    check_batch_size,
+    check_data_fits,
+    load_models,
+    normalise_weights,
+    parse_reference,
+    read_calibration,
+    read_eval_data,
+    resolve_device,
+)
+from .select import MIN_HELDOUT, Split, score_outputs, select, split_heldout
+from .statistics import gather_statistics, sample_warnings, statistics_mode
+from .transforms import SavedTransforms, check_fits, load_transforms, save_transforms
+from .write import MergeResult, provenance, write_model
+
+__all__ = [
+    "BN_MODES",
+    "GAMMA_GRID",
+    "MIN_HELDOUT",
+    "LoadedModels",
+    "MergeResult",
+    "Progress",
+    "SavedTransforms",
+    "Score",
+    "Split",
+    "Timer",
+    "align_models",
+    "build_merged",
+    "candidate_methods",
+    "check_batch_size",
+    "check_data_fits",
+    "check_fits",
+    "check_labels",
+    "choose_best_reference",
+    "ensemble_logits",
+    "evaluate",
+    "evaluate_all",
+    "gather_statistics",
+    "group_report",
+    "label",
+    "load_models",
+    "load_transforms",
+    "make_methods",
+    "normalise_weights",
+    "parse_reference",
+    "predict_logits",
+    "provenance",
+    "read_calibration",
+    "read_eval_data",
+    "resolve_bn_mode",
+    "resolve_device",
+    "sample_warnings",
+    "save_transforms",
+    "score_logits",
+    "score_outputs",
+    "select",
+    "split_heldout",
+    "statistics_mode",
+    "write_model",
+]

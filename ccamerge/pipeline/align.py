@@ -1,0 +1,96 @@
+"""Step 3, align: the merge method(s) asked for, each model aligned to the reference
+(``M_k``, ``U_k`` per group), and the per-group quality of an alignment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import OptionError
+from ..methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
+from ..spec import MergeSpec
+from ..stats import Statistics
+from .load import LoadedModels
+
+GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+AUTO_METHODS = ("cca", "permute", "zipit")
+
+
+def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
+    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates.
+
+    With ``method='auto'`` each candidate takes the given parameters it accepts
+    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit)."""
+    if method != "auto":
+        if method == "cca" and params.get("gamma") == "auto":
+            rest = {k: v for k, v in params.items() if k != "gamma"}
+            return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]
+        return [make_method(method, **params)]
+    unused = set(params)
+    out: list[MergeMethod] = []
+    for name in AUTO_METHODS:
+        accepted = {k: v for k, v in params.items() if k in method_parameters(name)}
+        unused -= set(accepted)
+        out += candidate_methods(name, {"gamma": "auto", **accepted} if name == "cca" else accepted)
+    if unused:
+        raise OptionError(f"--method auto: no candidate takes {', '.join(sorted(unused))}")
+    return out
+
+
+def label(method: MergeMethod) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in method.params().items())
+    return f"{method.name}({params})" if params else method.name
+
+
+def make_methods(names: Sequence[str], params: dict[str, Any]) -> list[MergeMethod]:
+    """Instantiate each method with the parameters it takes; unknown parameters are errors."""
+    if not names:
+        raise OptionError("no methods given")
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise OptionError(f"method(s) listed twice: {', '.join(dupes)}")
+    methods, used = [], set()
+    for name in names:
+        accepted = set(make_method(name).params())
+        mine = {k: v for k, v in params.items() if k in accepted}
+        used |= set(mine)
+        methods.append(make_method(name, **mine))
+    unused = sorted(set(params) - used)
+    if unused:
+        raise OptionError(f"no listed method takes {', '.join(unused)} ({', '.join(names)})")
+    return methods
+
+
+def group_report(spec: MergeSpec, alignment: Alignment, reference: int) -> list[dict[str, Any]]:
+    rows = []
+    for g in spec.groups:
+        ga = alignment.groups[g.name]
+        q = [v for k, v in enumerate(ga.quality) if k != reference and v is not None]
+        mins = [
+            v
+            for k, v in enumerate(ga.details.get("min_correlation", []))
+            if k != reference and v is not None
+        ]
+        conds = [
+            v for k, v in enumerate(ga.details.get("cond", [])) if k != reference and v is not None
+        ]
+        rows.append(
+            {
+                "name": g.name,
+                "size": g.size,
+                "mean_correlation": sum(q) / len(q) if q else None,
+                "min_correlation": min(mins) if mins else None,
+                "condition_number": max(conds) if conds else None,
+                "per_model": ga.quality,
+            }
+        )
+    return rows
+
+
+def align_models(
+    method: MergeMethod, loaded: LoadedModels, reference: int, stats: Statistics | None
+) -> Alignment:
+    """Every model aligned to model ``reference`` by ``method``."""
+    return method.align(AlignContext(loaded.spec, loaded.state_dicts, reference, stats))

@@ -1,0 +1,77 @@
+"""Step 4, assemble: transform every tensor along its grouped axes and average
+(:mod:`ccamerge.algebra`), then fix BatchNorm (:mod:`ccamerge.bn`) or, without
+BatchNorm, rescale the merged units (REPAIR, :mod:`ccamerge.repair`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..algebra import merge_state_dicts
+from ..bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
+from ..errors import OptionError
+from ..files import (
+    Dataset,
+)
+from ..methods import (
+    Alignment,
+    MergeMethod,
+)
+from ..repair import repair_merged
+from ..stats import Statistics
+from .load import LoadedModels
+
+BN_MODES = ("auto", "vector", "renorm")
+
+
+def resolve_bn_mode(bn_mode: str, method: MergeMethod) -> str:
+    if bn_mode not in BN_MODES:
+        raise OptionError(f"--bn-mode must be one of {', '.join(BN_MODES)}")
+    if bn_mode != "auto":
+        return bn_mode
+    return "vector" if method.permutation_only else "renorm"
+
+
+def build_merged(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    reference: int,
+    calib: Dataset | None,
+    stats: Statistics | None,
+    bn_mode: str,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
+    """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
+    BatchNorm: REPAIR, :mod:`ccamerge.repair`). Returns (state dict, model, what was done)."""
+    Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
+    merged = merge_state_dicts(loaded.state_dicts, loaded.spec, Ms, Us, weights, reference)
+    model = loaded.build(merged, device)
+    if not has_batchnorm(model):
+        bn_done = "none (no BatchNorm)"
+        if bn_mode == "renorm" and reset_bn and calib is not None:
+            n = repair_merged(model, loaded, alignment, weights, calib, batch_size, device)
+            if n:
+                bn_done = f"no BatchNorm: {n} layers renormalised to aligned targets (REPAIR)"
+    elif not reset_bn:
+        bn_done = "kept merged running statistics (--no-reset-bn)"
+    elif calib is None:
+        bn_done = "not reset: no calibration data"
+    elif bn_mode == "renorm" and stats is not None and stats.norms:
+        targets = {}
+        for g in loaded.spec.groups:
+            for bn in g.norms:
+                targets[bn] = renorm_targets(stats.norms[bn], alignment.groups[g.name].M, weights)
+        n = renormalise_batchnorm(model, targets, calib.batches(batch_size), device)
+        bn_done = f"renormalised to aligned targets and reset on {n} samples"
+    else:
+        n = reset_batchnorm(model, calib.batches(batch_size), device)
+        bn_done = f"running statistics reset on {n} samples"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, t in loaded.state_dicts[reference].items():
+        state[name] = state[name].to(t.dtype)
+    return state, model, bn_done

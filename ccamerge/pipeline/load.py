@@ -1,0 +1,226 @@
+"""Step 1, load: read the checkpoints and check them against one architecture, read the
+data and check it fits the model's input; the options every run shares (device,
+weights, reference), progress callbacks and phase timings."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..custom import detect_custom, resolve_spec
+from ..errors import ArchitectureError, CheckpointError, DataError, OptionError
+from ..files import Dataset, load_checkpoint, load_data
+from ..registry import Detected, detect_architecture
+from ..spec import MergeSpec
+
+
+class Progress:
+    """Progress callbacks; the CLI passes a rich implementation. Default: silent."""
+
+    def start(self, task: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class LoadedModels:
+    """Checkpoints read and checked against one architecture."""
+
+    paths: list[str]
+    state_dicts: list[dict[str, torch.Tensor]]
+    detected: Detected
+    spec: MergeSpec
+    warnings: list[str] = field(default_factory=list)  # from feature-group discovery
+
+    def build(self, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> nn.Module:
+        model = self.detected.build()
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(device).eval()
+
+
+def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise OptionError(f"{len(weights)} merge weights given for {n} checkpoints")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise OptionError("merge weights must be finite and non-negative")
+    total = float(sum(weights))
+    if total <= 0:
+        raise OptionError("merge weights must not all be zero")
+    return [float(w) / total for w in weights]
+
+
+def load_models(
+    paths: Sequence[str],
+    arch: str | None = None,
+    model: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    spec_file: str | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> LoadedModels:
+    """Read every checkpoint, detect the architecture from the first, check the rest fit.
+
+    ``model`` (a factory, see :mod:`ccamerge.custom`) replaces detection; its feature
+    groups are discovered on samples of ``input_shape``. ``spec_file`` replaces the groups.
+    """
+    if not paths:
+        raise OptionError("no checkpoints given")
+    if model is not None and arch is not None:
+        raise OptionError("--model and --arch exclude each other")
+    sds = [load_checkpoint(p) for p in paths]
+    if model is not None:
+        detected = detect_custom(paths[0], sds[0], model, model_args, input_shape)
+    else:
+        try:
+            detected = detect_architecture(sds[0], arch)
+        except ArchitectureError as e:
+            raise ArchitectureError(f"{paths[0]}: {e}") from None
+    spec, notes = resolve_spec(detected, spec_file)
+    ref = sds[0]
+    template = detected.build()
+    expected = template.state_dict()  # the dtypes the model expects
+    for path, sd in zip(paths, sds):
+        missing = sorted(set(ref) - set(sd))
+        extra = sorted(set(sd) - set(ref))
+        if missing or extra:
+            _check_same_architecture(path, sd, paths[0], detected.name)
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if extra:
+                parts.append(f"unexpected {_few(extra)}")
+            raise ArchitectureError(f"{path} does not match {paths[0]}: {'; '.join(parts)}")
+        for name, t in ref.items():
+            if sd[name].shape != t.shape:
+                raise ArchitectureError(
+                    f"{path} does not match {paths[0]}: {name} has shape "
+                    f"{tuple(sd[name].shape)}, expected {tuple(t.shape)}"
+                )
+            want = expected.get(name, t)
+            if want.is_floating_point() != sd[name].is_floating_point():
+                kind = "floating-point" if want.is_floating_point() else "integer"
+                raise CheckpointError(
+                    f"{path}: tensor {name} has dtype {sd[name].dtype}, expected a {kind} tensor"
+                )
+    try:
+        spec.validate(ref)
+        template.load_state_dict(ref, strict=True)
+    except RuntimeError as e:
+        raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
+    return LoadedModels(list(paths), sds, detected, spec, notes)
+
+
+def _check_same_architecture(path: str, sd: dict, first: str, name: str) -> None:
+    """Name both architectures when a checkpoint is another kind of network."""
+    try:
+        other = detect_architecture(sd).name
+    except ArchitectureError:
+        return
+    if other != name:
+        raise ArchitectureError(
+            f"{path} is a {other} checkpoint but {first} is a {name}; "
+            "all checkpoints must share one architecture"
+        )
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
+    """A clear error when samples do not fit the model's input."""
+    shape = loaded.detected.input_shape()
+    got = tuple(data.x.shape[1:])
+    if shape is not None and len(shape) == 1:
+        if math.prod(got) != shape[0]:
+            raise DataError(
+                f"{what} {data.path}: samples of shape {got} ({math.prod(got)} values) do not "
+                f"fit {loaded.detected.name} with {shape[0]} inputs"
+            )
+        return
+    if shape is not None and got != tuple(shape):
+        raise DataError(
+            f"{what} {data.path}: samples of shape {got} do not fit "
+            f"{loaded.detected.name}, which takes {tuple(shape)}"
+        )
+    try:
+        with torch.no_grad():
+            loaded.build(loaded.state_dicts[0]).eval()(data.x[:2])
+    except RuntimeError as e:
+        raise DataError(
+            f"{what} {data.path}: samples of shape {got} do not fit {loaded.detected.name} "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {device}: CUDA is not available on this machine")
+        return device
+    raise OptionError(f"unknown device {device!r} (use cpu or cuda)")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def parse_reference(reference: int | str, n: int) -> int | None:
+    """``"first"`` -> 0, an index in [0, n) -> itself, ``"best"`` -> None (chosen on data)."""
+    text = str(reference).strip().lower()
+    if text == "first":
+        return 0
+    if text == "best":
+        return None
+    try:
+        index = int(text)
+    except ValueError:
+        raise OptionError(
+            f"--reference must be first, best or a model index, not {str(reference)!r}"
+        ) from None
+    if not 0 <= index < n:
+        raise OptionError(f"reference index {index} is out of range for {n} checkpoints")
+    return index
+
+
+def check_batch_size(batch_size: int) -> int:
+    if batch_size <= 0:
+        raise OptionError(f"--batch-size must be positive, got {batch_size}")
+    return batch_size
+
+
+def read_calibration(path: str | None, num_samples: int | None, seed: int) -> Dataset | None:
+    """The calibration data (a seeded random subset of ``num_samples`` when given), or None."""
+    if path is None:
+        return None
+    return load_data(path).subset(num_samples, seed if num_samples else None)
+
+
+def read_eval_data(path: str | None, loaded: LoadedModels) -> Dataset | None:
+    """The labelled evaluation data, checked against the model's input, or None."""
+    if path is None:
+        return None
+    data = load_data(path, require_labels=True)
+    check_data_fits(data, loaded, "evaluation data")
+    return data

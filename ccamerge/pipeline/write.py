@@ -1,0 +1,47 @@
+"""Step 7, write: the merged file with its provenance, written atomically; what a run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..files import check_output_path, save_safetensors_atomic
+from ..methods import Alignment
+
+
+@dataclass
+class MergeResult:
+    state_dict: dict[str, torch.Tensor]
+    model: nn.Module
+    alignment: Alignment
+    report: dict[str, Any]
+
+
+def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str, Any]:
+    """The output file's metadata: how it was made (``data``: the calibration file)."""
+    return {
+        "format": "pt",
+        "ccamerge_version": report["ccamerge_version"],
+        "architecture": report["architecture"],
+        "method": report["method"],
+        "params": report["params"],
+        "inputs": [{"name": Path(i["path"]).name, "sha256": i["sha256"]} for i in report["inputs"]],
+        "reference": report["reference"],
+        "weights": report["weights"],
+        "num_samples": report["num_samples"],
+        "calibration_data": Path(data).name if data else None,
+        "seed": seed,
+        "batchnorm": report["batchnorm"],
+    }
+
+
+def write_model(
+    state: dict[str, torch.Tensor], path: Path, inputs: list[str], force: bool, metadata: dict
+) -> None:
+    """Check the output path again (minutes may have passed) and write atomically."""
+    check_output_path(path, inputs, force)
+    save_safetensors_atomic(state, path, metadata)
