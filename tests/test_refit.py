@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ccamerge.apply import (
+from ccamerge.algebra import (
     merge_state_dicts,
     permutation_matrix,
     permute_state_dict,
@@ -22,8 +22,9 @@ from ccamerge.archs.mlp import MLP
 from ccamerge.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.archs.vgg import vgg_config
 from ccamerge.bn import reset_batchnorm
+from ccamerge.errors import RefitError
 from ccamerge.methods.base import Alignment, GroupAlignment, identity_alignment
-from ccamerge.refit import NormalEquations, RefitError, refit
+from ccamerge.pipeline.refit import NormalEquations, refit
 from ccamerge.registry import detect_architecture, get_architecture
 from ccamerge.spec import MergeSpec, SpecBuilder
 
@@ -72,13 +73,18 @@ def _merged(models, spec, alignment, weights) -> nn.Module:
     return merged.eval()
 
 
-def _with_permuted_copy(arch: str):
+def _with_permuted_copy(arch: str, calib_seed: int):
+    """A random network whose BatchNorms hold the statistics of the calibration data (so
+    that the prior of the fit, the average with those statistics, is the network itself),
+    a permuted copy, the alignment undoing the permutation, and the calibration data."""
     model, spec, shape = _net(arch, 0)
+    x = torch.randn(128, *shape, generator=torch.Generator().manual_seed(calib_seed))
+    reset_batchnorm(model, [x])
     perms = random_permutations(spec, seed=1)
     copy_ = copy.deepcopy(model)
     copy_.load_state_dict(permute_state_dict(model.state_dict(), spec, perms))
     alignment = _permutation_alignment(spec, perms)
-    return model, copy_, spec, alignment, shape
+    return model, copy_, spec, alignment, x
 
 
 def _batches(x: torch.Tensor, size: int):
@@ -101,8 +107,7 @@ def test_permuted_copy_gives_back_the_original(arch, damaged):
     """Merged with a permuted copy of itself, the refit returns the original function.
     ``damaged``: the merged weights are perturbed first; the targets are exact and every
     layer has more samples than inputs, so the fit (tiny ridge) repairs them all."""
-    model, permuted, spec, alignment, shape = _with_permuted_copy(arch)
-    x = torch.randn(128, *shape, generator=torch.Generator().manual_seed(3))
+    model, permuted, spec, alignment, x = _with_permuted_copy(arch, 3)
     if damaged:  # in float64: with a tiny ridge, float32 rounding would dominate
         model, permuted, x = model.double(), permuted.double(), x.double()
     merged = _merged([model, permuted], spec, alignment, [0.5, 0.5])
@@ -360,3 +365,44 @@ def test_untraceable_model_is_a_clear_error():
             [0.5, 0.5],
             _batches(torch.randn(4, 3), 4),
         )
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        return y if y.sum() > 0 else -y
+
+
+class _WithOpaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Branchy()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(x)))
+
+
+def test_untraceable_submodule_is_an_opaque_leaf():
+    """A submodule torch.fx cannot trace keeps its averaged weights (with a warning), its
+    BatchNorm is reset on its merged inputs, and the rest of the network is refitted."""
+    torch.manual_seed(0)
+    models = [_WithOpaque().eval() for _ in range(2)]
+    spec = MergeSpec(())
+    alignment = identity_alignment(spec, 2)
+    merged = _merged(models, spec, alignment, [0.5, 0.5])
+    kept = merged.inner.fc.weight.clone()
+    x = torch.randn(16, 4)
+    report = refit(merged, models, spec, alignment, [0.5, 0.5], _batches(x, 16))
+    assert [layer.name for layer in report.layers] == ["head"]
+    assert any("module inner (_Branchy) cannot be traced" in w for w in report.warnings)
+    assert torch.equal(merged.inner.fc.weight, kept)
+    reset = copy.deepcopy(merged)
+    reset_batchnorm(reset.inner, [x])
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(merged.inner.bn, name), getattr(reset.inner.bn, name))

@@ -1,6 +1,6 @@
 """The merge pipeline, one module per step, in the order a merge runs them:
 
-    load -> statistics -> align -> assemble -> [refit] -> evaluate -> write
+    load -> statistics -> align -> assemble -> refit -> evaluate -> write
 
 ``select`` runs align and assemble for each candidate of ``--gamma auto`` /
 ``--method auto`` and scores it with evaluate; ``transforms`` is the saved
@@ -20,7 +20,7 @@ from .align import (
     label,
     make_methods,
 )
-from .assemble import BN_MODES, build_merged, resolve_bn_mode
+from .assemble import BN_MODES, build_merged, resolve_bn_mode, state_of
 from .evaluate import (
     Score,
     check_labels,
@@ -44,6 +44,7 @@ from .load import (
     read_eval_data,
     resolve_device,
 )
+from .refit import DEFAULT_RIDGE, LayerFit, RefitReport, refit_merged
 from .select import MIN_HELDOUT, Split, score_outputs, select, split_heldout
 from .statistics import gather_statistics, sample_warnings, statistics_mode
 from .transforms import SavedTransforms, check_fits, load_transforms, save_transforms
@@ -51,11 +52,14 @@ from .write import MergeResult, provenance, write_model
 
 __all__ = [
     "BN_MODES",
+    "DEFAULT_RIDGE",
     "GAMMA_GRID",
     "MIN_HELDOUT",
+    "LayerFit",
     "LoadedModels",
     "MergeResult",
     "Progress",
+    "RefitReport",
     "SavedTransforms",
     "Score",
     "Split",
@@ -83,6 +87,7 @@ __all__ = [
     "provenance",
     "read_calibration",
     "read_eval_data",
+    "refit_merged",
     "resolve_bn_mode",
     "resolve_device",
     "sample_warnings",
@@ -91,6 +96,7 @@ __all__ = [
     "score_outputs",
     "select",
     "split_heldout",
+    "state_of",
     "statistics_mode",
     "write_model",
 ]

@@ -71,7 +71,12 @@ def build_merged(
     else:
         n = reset_batchnorm(model, calib.batches(batch_size), device)
         bn_done = f"running statistics reset on {n} samples"
+    return state_of(model, loaded, reference), model, bn_done
+
+
+def state_of(model: nn.Module, loaded: LoadedModels, reference: int) -> dict[str, torch.Tensor]:
+    """``model``'s tensors on the CPU, each in the dtype of the reference's tensor."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, t in loaded.state_dicts[reference].items():
         state[name] = state[name].to(t.dtype)
-    return state, model, bn_done
+    return state

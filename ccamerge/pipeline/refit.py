@@ -1,4 +1,4 @@
-"""Sequential least-squares refit of a merged network (refit-math.md).
+"""Step 5, refit: sequential least-squares refit of the assembled merge (docs/refit.md).
 
 After alignment and averaging, every ``nn.Linear`` and ``nn.Conv2d`` of the
 merged network is refitted in forward order, in closed form, on unlabelled
@@ -8,7 +8,8 @@ endpoints' outputs mapped into the shared space,
 
     t = sum_k w_k M_k^a z_k        (a: L's output group; M = I without one),
 
-by ridge regression towards the averaged weights W0:
+by ridge regression towards the averaged weights W0 (a folded BatchNorm with the
+running statistics a reset on the merged inputs would measure, read off G):
 
     W^T = (G + lam I)^-1 (R + lam W0^T),  G = sum x x^T,  R = sum x t^T,
     lam = ridge * trace(G) / p.
@@ -22,7 +23,9 @@ has already computed, the target is read at the sum and that summand is
 subtracted. BatchNorms that no refitted layer feeds get honest running
 statistics of their merged inputs, as a BatchNorm reset would measure them.
 
-The network is traced once with ``torch.fx``; its nodes are executed one by one
+The network is traced once with ``torch.fx`` (the tracer of feature-group discovery:
+a submodule that cannot be traced is an opaque leaf whose layers keep their averaged
+weights and whose BatchNorms are reset); its nodes are executed one by one
 for the merged network and for every endpoint on every calibration chunk.
 "stored" mode keeps every chunk's live values between layers (N + 1 forward
 passes in all); "recompute" mode, used when those would exceed the memory
@@ -46,10 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import CcaMergeError, OptionError
-from .methods.base import Alignment
-from .spec import MergeSpec
-from .stats import available_memory, gram
+from ..bn import has_batchnorm, reset_batchnorm
+from ..discover import trace
+from ..errors import OptionError, RefitError, SpecError
+from ..files import Dataset
+from ..methods.base import Alignment
+from ..spec import MergeSpec
+from ..stats import available_memory, gram
+from .load import LoadedModels, Progress
 
 DEFAULT_RIDGE = 1e-3
 MODES = ("stored", "recompute")
@@ -67,10 +74,6 @@ _OTHER_NORMS = (
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _BLOCK_ELEMENTS = 1 << 22  # rows x inputs of one block of the normal equations (16 MiB in float32)
-
-
-class RefitError(CcaMergeError):
-    """The refit cannot run on this network (it cannot be traced, or the endpoints differ)."""
 
 
 # ---------------------------------------------------------------------------
@@ -146,12 +149,24 @@ class _Norm:
         return str(self.node.target)
 
 
+@dataclass(eq=False)
+class _Opaque:
+    """A submodule torch.fx cannot trace, with BatchNorms inside: they are reset on its
+    merged inputs."""
+
+    node: fx.Node
+    module: nn.Module
+
+
+_Step = _Fit | _Norm | _Opaque
+
+
 @dataclass
 class _Plan:
     nodes: list[fx.Node]  # execution order, without the output node
     position: dict[fx.Node, int]
     last_read: dict[fx.Node, int]  # position of a node's last reader
-    steps: list[_Fit | _Norm]
+    steps: list[_Step]
     taps: dict[fx.Node, list[_Fit]]  # target points -> the fits reading them
     warnings: list[str]
 
@@ -160,18 +175,14 @@ class _Plan:
         return [s for s in self.steps if isinstance(s, _Fit)]
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
-
-
-def _trace(model: nn.Module) -> fx.Graph:
+def _trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
+    """The graph of ``model`` and the paths of the submodules torch.fx could not trace
+    (kept as opaque leaves)."""
     try:
-        return fx.symbolic_trace(model).graph
-    except Exception as e:  # any failure of tracing user code
-        raise RefitError(
-            f"torch.fx cannot trace {type(model).__name__}.forward ({_first_line(e)})"
-        ) from None
+        graph, tracer, _ = trace(model)
+    except SpecError as e:
+        raise RefitError(str(e)) from None
+    return graph, tracer.leaves
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -184,13 +195,17 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (int(conv.padding[0]), int(conv.padding[1]))
 
 
+def _one_tensor_call(node: fx.Node) -> bool:
+    return len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
+
+
 def _unfit_reason(node: fx.Node, m: nn.Module, calls: Counter) -> str | None:
     """Why layer ``m`` cannot be refitted; None when it can."""
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
         return f"{type(m).__name__} layers are not refitted"
     if calls[node.target] > 1:
         return "the module is called more than once"
-    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
+    if not _one_tensor_call(node):
         return "it is not called on one tensor"
     if isinstance(m, nn.Conv2d):
         if m.groups != 1:
@@ -228,7 +243,7 @@ def _residual_add(point: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _plan(model: nn.Module, spec: MergeSpec) -> _Plan:
-    graph = _trace(model)
+    graph, opaque = _trace(model)
     nodes = [n for n in graph.nodes if n.op != "output"]
     position = {n: i for i, n in enumerate(nodes)}
     end = len(nodes)  # the output node: values it reads are never dropped
@@ -241,14 +256,23 @@ def _plan(model: nn.Module, spec: MergeSpec) -> _Plan:
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in nodes if n.op == "call_module")
     used_directly = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
-    steps: list[_Fit | _Norm] = []
+    steps: list[_Step] = []
     warnings = []
     for node in nodes:
         if node.op != "call_module":
             continue
         m = modules[node.target]
+        if node.target in opaque:
+            warnings.append(
+                f"module {node.target} ({type(m).__name__}) cannot be traced; its layers keep "
+                "their averaged weights"
+                + (" and its BatchNorms are reset" if has_batchnorm(m) else "")
+            )
+            if has_batchnorm(m) and _one_tensor_call(node):
+                steps.append(_Opaque(node, m))
+            continue
         if isinstance(m, _BATCHNORM):
-            if m.track_running_stats and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
+            if m.track_running_stats and _one_tensor_call(node):
                 steps.append(_Norm(node, m))
             continue
         if isinstance(m, _OTHER_NORMS) or not any(True for _ in m.parameters(recurse=False)):
@@ -392,7 +416,7 @@ class _Chunk:
 
         return tap
 
-    def advance(self, step: _Fit | _Norm) -> None:
+    def advance(self, step: _Step) -> None:
         """Run the merged network up to ``step``'s node, the endpoints through its point."""
         position = self.plan.position
         self.merged.run_to(position[step.node])
@@ -400,7 +424,7 @@ class _Chunk:
             for run in self.endpoints:
                 run.run_to(position[step.point] + 1)
 
-    def input_of(self, step: _Fit | _Norm) -> torch.Tensor:
+    def input_of(self, step: _Step) -> torch.Tensor:
         return self.merged.env[step.node.args[0]]
 
     def target_of(self, fit: _Fit) -> torch.Tensor:
@@ -490,20 +514,24 @@ def _with_constant(X: torch.Tensor, fit: _Fit) -> torch.Tensor:
     return torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if fit.has_bias else X
 
 
-def _scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, c)`` with ``bn(y) = s * y + c`` in eval mode (float64)."""
-    s = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
-    return s, bn.bias.double() - s * bn.running_mean.double()
+def _current(fit: _Fit, eq: NormalEquations) -> torch.Tensor:
+    """The averaged weights as ``W0^T`` (p x out, float64), the prior of the fit.
 
-
-def _current(fit: _Fit) -> torch.Tensor:
-    """The layer's weights now, BatchNorm folded, as ``W0^T`` (p x out, float64)."""
+    A folded BatchNorm is folded with the running statistics a reset would measure: the
+    mean and (unbiased) variance of the layer's output on the merged inputs, read off
+    ``G`` (its last row holds the inputs' sums, since the last input is the constant 1).
+    The averaged running statistics are not used: under a dense alignment they are no
+    statistics of anything (a variance can even come out negative)."""
     layer = fit.module
     W = layer.weight.detach().double().flatten(1)
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(W[:, 0])
     if fit.bn is not None:
-        s, c = _scale_shift(fit.bn)
-        W, b = s[:, None] * W, s * b + c
+        WbT = torch.cat([W, b[:, None]], 1).T
+        n = max(eq.samples, 1)
+        mean = eq.G[-1] @ WbT / n
+        var = ((eq.G @ WbT * WbT).sum(0) / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)
+        scale = fit.bn.weight.detach().double() / (var + fit.bn.eps).sqrt()
+        W, b = scale[:, None] * W, scale * (b - mean) + fit.bn.bias.detach().double()
     return (torch.cat([W, b[:, None]], 1) if fit.has_bias else W).T.contiguous()
 
 
@@ -677,7 +705,7 @@ def refit(
         if report.mode == "stored":
             stored = [chunk(x, plan.fits) for x in batches()]
 
-        def chunks(step: _Fit | _Norm) -> Iterable[_Chunk]:
+        def chunks(step: _Step) -> Iterable[_Chunk]:
             if report.mode == "stored":
                 return stored
             return (chunk(x, [step] if isinstance(step, _Fit) else []) for x in batches())
@@ -685,6 +713,9 @@ def refit(
         folded_bias: dict[fx.Node, torch.Tensor] = {}
         fits = plan.fits
         for step in plan.steps:
+            if isinstance(step, _Opaque):
+                reset_batchnorm(step.module, _inputs(step, chunks(step)), device)
+                continue
             if isinstance(step, _Norm):
                 _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
                 continue
@@ -696,17 +727,27 @@ def refit(
     return report
 
 
+def _inputs(step: _Step, chunks: Iterable[_Chunk]) -> Iterator[torch.Tensor]:
+    """``step``'s merged inputs, chunk by chunk."""
+    for chunk in chunks:
+        chunk.advance(step)
+        yield chunk.input_of(step)
+
+
 def _fit_layer(
     fit: _Fit, chunks: Iterable[_Chunk], ridge: float, report: RefitReport
 ) -> torch.Tensor | None:
     """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
     start = time.perf_counter()
-    W0T = _current(fit)
-    eq = NormalEquations(*W0T.shape, device=W0T.device)
+    layer = fit.module
+    outputs = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    inputs = layer.weight[0].numel() + int(fit.has_bias)
+    eq = NormalEquations(inputs, outputs, device=layer.weight.device)
     for chunk in chunks:
         chunk.advance(fit)
         for X, T in _rows(fit, chunk.input_of(fit), chunk.target_of(fit)):
             eq.add(X, T)
+    W0T = _current(fit, eq)
     WT = eq.solve(W0T, ridge)
     if WT is None:
         report.warnings.append(
@@ -743,9 +784,8 @@ def _measure_norm(
     """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
     of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
     moments = _Moments()
-    for chunk in chunks:
-        chunk.advance(norm)
-        moments.add(chunk.input_of(norm))
+    for x in _inputs(norm, chunks):
+        moments.add(x)
     if moments.n < 2:
         report.warnings.append(
             f"BatchNorm {norm.name}: one value per channel, its running variance is set to 0"
@@ -756,3 +796,45 @@ def _measure_norm(
     if bias is not None:
         bn.weight.copy_((var + bn.eps).sqrt())
         bn.bias.copy_(bias + moments.mean)
+
+
+# ---------------------------------------------------------------------------
+# the pipeline step
+
+
+def refit_merged(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    model: nn.Module,
+    calib: Dataset,
+    batch_size: int,
+    device: str,
+    ridge: float = DEFAULT_RIDGE,
+    progress: Progress | None = None,
+    memory_budget: int | None = None,
+) -> RefitReport:
+    """Step 5: refit the assembled ``model`` in place to the loaded endpoints on ``calib``,
+    with a progress bar over the layers."""
+    progress = progress or Progress()
+    endpoints = [loaded.build(sd, device) for sd in loaded.state_dicts]
+
+    def on_layer(name: str, i: int, total: int) -> None:
+        if i == 1:
+            progress.start("refit", total)
+        progress.advance(1)
+
+    try:
+        return refit(
+            model,
+            endpoints,
+            loaded.spec,
+            alignment,
+            weights,
+            lambda: calib.batches(batch_size),
+            ridge,
+            memory_budget,
+            on_layer,
+        )
+    finally:
+        progress.stop()
