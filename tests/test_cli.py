@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import ccamerge
 from ccamerge.cli import app
 from ccamerge.files import load_data, read_metadata, sha256
 from ccamerge.pipeline import GAMMA_GRID, evaluate
@@ -177,3 +178,17 @@ def test_method_auto_fallback_ignores_other_methods_parameters(digits_mlps):
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["method"] == "cca" and doc["params"]["gamma"] == 0.1
+
+
+def test_library_and_cli_defaults_give_the_same_file(digits_mlps, tmp_path):
+    """One default policy: ``ccamerge.merge(paths, data=...)`` writes exactly the bytes of
+    ``ccamerge merge paths --data ...`` (the CCA ridge chosen on held-out data in both)."""
+    paths = [str(p) for p in digits_mlps.paths[:2]]
+    by_cli, by_library = tmp_path / "cli.safetensors", tmp_path / "library.safetensors"
+    res = runner.invoke(
+        app, ["merge", *paths, "--data", str(digits_mlps.calib_path), "-o", str(by_cli)]
+    )
+    assert res.exit_code == 0, res.output
+    result = ccamerge.merge(paths, data=str(digits_mlps.calib_path), output=str(by_library))
+    assert "selection" in result.report  # the ridge was chosen, not fixed
+    assert by_library.read_bytes() == by_cli.read_bytes()

@@ -138,8 +138,6 @@ def merge(
         "max_iter": max_iter,
     }
     params = {k: v for k, v in given.items() if v is not None}
-    if method == "cca":
-        params.setdefault("gamma", "auto")  # the CLI's default: chosen on held-out data
     plan = MergePlan(
         checkpoints=[str(c) for c in checkpoints],
         output=str(output) if output else None,

@@ -18,12 +18,17 @@ GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_METHODS = ("cca", "permute", "zipit")
 
 
+DEFAULT_PARAMS = {"cca": {"gamma": "auto"}}  # the ridge is chosen on held-out data
+
+
 def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
-    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates.
+    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates; a parameter
+    not given takes its default (:data:`DEFAULT_PARAMS`, else the method's own).
 
     With ``method='auto'`` each candidate takes the given parameters it accepts
     (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit)."""
     if method != "auto":
+        params = {**DEFAULT_PARAMS.get(method, {}), **params}
         if method == "cca" and params.get("gamma") == "auto":
             rest = {k: v for k, v in params.items() if k != "gamma"}
             return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]
@@ -33,7 +38,7 @@ def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
     for name in AUTO_METHODS:
         accepted = {k: v for k, v in params.items() if k in method_parameters(name)}
         unused -= set(accepted)
-        out += candidate_methods(name, {"gamma": "auto", **accepted} if name == "cca" else accepted)
+        out += candidate_methods(name, accepted)
     if unused:
         raise OptionError(f"--method auto: no candidate takes {', '.join(sorted(unused))}")
     return out
