@@ -263,12 +263,19 @@ def _plan(model: nn.Module, spec: MergeSpec) -> _Plan:
             continue
         m = modules[node.target]
         if node.target in opaque:
+            resettable = has_batchnorm(m) and _one_tensor_call(node)
+            norms = ""
+            if has_batchnorm(m):
+                norms = (
+                    " and its BatchNorms are reset on its merged inputs"
+                    if resettable
+                    else " and its BatchNorms keep their averaged statistics"
+                )
             warnings.append(
                 f"module {node.target} ({type(m).__name__}) cannot be traced; its layers keep "
-                "their averaged weights"
-                + (" and its BatchNorms are reset" if has_batchnorm(m) else "")
+                f"their averaged weights{norms}"
             )
-            if has_batchnorm(m) and _one_tensor_call(node):
+            if resettable:
                 steps.append(_Opaque(node, m))
             continue
         if isinstance(m, _BATCHNORM):
