@@ -406,3 +406,55 @@ def test_untraceable_submodule_is_an_opaque_leaf():
     reset_batchnorm(reset.inner, [x])
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(merged.inner.bn, name), getattr(reset.inner.bn, name))
+
+
+def test_row_limit_fits_on_the_first_samples_of_every_chunk():
+    """With ``max_rows``, a layer with more rows than that is fitted on the first samples
+    of each chunk (its report counts exactly those rows); the permuted-copy identity still
+    holds, since the targets are exact and the kept rows outnumber the inputs."""
+    model, permuted, spec, alignment, x = _with_permuted_copy("resnet_cifar", 3)
+    model, permuted, x = model.double(), permuted.double(), x.double()
+    chunk = 16
+    max_rows = x.shape[0] * 64  # 64 rows a sample: layers with more positions are limited
+    merged = _merged([model, permuted], spec, alignment, [0.5, 0.5])
+    _damage(merged, 2)
+    report = refit(
+        merged,
+        [model, permuted],
+        spec,
+        alignment,
+        [0.5, 0.5],
+        _batches(x, chunk),
+        ridge=1e-9,
+        max_rows=max_rows,
+    )
+    sizes = [len(c) for c in torch.split(x, chunk)]
+    with torch.no_grad():
+        positions = {
+            name: out.shape[2] * out.shape[3] if out.dim() == 4 else 1
+            for name, out in _layer_outputs(model, x[:1]).items()
+        }
+    limited = 0
+    for layer in report.layers:
+        per = positions[layer.name]
+        kept = [min(n, -(-n * 64 // per)) if per > 64 else n for n in sizes]
+        assert layer.samples == sum(kept) * per, layer
+        limited += per > 64
+    assert limited > 0 and report.max_rows == max_rows
+    with torch.no_grad():
+        original = model(x)
+        error = float((merged(x) - original).abs().max())
+    assert error < 2e-5 * float(original.abs().max())
+
+
+def _layer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            hooks.append(
+                m.register_forward_hook(lambda _m, _i, o, n=name: outputs.__setitem__(n, o))
+            )
+    model(x)
+    for h in hooks:
+        h.remove()
+    return outputs
