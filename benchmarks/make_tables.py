@@ -208,6 +208,29 @@ def scaling_tables(doc: dict) -> dict[str, str]:
     return out
 
 
+def gpu_check_table(doc: dict) -> str:
+    """benchmarks/gpu_check.py: merges on the GPU, on the CPU and under torchrun."""
+    lines = [
+        f"GPU: {doc['device']}, torch {doc['torch']}, {doc['cpu_threads']} CPU threads; "
+        f"refit: {'yes' if doc['refit'] else 'no'}; CUDA tests: {doc['cuda_tests']['summary']}",
+        "",
+        "| network | run | wall s | statistics s | alignment s | apply s "
+        f"| largest relative difference to the GPU merge (tolerance {doc['tolerance']:g}) | ok |",
+        "|---" * 8 + "|",
+    ]
+    for r in doc["merges"]:
+        t = r.get("timings", {})
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("wall_seconds",)] + [
+            f"{t[k]:.1f}" if k in t else "-" for k in ("statistics", "alignment", "apply")
+        ]
+        diff = r.get("difference_to_cuda")
+        lines.append(
+            f"| {r['model']} | {r['run']} | {' | '.join(cells)} | "
+            f"{'-' if diff is None else f'{diff:.1e}'} | {'yes' if r['ok'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
 def training_table(summary: list[dict]) -> str:
     by = defaultdict(list)
     for s in summary:
@@ -255,6 +278,8 @@ def main() -> None:
         tables["cost"] = cost_table(json.loads((RESULTS / "cost.json").read_text()))
     if (RESULTS / "scaling.json").exists():
         tables.update(scaling_tables(json.loads((RESULTS / "scaling.json").read_text())))
+    if (RESULTS / "gpu_check.json").exists():
+        tables["gpu-check"] = gpu_check_table(json.loads((RESULTS / "gpu_check.json").read_text()))
     if (RESULTS / "training.json").exists():
         tables["training"] = training_table(json.loads((RESULTS / "training.json").read_text()))
     md = "\n\n".join(f"### {k}\n\n{v}" for k, v in tables.items())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import ArchitectureError, OptionError
 from .files import check_output_path, sha256
@@ -32,7 +31,7 @@ from .pipeline import (
     split_heldout,
     write_model,
 )
-from .version import __version__
+from .report import MergeReport, describe_architecture, describe_inputs
 
 
 @dataclass
@@ -129,25 +128,23 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         with timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, batch_size, device)
 
-    report: dict[str, Any] = {
-        "ccamerge_version": __version__,
-        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
-        "method": saved.metadata["method"],
-        "params": saved.metadata.get("params") or {},
-        "transforms": {"path": plan.transforms, "sha256": sha256(plan.transforms)},
-        "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
-        "reference": reference,
-        "weights": weights,
-        "output": str(out_path) if out_path else None,
-        "num_samples": stats.num_samples if stats else 0,
-        "batchnorm": bn_done,
-        "bn_mode": bn_mode,
-        "groups": group_report(loaded.spec, saved.alignment, reference),
-        "warnings": warnings,
-        "timings": timer.timings,
-    }
-    if evaluation is not None:
-        report["evaluation"] = evaluation
+    report = MergeReport(
+        architecture=describe_architecture(loaded.detected),
+        method=saved.metadata["method"],
+        params=saved.metadata.get("params") or {},
+        transforms={"path": plan.transforms, "sha256": sha256(plan.transforms)},
+        inputs=describe_inputs(plan.checkpoints),
+        reference=reference,
+        weights=weights,
+        output=str(out_path) if out_path else None,
+        num_samples=stats.num_samples if stats else 0,
+        batchnorm=bn_done,
+        bn_mode=bn_mode,
+        groups=group_report(loaded.spec, saved.alignment, reference),
+        warnings=warnings,
+        timings=timer.timings,
+        evaluation=evaluation,
+    ).to_dict()
     if out_path is not None:
         with timer.phase("write"):
             metadata = provenance(report, plan.data, int(plan.seed or 0))

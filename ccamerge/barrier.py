@@ -74,8 +74,8 @@ from .pipeline import (
     sample_warnings,
     score_logits,
 )
+from .report import BarrierReport, describe_architecture
 from .stats import Statistics
-from .version import __version__
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 DEFAULT_METHODS = ("average", "permute", "cca")
@@ -217,6 +217,8 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
     check_batch_size(plan.batch_size)
     ts = grid(plan.steps)
+    if plan.method_params.get("gamma") == "auto":
+        raise OptionError("barrier takes a number for --gamma, not 'auto' (default 0.1)")
     methods = make_methods(plan.methods, plan.method_params)
     bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
     needy = [m.name for m in methods if m.needs_data]
@@ -285,26 +287,25 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
             f"t = 1/2 is not on the grid of {plan.steps} steps (use an odd --steps); "
             "loss_mid and accuracy_mid are null"
         )
-    return {
-        "ccamerge_version": __version__,
-        "checkpoints": list(plan.checkpoints),
-        "eval_data": plan.eval_data,
-        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
-        "methods": {m.name: m.params() for m in methods},
-        "steps": plan.steps,
-        "t": ts,
-        "endpoints": [
+    return BarrierReport(
+        checkpoints=list(plan.checkpoints),
+        eval_data=plan.eval_data,
+        architecture=describe_architecture(loaded.detected),
+        methods={m.name: m.params() for m in methods},
+        steps=plan.steps,
+        t=ts,
+        endpoints=[
             {"path": p, "t": float(k), **s} for k, (p, s) in enumerate(zip(plan.checkpoints, ends))
         ],
-        "ensemble": evaluation["ensemble"],
-        "curves": curves,
-        "barriers": {name: summarise(pts) for name, pts in curves.items()},
-        "batchnorm": bn_done,
-        "num_samples": len(calib) if calib is not None else 0,
-        "eval_samples": len(eval_data),
-        "warnings": warnings,
-        "timings": timer.timings,
-    }
+        ensemble=evaluation["ensemble"],
+        curves=curves,
+        barriers={name: summarise(pts) for name, pts in curves.items()},
+        batchnorm=bn_done,
+        num_samples=len(calib) if calib is not None else 0,
+        eval_samples=len(eval_data),
+        warnings=warnings,
+        timings=timer.timings,
+    ).to_dict()
 
 
 def summarise(points: Sequence[dict[str, float]]) -> dict[str, float | None]:

@@ -3,7 +3,12 @@
 Mixing weights leaves every BatchNorm's running mean and variance wrong for
 the merged network. ``reset_batchnorm`` recomputes them with train-mode
 forward passes over calibration data and cumulative averaging (momentum
-None), then switches back to eval mode.
+None: the running mean and variance are the means over batches of each
+batch's mean and unbiased variance), then switches back to eval mode. Under
+distribution (:mod:`ccamerge.distributed`) each rank sums those per-batch
+values in float64 over its share of the batches and the sums are added across
+ranks: the same means over batches, computed in float64 rather than by
+PyTorch's float32 running update (the two agree to float32 rounding).
 
 ``renormalise_batchnorm`` is the recipe of cca-merge-math.md, section 6: set
 each BatchNorm's scale and shift to the per-channel std and mean that the
@@ -19,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .stats import JointCovariance
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -34,6 +40,8 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
         return 0
+    if distributed.is_distributed():
+        return _reset_from_sums(model, bns, batches, device)
     saved = {m: m.momentum for m in bns}
     for m in bns:
         m.reset_running_stats()
@@ -51,6 +59,54 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
             m.momentum = mom
         model.eval()
     return seen
+
+
+def _reset_from_sums(model: nn.Module, bns: list[nn.Module], batches, device) -> int:
+    """:func:`reset_batchnorm` across ranks: each BatchNorm's per-batch input mean and
+    unbiased variance (train mode, as PyTorch's update takes them) summed in float64 over
+    this rank's batches, added across ranks, and divided by the number of batches."""
+    sums = {m: torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in bns}
+
+    def add(m: nn.Module, args: tuple) -> None:
+        mean, var = _channel_mean_var(args[0].detach())
+        sums[m][0] += mean
+        sums[m][1] += var
+
+    handles = [m.register_forward_pre_hook(add) for m in bns]
+    counts = torch.zeros(2, dtype=torch.float64)  # batches, samples
+    model.train()
+    try:
+        for x in distributed.shard(batches):
+            if x.shape[0] < 2:
+                continue  # a single sample has no batch variance
+            model(x.to(device))
+            counts += torch.tensor([1.0, x.shape[0]], dtype=torch.float64)
+    finally:
+        for h in handles:
+            h.remove()
+        model.eval()
+    distributed.all_reduce_sum([counts, *sums.values()])
+    n_batches = int(counts[0])
+    for m, (mean, var) in sums.items():
+        m.reset_running_stats()
+        if n_batches and m.running_mean is not None:
+            m.running_mean.copy_(mean / n_batches)
+            m.running_var.copy_(var / n_batches)
+            m.num_batches_tracked.fill_(n_batches)
+    return int(counts[1])
+
+
+def _channel_mean_var(x: torch.Tensor, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of (B, C, ...) activations, in float64
+    (two passes over slices of at most about ``chunk`` values, never a float64 copy of
+    the whole batch)."""
+    C, dims = x.shape[1], [0, *range(2, x.ndim)]
+    n = x.numel() // C
+    parts = x.split(max(1, chunk // max(1, x[0].numel())))
+    mean = sum(p.double().sum(dims) for p in parts) / n
+    centre = mean.view(1, C, *([1] * (x.ndim - 2)))
+    var = sum(((p.double() - centre) ** 2).sum(dims) for p in parts) / max(n - 1, 1)
+    return mean, var
 
 
 def renorm_targets(

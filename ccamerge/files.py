@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import CheckpointError, DataError, OutputError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -325,7 +326,11 @@ def write_atomic(path: str | os.PathLike, *chunks: bytes) -> None:
     """Write ``chunks`` to a temporary file in the target's directory, fsync, then rename.
 
     On any failure or interruption the temporary file is removed and the target is
-    untouched; an OSError becomes :class:`OutputError`."""
+    untouched; an OSError becomes :class:`OutputError`. Under distribution every rank
+    calls this; once all have (a rank that failed ends the others), rank 0 alone writes."""
+    distributed.synchronise()
+    if not distributed.is_main():
+        return
     path = Path(path)
     tmp = None
     try:

@@ -19,7 +19,7 @@ import torch
 from .bn import has_batchnorm
 from .custom import save_spec
 from .errors import OptionError
-from .files import check_output_path, sha256
+from .files import check_output_path
 from .methods import make_method, method_parameters
 from .pipeline import (
     MIN_HELDOUT,
@@ -52,7 +52,7 @@ from .pipeline import (
     statistics_mode,
     write_model,
 )
-from .version import __version__
+from .report import MergeReport, describe_architecture, describe_inputs
 
 
 @dataclass
@@ -213,27 +213,24 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         with timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, plan.batch_size, device)
 
-    report: dict[str, Any] = {
-        "ccamerge_version": __version__,
-        "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
-        "method": method.name,
-        "params": method.params(),
-        "inputs": [{"path": p, "sha256": sha256(p)} for p in plan.checkpoints],
-        "reference": reference,
-        "reference_choice": reference_choice,
-        "weights": weights,
-        "output": str(out_path) if out_path else None,
-        "num_samples": stats.num_samples if stats else 0,
-        "batchnorm": bn_done,
-        "bn_mode": bn_mode,
-        "groups": group_report(loaded.spec, alignment, reference),
-        "warnings": warnings,
-        "timings": timer.timings,
-    }
-    if selection is not None:
-        report["selection"] = selection
-    if evaluation is not None:
-        report["evaluation"] = evaluation
+    report = MergeReport(
+        architecture=describe_architecture(loaded.detected),
+        method=method.name,
+        params=method.params(),
+        inputs=describe_inputs(plan.checkpoints),
+        reference=reference,
+        reference_choice=reference_choice,
+        weights=weights,
+        output=str(out_path) if out_path else None,
+        num_samples=stats.num_samples if stats else 0,
+        batchnorm=bn_done,
+        bn_mode=bn_mode,
+        groups=group_report(loaded.spec, alignment, reference),
+        warnings=warnings,
+        timings=timer.timings,
+        selection=selection,
+        evaluation=evaluation,
+    ).to_dict()
 
     if out_path is not None:
         with timer.phase("write"):

@@ -30,7 +30,14 @@ from torch import nn
 from .bn import renorm_targets
 from .methods.base import Alignment, GroupAlignment
 from .spec import FeatureGroup, MergeSpec
-from .stats import JointCovariance, Statistics, centre, collect_statistics
+from .stats import (
+    JointCovariance,
+    Statistics,
+    centre,
+    collect_statistics,
+    reduce_accumulators,
+    sharded,
+)
 
 _WRITERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -163,10 +170,11 @@ def repair_linear(
             lambda _m, _a, out, acc=acc: acc.add_batch([centre(out, acc.shift(0))])
         )
         try:
-            for x in batches:
+            for x in sharded(batches, [acc]):
                 model(x.to(device))
         finally:
             handle.remove()
+        reduce_accumulators([acc])
         mean, std = acc.mean_of(0), torch.diagonal(acc.block(0, 0)).clamp_min(0).sqrt()
         t_mean, t_std = (t.to(torch.float64) for t in targets[g.name])
         live = std > 1e-8 * float(std.max().clamp_min(1e-300))

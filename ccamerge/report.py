@@ -1,11 +1,88 @@
-"""Rich rendering of reports (always to the stderr console)."""
+"""Every run's report: one typed object per run, whose ``to_dict()`` is both the JSON
+document (``--json``) and what the rich rendering on stderr reads. All rendering is here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .files import sha256
+from .registry import Detected
+from .version import __version__
+
+
+def describe_architecture(detected: Detected) -> dict[str, Any]:
+    return {"name": detected.name, "config": detected.config}
+
+
+def describe_inputs(paths: list[str]) -> list[dict[str, str]]:
+    return [{"path": p, "sha256": sha256(p)} for p in paths]
+
+
+class Report:
+    """``to_dict()``: the fields in declaration order, the optional ones only when set."""
+
+    OPTIONAL: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None or f.name not in self.OPTIONAL:
+                out[f.name] = value
+        return out
+
+
+@dataclass(kw_only=True)
+class MergeReport(Report):
+    """``ccamerge merge`` and ``ccamerge apply`` (schema: docs/cli.md)."""
+
+    OPTIONAL = ("transforms", "reference_choice", "selection", "evaluation")
+
+    ccamerge_version: str = __version__
+    architecture: dict[str, Any]
+    method: str
+    params: dict[str, Any]
+    transforms: dict[str, str] | None = None  # apply: the transforms file used
+    inputs: list[dict[str, str]]
+    reference: int
+    reference_choice: dict[str, Any] | None = None  # merge: how the reference was chosen
+    weights: list[float]
+    output: str | None
+    num_samples: int
+    batchnorm: str
+    bn_mode: str
+    groups: list[dict[str, Any]]
+    warnings: list[str]
+    timings: dict[str, float]
+    selection: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class BarrierReport(Report):
+    """``ccamerge barrier`` (schema: docs/barrier.md)."""
+
+    ccamerge_version: str = __version__
+    checkpoints: list[str]
+    eval_data: str
+    architecture: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    steps: int
+    t: list[float]
+    endpoints: list[dict[str, Any]]
+    ensemble: dict[str, Any]
+    curves: dict[str, list[dict[str, float]]]
+    barriers: dict[str, dict[str, float | None]]
+    batchnorm: dict[str, str]
+    num_samples: int
+    eval_samples: int
+    warnings: list[str]
+    timings: dict[str, float]
 
 
 def _pct(v: float | None) -> str:
@@ -116,3 +193,90 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
         console.print(f"[green]wrote[/] {report['output']}")
     else:
         console.print("[yellow]no --output given: the merged model was not written[/]")
+
+
+def render_barrier_report(
+    report: dict[str, Any], plot: Path | None, csv_out: Path | None, console: Console
+) -> None:
+    """The curve table (t by method) and the barrier summary, on stderr."""
+    a, b = report["endpoints"]
+    console.print(f"[bold]architecture[/] {report['architecture']['name']}")
+    console.print(
+        f"  A (t = 0): {a['path']}  accuracy {100 * a['accuracy']:.2f} %  loss {a['loss']:.4f}"
+    )
+    console.print(
+        f"  B (t = 1): {b['path']}  accuracy {100 * b['accuracy']:.2f} %  loss {b['loss']:.4f}"
+    )
+    e = report["ensemble"]
+    console.print(
+        f"  ensemble of A and B (mean of logits): accuracy {100 * e['accuracy']:.2f} %  loss {e['loss']:.4f}"
+    )
+    names = list(report["curves"])
+    curve = Table(
+        title=f"Accuracy % / loss along the path ({report['eval_samples']} samples)",
+        title_justify="left",
+    )
+    curve.add_column("t", justify="right")
+    for name in names:
+        curve.add_column(name, justify="right")
+    for i, t in enumerate(report["t"]):
+        row = [f"{t:.2f}"]
+        for name in names:
+            p = report["curves"][name][i]
+            row.append(f"{100 * p['accuracy']:6.2f} / {p['loss']:.4f}")
+        curve.add_row(*row)
+    console.print(curve)
+
+    summary = Table(title="Barriers (worst gap to the straight line, at t)", title_justify="left")
+    for col in ("method", "loss", "accuracy pts", "acc. % at 1/2", "loss at 1/2"):
+        summary.add_column(col, justify="left" if col == "method" else "right")
+    for name in names:
+        r = report["barriers"][name]
+        summary.add_row(
+            name,
+            f"{r['loss']:.4f} @{r['loss_t']:.2f}",
+            f"{100 * r['accuracy']:.2f} @{r['accuracy_t']:.2f}",
+            "-" if r["accuracy_mid"] is None else f"{100 * r['accuracy_mid']:.2f}",
+            "-" if r["loss_mid"] is None else f"{r['loss_mid']:.4f}",
+        )
+    console.print(summary)
+    for name, done in report["batchnorm"].items():
+        if not done.startswith("none"):
+            console.print(f"[bold]BatchNorm[/] ({name}, 0 < t < 1): {done}")
+    console.print("endpoints (t = 0, 1) are the checkpoints themselves, not re-merged")
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+    for what, path in (("plot", plot), ("curve CSV", csv_out)):
+        if path is not None:
+            console.print(f"[green]wrote[/] {what} {path}")
+
+
+def render_inspection(info: dict[str, Any], console: Console) -> None:
+    arch = info["architecture"]
+    cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
+    console.print(f"[bold]{info['path']}[/]")
+    console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
+    shape = info["input_shape"]
+    console.print(
+        f"[bold]input[/] {'-' if shape is None else ' x '.join(map(str, shape))} per sample"
+    )
+    console.print(
+        f"[bold]parameters[/] {info['num_parameters']:,}  (+ {info['num_buffer_values']:,} "
+        f"buffer values, {info['num_tensors']} tensors)"
+    )
+    t = Table(title=f"Feature groups ({len(info['groups'])})", title_justify="left")
+    t.add_column("group")
+    t.add_column("size", justify="right")
+    t.add_column("collected at")
+    t.add_column("members (tensor:axis)")
+    for g in info["groups"]:
+        members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
+        t.add_row(g["name"], str(g["size"]), f"{g['collect_on']} of {g['collect_at']}", members)
+    console.print(t)
+    if info["ungrouped"]:
+        console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
+    for u in info.get("untransformed", []):
+        why = "; ".join(u["reasons"])
+        console.print(f"[bold]untransformed units[/] of {', '.join(u['writers'])}: {why}")
+    for w in info.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import NumericalError, OptionError, SpecError
 from .spec import MergeSpec
 
@@ -44,6 +45,7 @@ class JointCovariance:
     def __init__(self, n_models: int, d: int, device: torch.device | str = "cpu") -> None:
         self.n_models, self.d = n_models, d
         self.n = 0
+        self.has_shift = False
         self.c = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.e = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.Q = torch.zeros(n_models * d, n_models * d, dtype=torch.float64, device=device)
@@ -59,7 +61,12 @@ class JointCovariance:
     def shift(self, k: int) -> torch.Tensor | None:
         """What to centre model ``k``'s next batch on (:func:`centre`): the shift
         ``c``, or None (the batch's own mean) before the first batch."""
-        return self.c[self._rows(k)] if self.n else None
+        return self.c[self._rows(k)] if self.has_shift else None
+
+    def set_shift(self, c: torch.Tensor) -> None:
+        """Centre every batch, the first included, on ``c`` (before any batch)."""
+        self.c.copy_(c)
+        self.has_shift = True
 
     def update(self, Z: torch.Tensor) -> None:
         if Z.ndim != 2 or Z.shape[1] != self.n_models * self.d:
@@ -86,8 +93,8 @@ class JointCovariance:
             check(torch.cat(sums))
         n, dev = parts[0].n, self.Q.device
         m = torch.cat([p.m.to(dev, torch.float64) for p in parts])
-        if self.n == 0:
-            self.c.copy_(m)
+        if not self.has_shift:
+            self.set_shift(m)
         delta = m - self.c
         e = torch.cat([s.to(dev, torch.float64) for s in sums])
         moved = bool(delta.any())  # False when the parts were centred on the shift
@@ -140,8 +147,8 @@ class JointCovariance:
         """Add another accumulator's samples (same shape and kind) to this one."""
         if other.n == 0:
             return
-        if self.n == 0:
-            self.c.copy_(other.c)
+        if not self.has_shift:
+            self.set_shift(other.c)
         delta = other.c.to(self.c.device) - self.c
         e = other.e.to(self.c.device)
         for i, j in self._blocks():
@@ -188,6 +195,7 @@ class PairwiseCovariance(JointCovariance):
     ) -> None:
         self.n_models, self.d, self.reference = n_models, d, reference
         self.n = 0
+        self.has_shift = False
         self.c = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.e = torch.zeros(n_models * d, dtype=torch.float64, device=device)
         self.Q = torch.zeros(2, n_models, d, d, dtype=torch.float64, device=device)
@@ -391,6 +399,7 @@ def collect_statistics(
 
         return update
 
+    accumulators = [*stats.groups.values(), *(a for per in stats.norms.values() for a in per)]
     try:
         for k, model in enumerate(models):
             model.eval()
@@ -398,7 +407,7 @@ def collect_statistics(
                 handles.append(_hook_point(model, g.collect_at, g.collect_on, storer((g.name, k))))
             for bn in bns:
                 handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))
-        for x in batches:
+        for x in sharded(batches, accumulators):
             x = x.to(device)
             for model in models:
                 model(x)
@@ -417,7 +426,42 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
+    stats.num_samples = reduce_accumulators(accumulators, stats.num_samples)
     return stats
+
+
+def sharded(
+    batches: Iterable[torch.Tensor], accumulators: Sequence[JointCovariance]
+) -> Iterable[torch.Tensor]:
+    """This process's share of ``batches`` (:func:`ccamerge.distributed.shard`) for a pass
+    that feeds ``accumulators``: their shift is rank 0's, set by batch 0 and shared before
+    any other rank adds a batch, so that every batch is centred (and its float32 products
+    rounded) exactly as in one process. Without distribution: ``batches``."""
+    return distributed.shard(batches, lambda: _share_shifts(accumulators))
+
+
+def _share_shifts(accumulators: Sequence[JointCovariance]) -> None:
+    if not accumulators:
+        return
+    c = torch.cat([a.c for a in accumulators])
+    distributed.broadcast_([c])
+    for a, part in zip(accumulators, c.split([a.c.numel() for a in accumulators])):
+        a.set_shift(part)
+
+
+def reduce_accumulators(accumulators: Sequence[JointCovariance], samples: int = 0) -> int:
+    """After a :func:`sharded` pass: add every rank's sums (``n``, ``e``, ``Q``, all about
+    the shared shift) in float64, so that each accumulator holds all the batches on every
+    rank; returns ``samples`` summed likewise. Without distribution: nothing, ``samples``."""
+    if not distributed.is_distributed():
+        return samples
+    counts = torch.tensor(
+        [float(samples)] + [float(a.n) for a in accumulators], dtype=torch.float64
+    )
+    distributed.all_reduce_sum([counts, *(t for a in accumulators for t in (a.e, a.Q))])
+    for a, n in zip(accumulators, counts[1:].tolist()):
+        a.n = int(n)
+    return int(counts[0])
 
 
 def _take(current: dict, key: tuple[str, int], where: str) -> torch.Tensor:

@@ -284,3 +284,15 @@ def test_barrier_needs_labels_and_calibration_for_cca(digits_mlps, tmp_path):
 def test_barrier_help():
     res = run("barrier", "--help")
     assert res.exit_code == 0 and "--steps" in res.stdout and "--plot" in res.stdout
+
+
+def test_barrier_gamma_takes_the_merge_type_and_refuses_auto(digits_mlps):
+    """--gamma is one option type everywhere (a number or 'auto'); barrier says 'auto'
+    is not for it in one line, and a word that is neither is refused like in merge."""
+    common = ["barrier", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path,
+              "--eval-data", digits_mlps.test_path, "--methods", "cca"]  # fmt: skip
+    auto = run(*common, "--gamma", "auto")
+    assert auto.exit_code == 1 and "not 'auto'" in auto.stderr
+    assert len(auto.stderr.strip().splitlines()) == 1
+    word = run(*common, "--gamma", "big")
+    assert word.exit_code == 1 and "--gamma expects a number or 'auto'" in word.stderr

@@ -32,4 +32,3 @@ def _root(
     ),
 ) -> None:
     set_debug(debug)
-

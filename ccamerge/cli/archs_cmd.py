@@ -1,18 +1,18 @@
 from __future__ import annotations
 
-import typer
 from rich.table import Table
 
 from ..methods import list_methods
 from ..registry import get_architecture, list_architectures
 from .app import app
 from .common import console, handle_errors, print_json
+from .options import Json
 
 
 @app.command("archs")
 @handle_errors
 def archs(
-    json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+    json_out: Json = False,
 ) -> None:
     """List the registered architectures (and the merge methods)."""
     entries = [

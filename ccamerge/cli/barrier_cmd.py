@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.table import Table
 
 from ..barrier import (
     PLOT_SUFFIXES,
@@ -15,9 +13,23 @@ from ..barrier import (
     run_barrier,
     write_csv,
 )
-from ..pipeline import BN_MODES
+from ..report import render_barrier_report
 from .app import app
-from .common import BarProgress, console, handle_errors, print_json
+from .common import BarProgress, console, handle_errors, parse_gamma, print_json
+from .options import (
+    Arch,
+    BatchSize,
+    BnMode,
+    Data,
+    Device,
+    Gamma,
+    Json,
+    NumSamples,
+    Quiet,
+    ResetBn,
+    Ridge,
+    Seed,
+)
 
 
 @app.command("barrier")
@@ -31,13 +43,7 @@ def barrier(
         readable=False,
         help="Labelled data on which loss and accuracy are measured.",
     ),
-    data: Path | None = typer.Option(
-        None,
-        "--data",
-        "-d",
-        readable=False,
-        help="Calibration data for alignment statistics and BatchNorm (needed by cca, permute).",
-    ),
+    data: Data = None,
     methods: str | None = typer.Option(
         None,
         "--methods",
@@ -53,37 +59,24 @@ def barrier(
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Write one row per (method, t): method,t,loss,accuracy."
     ),
-    gamma: float | None = typer.Option(
-        None, "--gamma", help="CCA ridge (relative unless --ridge absolute). Default 0.1."
-    ),
-    ridge: str | None = typer.Option(
-        None, "--ridge", help="CCA ridge kind: relative (default) or absolute."
-    ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
-    ),
-    num_samples: int | None = typer.Option(
-        None, "--num-samples", "-n", help="Use a seeded random subset of the calibration data."
-    ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Batch size."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the calibration subset."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    reset_bn: bool = typer.Option(
-        True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics at each t."
-    ),
-    bn_mode: str = typer.Option(
-        "auto", "--bn-mode", help=f"BatchNorm treatment at each t: {', '.join(BN_MODES)}."
-    ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print curves and barriers as one JSON document on stdout."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
+    gamma: Gamma = None,
+    ridge: Ridge = None,
+    arch: Arch = None,
+    num_samples: NumSamples = None,
+    batch_size: BatchSize = 256,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    reset_bn: ResetBn = True,
+    bn_mode: BnMode = "auto",
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Loss and accuracy along the interpolation path between two models, per method."""
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     plot_path = check_output_file(plot, PLOT_SUFFIXES, "--plot") if plot else None
     csv_out = check_output_file(csv_path, (".csv",), "--csv") if csv_path else None
-    params = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+    given = (("gamma", parse_gamma(gamma)), ("ridge", ridge))
+    params = {k: v for k, v in given if v is not None}
     plan = BarrierPlan(
         checkpoints=[str(checkpoint_a), str(checkpoint_b)],
         eval_data=str(eval_data),
@@ -105,60 +98,6 @@ def barrier(
     if csv_out is not None:
         write_csv(report, csv_out)
     if not quiet:
-        render_barrier_report(report, plot_path, csv_out)
+        render_barrier_report(report, plot_path, csv_out, console)
     if json_out:
         print_json(report)
-
-
-def render_barrier_report(report: dict[str, Any], plot: Path | None, csv_out: Path | None) -> None:
-    """The curve table (t by method) and the barrier summary, on stderr."""
-    a, b = report["endpoints"]
-    console.print(f"[bold]architecture[/] {report['architecture']['name']}")
-    console.print(
-        f"  A (t = 0): {a['path']}  accuracy {100 * a['accuracy']:.2f} %  loss {a['loss']:.4f}"
-    )
-    console.print(
-        f"  B (t = 1): {b['path']}  accuracy {100 * b['accuracy']:.2f} %  loss {b['loss']:.4f}"
-    )
-    e = report["ensemble"]
-    console.print(
-        f"  ensemble of A and B (mean of logits): accuracy {100 * e['accuracy']:.2f} %  loss {e['loss']:.4f}"
-    )
-    names = list(report["curves"])
-    curve = Table(
-        title=f"Accuracy % / loss along the path ({report['eval_samples']} samples)",
-        title_justify="left",
-    )
-    curve.add_column("t", justify="right")
-    for name in names:
-        curve.add_column(name, justify="right")
-    for i, t in enumerate(report["t"]):
-        row = [f"{t:.2f}"]
-        for name in names:
-            p = report["curves"][name][i]
-            row.append(f"{100 * p['accuracy']:6.2f} / {p['loss']:.4f}")
-        curve.add_row(*row)
-    console.print(curve)
-
-    summary = Table(title="Barriers (worst gap to the straight line, at t)", title_justify="left")
-    for col in ("method", "loss", "accuracy pts", "acc. % at 1/2", "loss at 1/2"):
-        summary.add_column(col, justify="left" if col == "method" else "right")
-    for name in names:
-        r = report["barriers"][name]
-        summary.add_row(
-            name,
-            f"{r['loss']:.4f} @{r['loss_t']:.2f}",
-            f"{100 * r['accuracy']:.2f} @{r['accuracy_t']:.2f}",
-            "-" if r["accuracy_mid"] is None else f"{100 * r['accuracy_mid']:.2f}",
-            "-" if r["loss_mid"] is None else f"{r['loss_mid']:.4f}",
-        )
-    console.print(summary)
-    for name, done in report["batchnorm"].items():
-        if not done.startswith("none"):
-            console.print(f"[bold]BatchNorm[/] ({name}, 0 < t < 1): {done}")
-    console.print("endpoints (t = 0, 1) are the checkpoints themselves, not re-merged")
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
-    for what, path in (("plot", plot), ("curve CSV", csv_out)):
-        if path is not None:
-            console.print(f"[green]wrote[/] {what} {path}")

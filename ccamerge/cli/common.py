@@ -3,6 +3,10 @@
 Exit codes: 0 success; 1 a user error (bad file, bad data, bad option value);
 2 a usage error reported by the argument parser; 3 an internal error (a bug:
 rerun with ``--debug`` for the traceback); 130 interrupted (Ctrl-C).
+
+Under torchrun (:mod:`ccamerge.distributed`) only rank 0 prints: the console
+and the JSON document are silent on the other ranks, and of the ranks that
+fail only the first prints its error line.
 """
 
 from __future__ import annotations
@@ -19,10 +23,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
+from .. import distributed
 from ..errors import CcaMergeError, OptionError
 from ..pipeline import Progress
 
-console = Console(stderr=True, highlight=False)
+
+class _MainRankStderr:
+    """stderr on rank 0 (and in a run of one process); silent on the other ranks."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text) if distributed.is_main() else len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+console = Console(file=_MainRankStderr(), highlight=False)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERNAL = 3
@@ -43,43 +62,57 @@ def error_line(message: str) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Map library errors to one line and exit 1; Ctrl-C to 130; bugs to exit 3."""
+    """Map library errors to one line and exit 1; Ctrl-C to 130; bugs to exit 3.
+    Under torchrun only the first rank to fail prints (:func:`fail`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except typer.Exit:
             raise
         except CcaMergeError as e:
             if _state["debug"]:
                 raise
-            error_line(str(e))
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            fail(str(e), EXIT_USER_ERROR)
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            error_line("interrupted; nothing was written")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            fail("interrupted; nothing was written", EXIT_INTERRUPTED)
         except MemoryError:
             if _state["debug"]:
                 raise
-            error_line("out of memory; try a smaller --batch-size or fewer --num-samples")
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            fail(
+                "out of memory; try a smaller --batch-size or fewer --num-samples", EXIT_USER_ERROR
+            )
         except Exception as e:  # a bug: say so in one line, traceback with --debug
             if _state["debug"]:
                 raise
-            error_line(
+            fail(
                 f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "rerun with --debug (or CCAMERGE_DEBUG=1) for the traceback and report it"
+                "rerun with --debug (or CCAMERGE_DEBUG=1) for the traceback and report it",
+                EXIT_INTERNAL,
             )
-            raise typer.Exit(EXIT_INTERNAL) from None
+        distributed.shutdown()
+        return result
 
     return wrapper  # type: ignore[return-value]
 
 
+def fail(message: str, code: int) -> None:
+    """Print ``message`` as the error line and exit with ``code``; under torchrun, a rank
+    that another rank's failure ended exits silently with that rank's code."""
+    first = distributed.claim_failure(code)
+    if first is None:
+        error_line(message)
+    distributed.shutdown()
+    raise typer.Exit(code if first is None else first) from None
+
+
 def print_json(document: Any) -> None:
-    """The one JSON document a command writes on stdout."""
+    """The one JSON document a command writes on stdout (on rank 0 only)."""
+    if not distributed.is_main():
+        return
     sys.stdout.write(json.dumps(document, indent=2, default=_jsonable) + "\n")
     sys.stdout.flush()
 

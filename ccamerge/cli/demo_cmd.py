@@ -8,6 +8,7 @@ from ..demo import run_demo
 from ..report import evaluation_table
 from .app import app
 from .common import BarProgress, console, handle_errors, print_json
+from .options import Json
 
 
 @app.command("demo")
@@ -19,7 +20,7 @@ def demo(
     n_models: int = typer.Option(
         3, "--models", min=2, max=10, help="How many MLPs to train and merge."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    json_out: Json = False,
 ) -> None:
     """Train small MLPs on the bundled digits data, merge them (average vs CCA), compare."""
     console.print(f"training {n_models} MLPs 64-128-128-10 on digits (different seeds) ...")

@@ -6,10 +6,30 @@ import typer
 
 from ..custom import parse_model_args
 from ..merge import MergePlan, run_merge
-from ..pipeline import BN_MODES
 from ..report import render_merge_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
+from .options import (
+    Arch,
+    BatchSize,
+    BnMode,
+    Data,
+    Device,
+    EvalData,
+    Force,
+    Gamma,
+    Json,
+    Model,
+    ModelArgs,
+    NumSamples,
+    Output,
+    Quiet,
+    ResetBn,
+    Ridge,
+    Seed,
+    SpecOut,
+    Weights,
+)
 
 
 @app.command("merge")
@@ -20,42 +40,23 @@ def merge(
         readable=False,  # the library checks, with a one-line error (click's is a panel)
         help="Checkpoints (.safetensors, .pt, .pth, .bin); model 0 is the first.",
     ),
-    data: Path | None = typer.Option(
-        None,
-        "--data",
-        "-d",
-        readable=False,
-        help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs.",
-    ),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="Merged model, a .safetensors file."
-    ),
+    data: Data = None,
+    output: Output = None,
     method: str = typer.Option(
         "cca",
         "--method",
         "-m",
         help="cca (default), permute, weight-matching, zipit or average; see docs/methods.md.",
     ),
-    gamma: str | None = typer.Option(
-        None,
-        "--gamma",
-        help="CCA ridge, a number or 'auto' (the default: chosen from 0.01..10 on held-out "
-        "calibration data); relative to each layer's mean variance unless --ridge absolute.",
-    ),
+    gamma: Gamma = None,
     select_by: str = typer.Option(
         "agreement",
         "--select-by",
         help="Criterion of --gamma auto / --method auto: agreement (with the ensemble, no "
         "labels needed) or loss (cross-entropy on held-out calibration labels).",
     ),
-    ridge: str | None = typer.Option(
-        None, "--ridge", help="CCA ridge kind: relative (default) or absolute."
-    ),
-    weights: str | None = typer.Option(
-        None,
-        "--weights",
-        help="Merge weights, comma-separated (normalised to sum 1). Default uniform.",
-    ),
+    ridge: Ridge = None,
+    weights: Weights = None,
     reference: str = typer.Option(
         "first",
         "--reference",
@@ -82,52 +83,23 @@ def merge(
         help="Statistics: joint (all N models), pairwise (reference x model, less memory) or "
         "auto (pairwise when joint would not fit in half the available RAM).",
     ),
-    eval_data: Path | None = typer.Option(
-        None,
-        "--eval-data",
-        readable=False,
-        help="Labelled data: report accuracy and loss of inputs, ensemble and merge.",
-    ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture name (skip detection); see `ccamerge archs`."
-    ),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn' returning "
-        "an nn.Module; feature groups are discovered by tracing. See docs/custom-models.md.",
-    ),
-    model_args: str | None = typer.Option(
-        None, "--model-args", help="Keyword arguments of the --model factory, a JSON object."
-    ),
+    eval_data: EvalData = None,
+    arch: Arch = None,
+    model: Model = None,
+    model_args: ModelArgs = None,
     spec: Path | None = typer.Option(
         None, "--spec", help="Feature groups from a JSON spec file (see --spec-out)."
     ),
-    spec_out: Path | None = typer.Option(
-        None, "--spec-out", help="Write the feature groups used to a JSON spec file."
-    ),
-    num_samples: int | None = typer.Option(
-        None,
-        "--num-samples",
-        "-n",
-        help="Use a seeded random subset of this many calibration samples.",
-    ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Calibration batch size."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the calibration subset."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    reset_bn: bool = typer.Option(
-        True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."
-    ),
-    bn_mode: str = typer.Option(
-        "auto",
-        "--bn-mode",
-        help=f"BatchNorm treatment: {', '.join(BN_MODES)}. auto: renorm for dense transforms, vector for permutations.",
-    ),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print the report as one JSON document on stdout."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No report or progress on stderr."),
+    spec_out: SpecOut = None,
+    num_samples: NumSamples = None,
+    batch_size: BatchSize = 256,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    reset_bn: ResetBn = True,
+    bn_mode: BnMode = "auto",
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
     given = {

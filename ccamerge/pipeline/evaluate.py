@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import shard, unshard
 from ..errors import DataError, OptionError
 from ..files import Dataset
 from .load import LoadedModels
@@ -28,9 +29,11 @@ class Score:
 def predict_logits(
     model: nn.Module, data: Dataset, batch_size: int = 512, device="cpu"
 ) -> torch.Tensor:
+    """Outputs on every sample (float32, CPU). Under distribution each rank runs its share
+    of the batches and every rank gets all outputs, in order."""
     model.eval()
-    outs = [model(x.to(device)).float().cpu() for x in data.batches(batch_size)]
-    return torch.cat(outs)
+    outs = [model(x.to(device)).float().cpu() for x in shard(data.batches(batch_size))]
+    return torch.cat(unshard(outs))
 
 
 def check_labels(data: Dataset, num_classes: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..custom import detect_custom, resolve_spec
 from ..errors import ArchitectureError, CheckpointError, DataError, OptionError
 from ..files import Dataset, load_checkpoint, load_data
@@ -164,13 +165,14 @@ def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
 
 
 def resolve_device(device: str) -> str:
-    if device == "cpu":
-        return device
+    """Check ``device``; under torchrun join the process group and give this rank its own
+    GPU (:func:`ccamerge.distributed.setup`)."""
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise OptionError(f"--device {device}: CUDA is not available on this machine")
-        return device
-    raise OptionError(f"unknown device {device!r} (use cpu or cuda)")
+    elif device != "cpu":
+        raise OptionError(f"unknown device {device!r} (use cpu or cuda)")
+    return distributed.setup(device)
 
 
 class Timer:

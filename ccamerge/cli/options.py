@@ -1,0 +1,97 @@
+"""Every option that more than one command takes, declared once: one type, one meaning.
+
+A command gives the default (``batch_size: BatchSize = 256``); ``apply`` defaults some
+of them to None, meaning "as recorded in the transforms file".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..pipeline import BN_MODES
+
+# readable=False: the library checks files, with a one-line error (click's is a panel)
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        readable=False,
+        help="Calibration data (.npz, .npy, .pt, .safetensors), model-ready inputs.",
+    ),
+]
+EvalData = Annotated[
+    Path | None,
+    typer.Option(
+        "--eval-data",
+        readable=False,
+        help="Labelled data: report accuracy and loss of the inputs, their ensemble and the merge.",
+    ),
+]
+Output = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Merged model, a .safetensors file.")
+]
+Arch = Annotated[
+    str | None,
+    typer.Option("--arch", help="Architecture name (skip detection); see `ccamerge archs`."),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your own architecture: a factory 'pkg.module:fn' or 'path/file.py:fn' returning "
+        "an nn.Module; feature groups are discovered by tracing. See docs/custom-models.md.",
+    ),
+]
+ModelArgs = Annotated[
+    str | None,
+    typer.Option("--model-args", help="Keyword arguments of the --model factory, a JSON object."),
+]
+SpecOut = Annotated[
+    Path | None,
+    typer.Option("--spec-out", help="Write the feature groups used to a JSON spec file."),
+]
+Weights = Annotated[
+    str | None,
+    typer.Option("--weights", help="Merge weights, comma-separated (normalised to sum 1)."),
+]
+Gamma = Annotated[
+    str | None,
+    typer.Option(
+        "--gamma",
+        help="CCA ridge, a number or 'auto' (chosen from 0.01..10 on held-out calibration "
+        "data); relative to each layer's mean variance unless --ridge absolute.",
+    ),
+]
+Ridge = Annotated[
+    str | None, typer.Option("--ridge", help="CCA ridge kind: relative (default) or absolute.")
+]
+NumSamples = Annotated[
+    int | None,
+    typer.Option("--num-samples", "-n", help="Use a seeded random subset of the calibration data."),
+]
+BatchSize = Annotated[
+    int | None, typer.Option("--batch-size", help="Batch size of forward passes.")
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for the calibration subset.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+ResetBn = Annotated[
+    bool,
+    typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."),
+]
+BnMode = Annotated[
+    str | None,
+    typer.Option(
+        "--bn-mode",
+        help=f"BatchNorm treatment: {', '.join(BN_MODES)}. auto: renorm for dense transforms, "
+        "vector for permutations.",
+    ),
+]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report or progress on stderr.")]

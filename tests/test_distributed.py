@@ -1,0 +1,144 @@
+"""Merges under torchrun (2 CPU processes, gloo) against one process, and failures.
+
+Statistics are sums over calibration batches; two processes add them in another
+order, so the float64 transforms agree to float64 round-off and the written
+float32 tensors to their last bit, except BatchNorm running statistics: one
+process takes them from PyTorch's float32 running update, several from float64
+sums (ccamerge.bn), which agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ccamerge import distributed
+from ccamerge.cli import app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), "-m", "ccamerge", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_process(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def largest_relative_difference(a: dict, b: dict, skip: str = "") -> float:
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for k in a:
+        if not a[k].is_floating_point() or (skip and skip in k):
+            continue
+        x, y = a[k].double(), b[k].double()
+        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-300)))
+    return worst
+
+
+def merge_both_ways(tmp_path, checkpoints, data, *options: str):
+    """(one process, two processes): merged tensors, transforms, torchrun's result."""
+    for name in ("one", "two"):
+        args = [
+            "merge", *map(str, checkpoints), "--data", str(data), "--batch-size", "64",
+            "--output", str(tmp_path / f"{name}.safetensors"),
+            "--save-transforms", str(tmp_path / f"{name}-t.safetensors"), "--json", *options,
+        ]  # fmt: skip
+        if name == "one":
+            one_process(*args)
+        else:
+            run = torchrun(*args)
+            assert run.returncode == 0, run.stderr[-3000:]
+    load = lambda name: (  # noqa: E731
+        load_file(tmp_path / f"{name}.safetensors"),
+        load_file(tmp_path / f"{name}-t.safetensors"),
+    )
+    return load("one"), load("two"), run
+
+
+def test_no_torchrun_no_process_group(monkeypatch):
+    for key in distributed.TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.setup("cpu") == "cpu"
+    assert not torch.distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    batches = [torch.ones(1), torch.zeros(1)]
+    assert list(distributed.shard(batches, after_first=lambda: pytest.fail("called"))) == batches
+    t = torch.ones(3, dtype=torch.float64)
+    distributed.all_reduce_sum([t])
+    assert torch.equal(t, torch.ones(3, dtype=torch.float64))
+    assert distributed.unshard([1, 2]) == [1, 2]
+    assert distributed.claim_failure(1) is None
+
+
+def test_mlp_two_processes_equal_one(tmp_path, digits_mlps):
+    """Two processes split the batches (REPAIR included); one JSON document and one report."""
+    (w1, t1), (w2, t2), run = merge_both_ways(
+        tmp_path, digits_mlps.paths[:2], digits_mlps.calib_path, "--gamma", "0.1"
+    )
+    transforms = largest_relative_difference(t1, t2)
+    weights = largest_relative_difference(w1, w2)
+    print(f"MLP, 2 processes vs 1: transforms {transforms:.2e}, weights {weights:.2e}")
+    assert transforms < 1e-10
+    assert weights < 3e-7  # float64 round-off can move a float32 value by one unit
+    report = json.loads(run.stdout)  # one document: rank 1 printed nothing
+    assert report["num_samples"] == len(digits_mlps.train)
+    assert run.stderr.count("Feature groups") == 1
+
+
+def test_resnet_two_processes_equal_one(tmp_path, digits_convnets):
+    """BatchNorm renormalisation, BN reset and the automatic choice of gamma (held-out
+    outputs gathered from both processes) across 2 processes."""
+    nets = digits_convnets.nets["resnet_cifar"]
+    (w1, t1), (w2, t2), run = merge_both_ways(tmp_path, nets.paths, digits_convnets.calib_path)
+    transforms = largest_relative_difference(t1, t2)
+    weights = largest_relative_difference(w1, w2, skip="running_")
+    bn = largest_relative_difference(w1, w2)
+    print(
+        f"ResNet14, 2 processes vs 1: transforms {transforms:.2e}, weights {weights:.2e}, "
+        f"BatchNorm running statistics {bn:.2e}"
+    )
+    assert transforms < 1e-10
+    assert weights < 1e-6 and bn < 1e-6
+
+
+def test_failure_on_one_rank_ends_both(tmp_path, digits_mlps):
+    """Batch 1 (rank 1's first) overflows: one error line, non-zero exit, no file."""
+    x = digits_mlps.train.x.clone()
+    x[64:128] = 3e38 * torch.where(x[64:128] < 0.5, -1.0, 1.0)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=x.numpy())
+    out = tmp_path / "m.safetensors"
+    run = torchrun(
+        "merge", *map(str, digits_mlps.paths[:2]), "--data", str(bad), "--gamma", "0.1",
+        "--batch-size", "64", "--output", str(out), "--save-transforms",
+        str(tmp_path / "t.safetensors"),
+    )  # fmt: skip
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: non-finite activations at layers.1 (input of group hidden0): the models "
+        "overflow on this data (check the input scaling and the checkpoints)"
+    ], run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
