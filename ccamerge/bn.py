@@ -35,13 +35,18 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu") -> int:
-    """Recompute every BatchNorm's running statistics; returns the number of samples seen."""
+def reset_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], device="cpu", sharded: bool = False
+) -> int:
+    """Recompute every BatchNorm's running statistics; returns the number of samples seen.
+    Under distribution each rank takes its share of ``batches``; ``sharded``: they are
+    this rank's share already."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
         return 0
     if distributed.is_distributed():
-        return _reset_from_sums(model, bns, batches, device)
+        share = batches if sharded else distributed.shard(batches)
+        return _reset_from_sums(model, bns, share, device)
     saved = {m: m.momentum for m in bns}
     for m in bns:
         m.reset_running_stats()
@@ -62,9 +67,10 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
 
 
 def _reset_from_sums(model: nn.Module, bns: list[nn.Module], batches, device) -> int:
-    """:func:`reset_batchnorm` across ranks: each BatchNorm's per-batch input mean and
-    unbiased variance (train mode, as PyTorch's update takes them) summed in float64 over
-    this rank's batches, added across ranks, and divided by the number of batches."""
+    """:func:`reset_batchnorm` across ranks (``batches``: this rank's share): each
+    BatchNorm's per-batch input mean and unbiased variance (train mode, as PyTorch's
+    update takes them) summed in float64 over this rank's batches, added across ranks,
+    and divided by the number of batches."""
     sums = {m: torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in bns}
 
     def add(m: nn.Module, args: tuple) -> None:
@@ -76,7 +82,7 @@ def _reset_from_sums(model: nn.Module, bns: list[nn.Module], batches, device) ->
     counts = torch.zeros(2, dtype=torch.float64)  # batches, samples
     model.train()
     try:
-        for x in distributed.shard(batches):
+        for x in batches:
             if x.shape[0] < 2:
                 continue  # a single sample has no batch variance
             model(x.to(device))

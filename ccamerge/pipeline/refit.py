@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import distributed
 from ..bn import has_batchnorm, reset_batchnorm
 from ..discover import trace
 from ..errors import OptionError, RefitError, SpecError
@@ -56,7 +57,8 @@ from ..files import Dataset
 from ..methods.base import Alignment
 from ..spec import MergeSpec
 from ..stats import available_memory, gram
-from .load import LoadedModels, Progress
+from .assemble import assemble, state_of
+from .load import LoadedModels, Progress, Timer
 
 DEFAULT_RIDGE = 1e-3
 # rows (samples x output positions) a layer is fitted on at most: 2^18 rows gave the same
@@ -102,10 +104,12 @@ class LayerFit:
 @dataclass
 class RefitReport:
     mode: str  # "stored" or "recompute"
+    memory_budget: int | None  # bytes that decided the mode (None: available RAM unknown)
     ridge: float
     max_rows: int  # the row limit of one layer's fit (0: none)
     layers: list[LayerFit] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # the whole refit
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -467,6 +471,14 @@ class NormalEquations:
         self.target_norm += torch.sum(T * T, dtype=torch.float64)
         self.samples += X.shape[0]
 
+    def reduce_across_ranks(self) -> None:
+        """Under distribution: every rank's sums added (the same bits on every rank)."""
+        if not distributed.is_distributed():
+            return
+        count = torch.tensor([float(self.samples)], dtype=torch.float64, device=self.G.device)
+        distributed.all_reduce_sum([self.G, self.R, self.target_norm, count])
+        self.samples = int(count)
+
     def residual(self, WT: torch.Tensor) -> float | None:
         """``||W x - t||^2 / ||t||^2`` for ``WT`` (p x out); None when every target is 0."""
         tt = float(self.target_norm)
@@ -573,10 +585,10 @@ class _Moments:
     """Per-channel count, mean and sum of squared deviations (channels on axis 1),
     merged over chunks in float64 (Chan et al.'s pairwise update)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
         self.n = 0
-        self.mean = torch.zeros(())
-        self.m2 = torch.zeros(())
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         v = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
@@ -587,6 +599,20 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
         self.n = total
+
+    def reduce_across_ranks(self) -> None:
+        """Under distribution: the moments of every rank's values together. First the
+        count and the sums give the common mean; then each rank's squared deviations
+        about that mean, ``m2 + n (mean - common)^2``, are added."""
+        if not distributed.is_distributed():
+            return
+        sums = torch.cat([self.mean.new_tensor([float(self.n)]), self.mean * self.n])
+        distributed.all_reduce_sum([sums])
+        n = int(sums[0])
+        common = sums[1:] / max(n, 1)
+        m2 = (self.m2 + self.n * (self.mean - common).square()).contiguous()
+        distributed.all_reduce_sum([m2])
+        self.n, self.mean, self.m2 = n, common, m2
 
     @property
     def variance(self) -> torch.Tensor:
@@ -637,15 +663,17 @@ def _choose_mode(
     budget: int | None,
     device: torch.device,
 ) -> str:
-    """ "stored" when the live values of all ``samples`` for every model fit in ``budget``
-    bytes (default: half the available RAM), else "recompute"."""
-    if budget is None:
-        available = available_memory()
-        if available is None:
-            return "stored"
-        budget = available // 2
-    per_sample = _peak_bytes(plan, merged, first.to(device)) / first.shape[0]
-    return "stored" if per_sample * samples * (n_models + 1) <= budget else "recompute"
+    """ "stored" when the live values of this rank's share of the ``samples`` for every
+    model fit in ``budget`` bytes (None: no limit known), else "recompute". Under
+    distribution every rank decides "recompute" when one of them must."""
+    stored = True
+    if budget is not None:
+        per_sample = _peak_bytes(plan, merged, first.to(device)) / first.shape[0]
+        share = math.ceil(samples / distributed.world_size())
+        stored = per_sample * share * (n_models + 1) <= budget
+    must_recompute = torch.tensor([0.0 if stored else 1.0], dtype=torch.float64)
+    distributed.all_reduce_sum([must_recompute])
+    return "stored" if float(must_recompute) == 0 else "recompute"
 
 
 def _target_maps(
@@ -683,13 +711,22 @@ def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
             m.train(training)
 
 
-def _check_options(endpoints: Sequence[nn.Module], weights: Sequence[float], ridge: float) -> None:
+def check_refit_options(ridge: float, max_rows: int) -> None:
+    """The refit's ridge (finite, >= 0) and row limit (an integer >= 0)."""
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise OptionError(f"the refit ridge must be finite and non-negative, got {ridge}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
+        raise OptionError(f"the refit's row limit must be an integer >= 0, got {max_rows}")
+
+
+def _check_options(
+    endpoints: Sequence[nn.Module], weights: Sequence[float], ridge: float, max_rows: int
+) -> None:
     if not endpoints or len(weights) != len(endpoints):
         raise OptionError(f"{len(weights)} merge weights given for {len(endpoints)} models")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise OptionError("merge weights must be finite, non-negative and not all zero")
-    if not (math.isfinite(ridge) and ridge >= 0):
-        raise OptionError(f"the refit ridge must be finite and non-negative, got {ridge}")
+    check_refit_options(ridge, max_rows)
 
 
 @torch.no_grad()
@@ -718,16 +755,16 @@ def refit(
     (0: no limit); every sample still runs through the network and feeds the BatchNorm
     statistics. Raises :class:`RefitError` when the network cannot be traced or the endpoints
     differ from it."""
-    _check_options(endpoints, weights, ridge)
-    if max_rows < 0:
-        raise OptionError(f"the refit's row limit must be non-negative, got {max_rows}")
+    _check_options(endpoints, weights, ridge, max_rows)
     _check_endpoints(merged, endpoints)
     plan = _plan(merged, spec)
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
     maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
-    report = RefitReport(
-        mode="stored", ridge=ridge, max_rows=max_rows, warnings=list(plan.warnings)
-    )
+    start = time.perf_counter()
+    if memory_budget is None:
+        available = available_memory()
+        memory_budget = None if available is None else available // 2
+    report = RefitReport("stored", memory_budget, ridge, max_rows, warnings=list(plan.warnings))
     first, samples = _first_and_count(batches)
     with _eval_mode([merged, *endpoints]):
         report.mode = _choose_mode(
@@ -738,18 +775,19 @@ def refit(
             return _Chunk(plan, merged, endpoints, maps, x.to(device), wanted)
 
         if report.mode == "stored":
-            stored = [chunk(x, plan.fits) for x in batches()]
+            stored = [chunk(x, plan.fits) for x in distributed.shard(batches())]
 
         def chunks(step: _Step) -> Iterable[_Chunk]:
             if report.mode == "stored":
                 return stored
-            return (chunk(x, [step] if isinstance(step, _Fit) else []) for x in batches())
+            wanted = [step] if isinstance(step, _Fit) else []
+            return (chunk(x, wanted) for x in distributed.shard(batches()))
 
         folded_bias: dict[fx.Node, torch.Tensor] = {}
         fits = plan.fits
         for step in plan.steps:
             if isinstance(step, _Opaque):
-                reset_batchnorm(step.module, _inputs(step, chunks(step)), device)
+                reset_batchnorm(step.module, _inputs(step, chunks(step)), device, sharded=True)
                 continue
             if isinstance(step, _Norm):
                 _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
@@ -759,6 +797,7 @@ def refit(
                 folded_bias[step.norm] = bias
             if on_layer is not None:
                 on_layer(step.name, fits.index(step) + 1, len(fits))
+    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -782,6 +821,7 @@ def _fit_layer(
         chunk.advance(fit)
         for X, T in _rows(fit, chunk.input_of(fit), chunk.target_of(fit), rows_per_sample):
             eq.add(X, T)
+    eq.reduce_across_ranks()
     W0T = _current(fit, eq)
     WT = eq.solve(W0T, ridge)
     if WT is None:
@@ -818,14 +858,16 @@ def _measure_norm(
 ) -> None:
     """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
     of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
-    moments = _Moments()
+    bn = norm.module
+    moments = _Moments(bn.num_features, bn.running_mean.device)
     for x in _inputs(norm, chunks):
         moments.add(x)
+    moments.reduce_across_ranks()
     if moments.n < 2:
         report.warnings.append(
             f"BatchNorm {norm.name}: one value per channel, its running variance is set to 0"
         )
-    bn, var = norm.module, moments.variance
+    var = moments.variance
     bn.running_mean.copy_(moments.mean)
     bn.running_var.copy_(var)
     if bias is not None:
@@ -848,6 +890,7 @@ def refit_merged(
     ridge: float = DEFAULT_RIDGE,
     progress: Progress | None = None,
     memory_budget: int | None = None,
+    max_rows: int = DEFAULT_MAX_ROWS,
 ) -> RefitReport:
     """Step 5: refit the assembled ``model`` in place to the loaded endpoints on ``calib``,
     with a progress bar over the layers."""
@@ -870,6 +913,62 @@ def refit_merged(
             ridge,
             memory_budget,
             on_layer,
+            max_rows,
         )
     finally:
         progress.stop()
+
+
+@dataclass
+class Refitted:
+    """A merge assembled and refitted (:func:`assemble_and_refit`)."""
+
+    state: dict[str, torch.Tensor]
+    model: nn.Module
+    report: RefitReport
+
+    @property
+    def batchnorm(self) -> str:
+        """What happened to the BatchNorms, in the report's words."""
+        if not has_batchnorm(self.model):
+            return "none (no BatchNorm)"
+        return "running statistics written by the refit (no separate reset)"
+
+    def section(self) -> dict[str, Any]:
+        """The report's "refit" section (its warnings go to the report's own)."""
+        out = self.report.to_dict()
+        del out["warnings"]
+        return out
+
+
+def assemble_and_refit(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    reference: int,
+    calib: Dataset,
+    batch_size: int,
+    device: str,
+    ridge: float,
+    max_rows: int,
+    progress: Progress,
+    timer: Timer,
+    warnings: list[str],
+) -> Refitted | None:
+    """Steps 4 and 5 with the refit: assemble without BatchNorm handling, then refit.
+    The refit's warnings are appended to ``warnings``; when the network cannot be refitted
+    (:class:`RefitError`), the warning "refit skipped: <reason>" and None (the caller
+    then merges without the refit)."""
+    with timer.phase("apply"):
+        model = assemble(loaded, alignment, weights, reference, device)
+    try:
+        with timer.phase("refit"):
+            report = refit_merged(
+                loaded, alignment, weights, model, calib, batch_size, device, ridge, progress,
+                max_rows=max_rows,
+            )  # fmt: skip
+    except RefitError as e:
+        warnings.append(f"refit skipped: {e}")
+        return None
+    warnings.extend(report.warnings)
+    return Refitted(state_of(model, loaded, reference), model, report)
