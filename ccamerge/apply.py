@@ -6,23 +6,29 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ArchitectureError, OptionError
 from .files import OUTPUT_SUFFIXES, check_output_path, sha256
 from .pipeline import (
     BN_MODES,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_RIDGE,
     MergeResult,
     Progress,
     Timer,
+    assemble_and_refit,
     build_merged,
     check_batch_size,
     check_data_fits,
     check_fits,
+    check_refit_options,
     evaluate_all,
     gather_statistics,
     group_report,
     load_models,
     load_transforms,
+    needs_norm_statistics,
     normalise_weights,
     provenance,
     read_calibration,
@@ -37,8 +43,9 @@ from .report import MergeReport, describe_architecture, describe_inputs
 @dataclass
 class ApplyPlan:
     """Everything ``ccamerge apply`` was asked to do. ``weights``, ``bn_mode``,
-    ``num_samples``, ``seed`` and ``batch_size`` default to those recorded in the
-    transforms file."""
+    ``num_samples``, ``seed``, ``batch_size`` and the refit settings (``refit``,
+    ``refit_ridge``, ``refit_max_rows``) default to those recorded in the transforms
+    file (a file without refit settings: no refit)."""
 
     transforms: str
     checkpoints: list[str]
@@ -53,6 +60,9 @@ class ApplyPlan:
     reset_bn: bool = True
     bn_mode: str | None = None
     force: bool = False
+    refit: bool | None = None
+    refit_ridge: float | None = None
+    refit_max_rows: int | None = None
 
 
 def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
@@ -97,28 +107,40 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     bn_mode = plan.bn_mode if plan.bn_mode not in (None, "auto") else meta.get("bn_mode")
     if bn_mode not in BN_MODES or bn_mode == "auto":
         raise OptionError(f"--bn-mode must be vector or renorm, not {bn_mode!r}")
+    refit, ridge, max_rows = refit_settings(plan, meta.get("refit") or {"enabled": False})
+    if refit and calib is None:
+        warnings.append("refit skipped: no calibration data (--data)")
 
+    refitted = None
+    if refit and calib is not None:
+        refitted = assemble_and_refit(
+            loaded, saved.alignment, weights, reference, calib, batch_size, device, ridge,
+            max_rows, progress, timer, warnings,
+        )  # fmt: skip
     stats = None
-    has_norms = any(g.norms for g in loaded.spec.groups)
-    if calib is not None and plan.reset_bn and bn_mode == "renorm" and has_norms:
-        with timer.phase("statistics"):
-            stats = gather_statistics(
-                loaded, calib, batch_size, device, progress, group_stats=False
+    if refitted is not None:
+        state, model, bn_done = refitted.state, refitted.model, refitted.batchnorm
+    else:
+        if calib is not None and needs_norm_statistics(loaded, bn_mode, plan.reset_bn):
+            with timer.phase("statistics"):
+                stats = gather_statistics(
+                    loaded, calib, batch_size, device, progress, group_stats=False
+                )
+        with timer.phase("apply"):
+            state, model, bn_done = build_merged(
+                loaded,
+                saved.alignment,
+                weights,
+                reference,
+                calib,
+                stats,
+                bn_mode,
+                plan.reset_bn,
+                batch_size,
+                device,
             )
-    with timer.phase("apply"):
-        state, model, bn_done = build_merged(
-            loaded,
-            saved.alignment,
-            weights,
-            reference,
-            calib,
-            stats,
-            bn_mode,
-            plan.reset_bn,
-            batch_size,
-            device,
-        )
-    if calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
+    has_norms = any(g.norms for g in loaded.spec.groups)
+    if refitted is None and calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
         undone = (
             "BatchNorm running statistics were not reset"
             if has_norms
@@ -139,12 +161,13 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         reference=reference,
         weights=weights,
         output=str(out_path) if out_path else None,
-        num_samples=stats.num_samples if stats else 0,
+        num_samples=stats.num_samples if stats else len(calib) if refitted else 0,
         batchnorm=bn_done,
         bn_mode=bn_mode,
         groups=group_report(loaded.spec, saved.alignment, reference),
         warnings=warnings,
         timings=timer.timings,
+        refit=refitted.section() if refitted else None,
         evaluation=evaluation,
     ).to_dict()
     if out_path is not None:
@@ -156,3 +179,14 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
             }
             write_model(state, plan.output, inputs, plan.force, metadata)
     return MergeResult(state, model, saved.alignment, report)
+
+
+def refit_settings(plan: ApplyPlan, recorded: dict[str, Any]) -> tuple[bool, float, int]:
+    """``(refit, ridge, max_rows)``: the plan's where given, else the recorded ones."""
+    refit = plan.refit if plan.refit is not None else bool(recorded.get("enabled"))
+    ridge = plan.refit_ridge if plan.refit_ridge is not None else recorded.get("ridge")
+    max_rows = plan.refit_max_rows if plan.refit_max_rows is not None else recorded.get("max_rows")
+    ridge = DEFAULT_RIDGE if ridge is None else ridge
+    max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
+    check_refit_options(ridge, max_rows)
+    return refit, ridge, max_rows

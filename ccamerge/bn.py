@@ -36,17 +36,21 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu") -> int:
+def reset_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], device="cpu", sharded: bool = False
+) -> int:
     """Recompute every BatchNorm's running statistics; returns the number of samples seen.
 
     Batches of one sample have no batch variance and are skipped; when no batch is
     left the statistics cannot be estimated: :class:`DataError` (never a model whose
-    running statistics are the reset defaults)."""
+    running statistics are the reset defaults). Under distribution each rank takes its
+    share of ``batches``; ``sharded``: they are this rank's share already."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
         return 0
     if distributed.is_distributed():
-        return _reset_from_sums(model, bns, batches, device)
+        share = batches if sharded else distributed.shard(batches)
+        return _reset_from_sums(model, bns, share, device)
     saved = {m: m.momentum for m in bns}
     for m in bns:
         m.reset_running_stats()
@@ -74,9 +78,10 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
 
 
 def _reset_from_sums(model: nn.Module, bns: list[nn.Module], batches, device) -> int:
-    """:func:`reset_batchnorm` across ranks: each BatchNorm's per-batch input mean and
-    unbiased variance (train mode, as PyTorch's update takes them) summed in float64 over
-    this rank's batches, added across ranks, and divided by the number of batches."""
+    """:func:`reset_batchnorm` across ranks (``batches``: this rank's share): each
+    BatchNorm's per-batch input mean and unbiased variance (train mode, as PyTorch's
+    update takes them) summed in float64 over this rank's batches, added across ranks,
+    and divided by the number of batches."""
     sums = {m: torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in bns}
 
     def add(m: nn.Module, args: tuple) -> None:
@@ -88,7 +93,7 @@ def _reset_from_sums(model: nn.Module, bns: list[nn.Module], batches, device) ->
     counts = torch.zeros(2, dtype=torch.float64)  # batches, samples
     model.train()
     try:
-        for x in distributed.shard(batches):
+        for x in batches:
             if x.shape[0] < 2:
                 continue  # a single sample has no batch variance
             model(x.to(device))

@@ -57,6 +57,7 @@ def run_demo(
             method_params=DEMO_PARAMS.get(method, {}),
             output=str(out / f"merged-{method}.safetensors"),
             force=True,
+            refit=method != "average",  # direct averaging: the plain average, no refit
         )
         results[method] = run_merge(plan, progress).report
     ev = results["cca"]["evaluation"]

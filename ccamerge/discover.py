@@ -296,8 +296,7 @@ def trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, list[str]]:
         except Exception as e:
             if tracer.failed is None or tracer.failed[0] in leaves:
                 raise SpecError(
-                    f"torch.fx cannot trace {type(model).__name__}.forward ({_first_line(e)}); "
-                    "write its feature groups by hand and pass them with --spec"
+                    f"torch.fx cannot trace {type(model).__name__}.forward ({_first_line(e)})"
                 ) from None
             path, err = tracer.failed
             leaves.add(path)
@@ -765,7 +764,12 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
     was_training = model.training
     model.eval()
     try:
-        graph, tracer, warnings = trace(model)
+        try:
+            graph, tracer, warnings = trace(model)
+        except SpecError as e:
+            raise SpecError(
+                f"{e}; write its feature groups by hand and pass them with --spec"
+            ) from None
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         required = [n for n in placeholders if not n.args]
         if len(required) != 1:

@@ -37,3 +37,7 @@ class NumericalError(CcaMergeError):
 
 class OutputError(CcaMergeError):
     """The output cannot be written where asked."""
+
+
+class RefitError(CcaMergeError):
+    """The refit cannot run on this network (it cannot be traced, or the endpoints differ)."""

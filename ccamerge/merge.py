@@ -2,8 +2,10 @@
 
 ``run_merge(plan)`` loads and validates the checkpoints, gathers calibration
 statistics, aligns every model to the reference with the chosen method,
-transforms and averages the tensors, fixes BatchNorm, optionally evaluates,
-and writes the result atomically. It returns a :class:`MergeResult` whose
+transforms and averages the tensors, refits the merge layer by layer (default;
+with ``refit=False``, or when the network cannot be refitted, it fixes
+BatchNorm instead: the paper's CCA Merge), optionally evaluates, and writes the
+result atomically. It returns a :class:`MergeResult` whose
 ``report`` is what the CLI prints (rich on stderr, JSON on stdout).
 """
 
@@ -23,22 +25,27 @@ from .errors import OptionError
 from .files import OUTPUT_SUFFIXES, check_outputs
 from .methods import list_methods, make_method, method_parameters
 from .pipeline import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_RIDGE,
     MIN_HELDOUT,
     MergeResult,
     Progress,
     Timer,
     align_models,
+    assemble_and_refit,
     build_merged,
     candidate_methods,
     check_batch_size,
     check_data_fits,
     check_labels,
+    check_refit_options,
     choose_best_reference,
     evaluate_all,
     gather_statistics,
     group_report,
     label,
     load_models,
+    needs_norm_statistics,
     normalise_weights,
     parse_reference,
     provenance,
@@ -86,13 +93,17 @@ class MergePlan:
     save_transforms: str | None = None
     stats_mode: str = "auto"  # auto, joint or pairwise (see statistics_mode)
     memory_limit: int | None = None  # bytes for statistics; default half the available RAM
+    refit: bool = True  # refit the merge layer by layer (docs/refit.md); False: the paper's merge
+    refit_ridge: float = DEFAULT_RIDGE
+    refit_max_rows: int = DEFAULT_MAX_ROWS  # rows of one layer's fit at most (0: no limit)
 
 
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)
-    candidates = candidate_methods(plan.method, plan.method_params)
+    check_refit_options(plan.refit_ridge, plan.refit_max_rows)
+    candidates = candidate_methods(plan.method, plan.method_params, plan.refit)
     method, auto = candidates[0], len(candidates) > 1
     bn_modes = {resolve_bn_mode(plan.bn_mode, m) for m in candidates}
     bn_mode = "renorm" if "renorm" in bn_modes else bn_modes.pop()
@@ -138,6 +149,14 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         warnings += [note] if note else []
     labelled = eval_data if eval_data is not None else calib
     warnings += check_settings(loaded, labelled, stated, plan.batch_size, device)
+    refit = plan.refit and calib is not None
+    if plan.refit and calib is None:
+        warnings.append("refit skipped: no calibration data (--data)")
+    if refit and not plan.reset_bn:
+        warnings.append(
+            "--no-reset-bn has no effect with the refit, which writes the BatchNorm statistics "
+            "itself (--no-refit keeps the averaged ones)"
+        )
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
         fixed = {
             k: v
@@ -153,7 +172,9 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     split = split_heldout(calib, plan.heldout_fraction, plan.seed) if auto and calib else None
     if split is not None:
         calib = split.stats  # the held-out part never feeds statistics or BN reset
-    if calib is not None and (method.needs_data or bn_mode == "renorm"):
+    # the plain merges that selection scores fix BatchNorm; a refitted merge does not
+    bn_fixed = not refit or split is not None
+    if calib is not None and (method.needs_data or (bn_mode == "renorm" and bn_fixed)):
         pairwise, notes = statistics_mode(
             plan.stats_mode, loaded.spec, n, candidates, plan.memory_limit
         )
@@ -167,7 +188,8 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
                 progress,
                 pairwise=pairwise,
                 reference=reference,
-                norm_stats=bn_mode == "renorm" and plan.reset_bn,  # the targets' statistics
+                # the renormalisation targets' statistics
+                norm_stats=bn_mode == "renorm" and plan.reset_bn and bn_fixed,
             )
         warnings += sample_warnings(loaded.spec, stats)
 
@@ -198,6 +220,20 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     else:
         with timer.phase("alignment"):
             alignment = align_models(method, loaded, reference, stats)
+    refitted = None
+    if refit:
+        refitted = assemble_and_refit(
+            loaded, alignment, weights, reference, calib, plan.batch_size, device,
+            plan.refit_ridge, plan.refit_max_rows, progress, timer, warnings,
+        )  # fmt: skip
+    if refitted is not None:
+        state, model, bn_done = refitted.state, refitted.model, refitted.batchnorm
+    elif split is None:
+        if refit and not bn_fixed and needs_norm_statistics(loaded, bn_mode, plan.reset_bn):
+            with timer.phase("statistics"):  # the refit failed: those it made unnecessary
+                stats = gather_statistics(
+                    loaded, calib, plan.batch_size, device, progress, group_stats=False
+                )
         with timer.phase("apply"):
             state, model, bn_done = build_merged(
                 loaded,
@@ -229,13 +265,14 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         reference_choice=reference_choice,
         weights=weights,
         output=str(out_path) if out_path else None,
-        num_samples=stats.num_samples if stats else 0,
+        num_samples=stats.num_samples if stats else len(calib) if refitted else 0,
         batchnorm=bn_done,
         bn_mode=bn_mode,
         groups=group_report(loaded.spec, alignment, reference),
         warnings=warnings,
         timings=timer.timings,
         selection=selection,
+        refit=refitted.section() if refitted else None,
         evaluation=evaluation,
     ).to_dict()
 
@@ -252,9 +289,15 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
 
 
 def calibration_of(plan: MergePlan) -> dict[str, Any]:
-    """The calibration settings a transforms file records."""
+    """The calibration and refit settings a transforms file records."""
     keys = ("data", "num_samples", "seed", "batch_size", "heldout_fraction")
-    return {k: getattr(plan, k) for k in keys}
+    out = {k: getattr(plan, k) for k in keys}
+    out["refit"] = {
+        "enabled": plan.refit,
+        "ridge": plan.refit_ridge,
+        "max_rows": plan.refit_max_rows,
+    }
+    return out
 
 
 def run_inputs(plan: MergePlan) -> list[str]:

@@ -41,7 +41,14 @@ class Report:
 class MergeReport(Report):
     """``ccamerge merge`` and ``ccamerge apply`` (schema: docs/cli.md)."""
 
-    OPTIONAL = ("transforms", "reference_choice", "assumptions", "selection", "evaluation")
+    OPTIONAL = (
+        "transforms",
+        "reference_choice",
+        "assumptions",
+        "selection",
+        "refit",
+        "evaluation",
+    )
 
     ccamerge_version: str = __version__
     architecture: dict[str, Any]
@@ -61,6 +68,7 @@ class MergeReport(Report):
     warnings: list[str]
     timings: dict[str, float]
     selection: dict[str, Any] | None = None
+    refit: dict[str, Any] | None = None  # when the merge was refitted (pipeline.refit)
     evaluation: dict[str, Any] | None = None
 
 
@@ -138,6 +146,31 @@ def selection_table(selection: dict[str, Any]) -> Table:
     return t
 
 
+def refit_table(refit: dict[str, Any]) -> Table:
+    """Per refitted layer: the calibration residual before and after, rows and time."""
+    budget = refit["memory_budget"]
+    memory = "no limit known" if budget is None else f"budget {budget / 2**30:.2f} GiB"
+    rows = "no row limit" if refit["max_rows"] == 0 else f"at most {refit['max_rows']} rows"
+    t = Table(
+        title=f"Refit ({refit['mode']} activations, {memory}; ridge {refit['ridge']:g}, "
+        f"{rows} a layer; {refit['seconds']:.2f} s). Residual: |W x - t|^2 / |t|^2",
+        title_justify="left",
+    )
+    for col in ("layer", "kind", "residual before", "after", "rows", "seconds"):
+        t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for layer in refit["layers"]:
+        kind = layer["kind"] + (f" + {layer['norm']}" if layer["norm"] else "")
+        t.add_row(
+            layer["name"],
+            kind,
+            _num(layer["residual_before"], ".4f"),
+            _num(layer["residual_after"], ".4f"),
+            str(layer["samples"]),
+            f"{layer['seconds']:.2f}",
+        )
+    return t
+
+
 def render_merge_report(report: dict[str, Any], console: Console) -> None:
     arch = report["architecture"]
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
@@ -178,6 +211,8 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
     console.print(groups)
     if "selection" in report:
         console.print(selection_table(report["selection"]))
+    if "refit" in report:
+        console.print(refit_table(report["refit"]))
 
     if "evaluation" in report:
         console.print(

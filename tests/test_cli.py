@@ -66,8 +66,11 @@ def test_merge_json_and_output_file(digits_mlps, tmp_path):
     assert meta["ccamerge_version"]
 
 
-def test_cli_chooses_the_ridge_by_default(digits_mlps):
-    res = run("merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "--json", "-q")
+def test_cli_chooses_the_ridge_by_default_without_the_refit(digits_mlps):
+    res = run(
+        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "--no-refit",
+        "--json", "-q",
+    )  # fmt: skip
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     sel = doc["selection"]
@@ -78,8 +81,9 @@ def test_cli_chooses_the_ridge_by_default(digits_mlps):
 
 def test_too_few_samples_for_selection_fall_back_to_a_fixed_ridge(digits_mlps, tmp_path):
     res = run(
-        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-n", "100", "--json"
-    )
+        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-n", "100",
+        "--no-refit", "--json",
+    )  # fmt: skip
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert "selection" not in doc and doc["params"]["gamma"] == 0.1
@@ -180,15 +184,23 @@ def test_method_auto_fallback_ignores_other_methods_parameters(digits_mlps):
     assert doc["method"] == "cca" and doc["params"]["gamma"] == 0.1
 
 
-def test_library_and_cli_defaults_give_the_same_file(digits_mlps, tmp_path):
+@pytest.mark.parametrize("refit", [True, False])
+def test_library_and_cli_defaults_give_the_same_file(digits_mlps, tmp_path, refit):
     """One default policy: ``ccamerge.merge(paths, data=...)`` writes exactly the bytes of
-    ``ccamerge merge paths --data ...`` (the CCA ridge chosen on held-out data in both)."""
+    ``ccamerge merge paths --data ...``: with the refit (the default) a fixed CCA ridge,
+    without it (``--no-refit``, ``refit=False``) the ridge chosen on held-out data."""
     paths = [str(p) for p in digits_mlps.paths[:2]]
     by_cli, by_library = tmp_path / "cli.safetensors", tmp_path / "library.safetensors"
     res = runner.invoke(
-        app, ["merge", *paths, "--data", str(digits_mlps.calib_path), "-o", str(by_cli)]
+        app,
+        ["merge", *paths, "--data", str(digits_mlps.calib_path), "-o", str(by_cli)]
+        + ([] if refit else ["--no-refit"]),
     )
     assert res.exit_code == 0, res.output
-    result = ccamerge.merge(paths, data=str(digits_mlps.calib_path), output=str(by_library))
-    assert "selection" in result.report  # the ridge was chosen, not fixed
+    options = {} if refit else {"refit": False}
+    result = ccamerge.merge(
+        paths, data=str(digits_mlps.calib_path), output=str(by_library), **options
+    )
+    assert ("refit" in result.report) == refit
+    assert ("selection" in result.report) != refit  # the ridge chosen only without the refit
     assert by_library.read_bytes() == by_cli.read_bytes()

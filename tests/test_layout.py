@@ -74,7 +74,17 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_steps_import_only_earlier_steps_and_never_a_run():
-    order = ["load", "statistics", "align", "assemble", "evaluate", "select", "transforms", "write"]
+    order = [
+        "load",
+        "statistics",
+        "align",
+        "assemble",
+        "refit",
+        "evaluate",
+        "select",
+        "transforms",
+        "write",
+    ]
     runs = {"ccamerge.merge", "ccamerge.apply", "ccamerge.barrier", "ccamerge.cli"}
     graph = import_graph()
     for k, step in enumerate(order):

@@ -165,16 +165,23 @@ def test_the_library_refuses_non_finite_method_parameters():
         make_method("cca", gamma=float("inf"))
 
 
-def test_a_non_finite_merged_tensor_is_never_written(env, monkeypatch):
-    real = ccmerge.build_merged
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_non_finite_merged_tensor_is_never_written(env, monkeypatch, refit):
+    plain, refitted = ccmerge.build_merged, ccmerge.assemble_and_refit
 
-    def with_nan(*args, **kwargs):
-        state, model, done = real(*args, **kwargs)
+    def plain_with_nan(*args, **kwargs):
+        state, model, done = plain(*args, **kwargs)
         state["layers.1.weight"][0, 0] = float("nan")
         return state, model, done
 
-    monkeypatch.setattr(ccmerge, "build_merged", with_nan)
-    line = refused(env.merge())
+    def refitted_with_nan(*args, **kwargs):
+        result = refitted(*args, **kwargs)
+        result.state["layers.1.weight"][0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(ccmerge, "build_merged", plain_with_nan)
+    monkeypatch.setattr(ccmerge, "assemble_and_refit", refitted_with_nan)
+    line = refused(env.merge("--refit" if refit else "--no-refit"))
     assert line == (
         f"error: output {env.out}: tensor layers.1.weight has NaN or Inf values; nothing was written"
     )
@@ -199,15 +206,21 @@ def test_batchnorm_with_one_calibration_sample_is_an_error(env):
         paths.append(env.root / f"bn{seed}.safetensors")
         save_file(get_architecture("vgg").build(config).state_dict(), paths[-1])
     one = env.npz("one.npz", x=np.random.RandomState(0).randn(1, 1, 4, 4).astype(np.float32))
-    line = refused(env.merge(ckpts=paths, data=one))
+    line = refused(env.merge("--no-refit", ckpts=paths, data=one))
     assert line == (
         "error: BatchNorm statistics need batches of at least 2 calibration samples; got 1 "
         "sample(s) in batches of 1: give more calibration data (and a --batch-size of at least "
         "2), or keep the merged statistics with --no-reset-bn"
     )
     env.unchanged()
+    line = refused(env.merge(ckpts=paths, data=one))  # the refit, the default
+    assert line == (
+        "error: the refit's BatchNorm statistics need at least 2 calibration samples; got 1: "
+        "give more calibration data, or keep the merged statistics with --no-refit --no-reset-bn"
+    )
+    env.unchanged()
     # the said way on: the merged running statistics are kept, and the report says so
-    res = env.merge("--no-reset-bn", "--json", ckpts=paths, data=one)
+    res = env.merge("--no-refit", "--no-reset-bn", "--json", ckpts=paths, data=one)
     assert res.exit_code == 0, res.stderr
     assert strict_loads(res.stdout)["batchnorm"] == "kept merged running statistics (--no-reset-bn)"
 

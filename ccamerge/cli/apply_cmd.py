@@ -19,6 +19,9 @@ from .options import (
     NumSamples,
     Output,
     Quiet,
+    Refit,
+    RefitMaxRows,
+    RefitRidge,
     ResetBn,
     Seed,
     Weights,
@@ -50,6 +53,9 @@ def apply(
     device: Device = "cpu",
     reset_bn: ResetBn = True,
     bn_mode: BnMode = None,
+    refit: Refit = None,
+    refit_ridge: RefitRidge = None,
+    refit_max_rows: RefitMaxRows = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -69,6 +75,9 @@ def apply(
         reset_bn=reset_bn,
         bn_mode=bn_mode,
         force=force,
+        refit=refit,
+        refit_ridge=refit_ridge,
+        refit_max_rows=refit_max_rows,
     )
     result = run_apply(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:

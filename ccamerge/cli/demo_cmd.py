@@ -27,7 +27,7 @@ def demo(
     res = run_demo(out_dir, n_models=n_models, progress=BarProgress(enabled=not json_out))
     console.print(
         evaluation_table(
-            res["evaluation"], title="Test accuracy on digits", merged_label="CCA Merge"
+            res["evaluation"], title="Test accuracy on digits", merged_label="CCA Merge + refit"
         )
     )
     console.print(f"merged model (CCA): {res['output']}")

@@ -8,7 +8,7 @@ from ..custom import parse_model_args
 from ..errors import OptionError
 from ..files import STREAM, check_stdout, safetensors_file, write_stdout
 from ..merge import MergePlan, run_merge
-from ..pipeline import provenance
+from ..pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, provenance
 from ..report import render_merge_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
@@ -28,6 +28,9 @@ from .options import (
     NumSamples,
     Output,
     Quiet,
+    Refit,
+    RefitMaxRows,
+    RefitRidge,
     ResetBn,
     Ridge,
     Seed,
@@ -102,6 +105,9 @@ def merge(
     device: Device = "cpu",
     reset_bn: ResetBn = True,
     bn_mode: BnMode = "auto",
+    refit: Refit = True,
+    refit_ridge: RefitRidge = DEFAULT_RIDGE,
+    refit_max_rows: RefitMaxRows = DEFAULT_MAX_ROWS,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -148,6 +154,9 @@ def merge(
         save_transforms=str(save_transforms) if save_transforms else None,
         stats_mode=stats_mode,
         select_by=select_by,
+        refit=bool(refit),
+        refit_ridge=float(refit_ridge),
+        refit_max_rows=int(refit_max_rows),
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if to_stdout:

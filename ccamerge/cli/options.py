@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..pipeline import BN_MODES
+from ..pipeline import BN_MODES, DEFAULT_MAX_ROWS, DEFAULT_RIDGE
 
 # readable=False: the library checks files, with a one-line error (click's is a panel)
 Data = Annotated[
@@ -115,3 +115,27 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report or progress on stderr.")]
+Refit = Annotated[
+    bool | None,
+    typer.Option(
+        "--refit/--no-refit",
+        help="Refit the merge layer by layer to the models' mapped outputs on the calibration "
+        "data (docs/refit.md); --no-refit: the paper's CCA Merge with BatchNorm reset/REPAIR.",
+    ),
+]
+RefitRidge = Annotated[
+    float | None,
+    typer.Option(
+        "--refit-ridge",
+        help="Ridge of the refit towards the averaged weights, relative to each layer's "
+        f"mean input energy. Default {DEFAULT_RIDGE:g}.",
+    ),
+]
+RefitMaxRows = Annotated[
+    int | None,
+    typer.Option(
+        "--refit-max-rows",
+        help="Rows (samples x output positions) one layer's refit uses at most; 0: all. "
+        f"Default {DEFAULT_MAX_ROWS}.",
+    ),
+]

@@ -1,6 +1,6 @@
 """The merge pipeline, one module per step, in the order a merge runs them:
 
-    load -> statistics -> align -> assemble -> [refit] -> evaluate -> write
+    load -> statistics -> align -> assemble -> refit -> evaluate -> write
 
 ``select`` runs align and assemble for each candidate of ``--gamma auto`` /
 ``--method auto`` and scores it with evaluate; ``transforms`` is the saved
@@ -13,14 +13,16 @@ the names below.
 from __future__ import annotations
 
 from .align import (
+    DEFAULT_PARAMS,
     GAMMA_GRID,
+    REFIT_GAMMA,
     align_models,
     candidate_methods,
     group_report,
     label,
     make_methods,
 )
-from .assemble import BN_MODES, build_merged, resolve_bn_mode
+from .assemble import BN_MODES, assemble, build_merged, fix_batchnorm, resolve_bn_mode, state_of
 from .evaluate import (
     Score,
     check_labels,
@@ -44,45 +46,73 @@ from .load import (
     read_eval_data,
     resolve_device,
 )
+from .refit import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_RIDGE,
+    LayerFit,
+    RefitReport,
+    Refitted,
+    assemble_and_refit,
+    check_refit_options,
+    refit_merged,
+)
 from .select import MIN_HELDOUT, Split, score_outputs, select, split_heldout
-from .statistics import gather_statistics, sample_warnings, statistics_mode
+from .statistics import (
+    gather_statistics,
+    needs_norm_statistics,
+    sample_warnings,
+    statistics_mode,
+)
 from .transforms import SavedTransforms, check_fits, load_transforms, save_transforms
 from .write import MergeResult, provenance, write_model
 
 __all__ = [
     "BN_MODES",
+    "DEFAULT_MAX_ROWS",
+    "DEFAULT_PARAMS",
+    "DEFAULT_RIDGE",
     "GAMMA_GRID",
     "MIN_HELDOUT",
+    "LayerFit",
     "LoadedModels",
     "MergeResult",
     "Progress",
+    "REFIT_GAMMA",
+    "RefitReport",
+    "Refitted",
     "SavedTransforms",
     "Score",
     "Split",
     "Timer",
     "align_models",
+    "assemble",
+    "assemble_and_refit",
     "build_merged",
     "candidate_methods",
     "check_batch_size",
     "check_data_fits",
     "check_fits",
     "check_labels",
+    "check_refit_options",
     "choose_best_reference",
     "ensemble_logits",
     "evaluate",
     "evaluate_all",
+    "fix_batchnorm",
     "gather_statistics",
     "group_report",
     "label",
     "load_models",
     "load_transforms",
     "make_methods",
+    "needs_norm_statistics",
     "normalise_weights",
     "parse_reference",
     "predict_logits",
     "provenance",
     "read_calibration",
     "read_eval_data",
+    "refit_merged",
     "resolve_bn_mode",
     "resolve_device",
     "sample_warnings",
@@ -91,6 +121,7 @@ __all__ = [
     "score_outputs",
     "select",
     "split_heldout",
+    "state_of",
     "statistics_mode",
     "write_model",
 ]

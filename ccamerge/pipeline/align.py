@@ -18,17 +18,26 @@ GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_METHODS = ("cca", "permute", "zipit")
 
 
-DEFAULT_PARAMS = {"cca": {"gamma": "auto"}}  # the ridge is chosen on held-out data
+DEFAULT_PARAMS = {"cca": {"gamma": "auto"}}  # without the refit: chosen on held-out data
+# With the refit, the CCA ridge matters little and is fixed (no candidate search): on
+# ResNet20 x1 gamma 0.1 / 1 / 10 gave 83.0 / 83.6 / 83.7 %, on the MLP 87.8 / 87.9 / 88.0 %.
+REFIT_GAMMA = 1.0
+REFIT_PARAMS = {"cca": {"gamma": REFIT_GAMMA}}
 
 
-def candidate_methods(method: str, params: dict[str, Any]) -> list[MergeMethod]:
+def candidate_methods(
+    method: str, params: dict[str, Any], refit: bool = False
+) -> list[MergeMethod]:
     """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates; a parameter
-    not given takes its default (:data:`DEFAULT_PARAMS`, else the method's own).
+    not given takes its default (:data:`REFIT_PARAMS` with the refit,
+    :data:`DEFAULT_PARAMS` without, else the method's own).
 
     With ``method='auto'`` each candidate takes the given parameters it accepts
-    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit)."""
+    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit); its candidates
+    are those of a merge without the refit (cca over the whole gamma grid)."""
     if method != "auto":
-        params = {**DEFAULT_PARAMS.get(method, {}), **params}
+        defaults = REFIT_PARAMS if refit else DEFAULT_PARAMS
+        params = {**defaults.get(method, {}), **params}
         if method == "cca" and params.get("gamma") == "auto":
             rest = {k: v for k, v in params.items() if k != "gamma"}
             return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]

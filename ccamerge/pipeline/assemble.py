@@ -1,6 +1,7 @@
 """Step 4, assemble: transform every tensor along its grouped axes and average
-(:mod:`ccamerge.algebra`), then fix BatchNorm (:mod:`ccamerge.bn`) or, without
-BatchNorm, rescale the merged units (REPAIR, :mod:`ccamerge.repair`)."""
+(:mod:`ccamerge.algebra`), then, unless the refit (step 5) follows, fix BatchNorm
+(:mod:`ccamerge.bn`) or, without BatchNorm, rescale the merged units (REPAIR,
+:mod:`ccamerge.repair`)."""
 
 from __future__ import annotations
 
@@ -48,35 +49,71 @@ def build_merged(
 ) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
     """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
     BatchNorm: REPAIR, :mod:`ccamerge.repair`). Returns (state dict, model, what was done)."""
+    model = assemble(loaded, alignment, weights, reference, device)
+    bn_done = fix_batchnorm(
+        model, loaded, alignment, weights, calib, stats, bn_mode, reset_bn, batch_size, device
+    )
+    return state_of(model, loaded, reference), model, bn_done
+
+
+def assemble(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    reference: int,
+    device: str,
+) -> nn.Module:
+    """The merged network: every tensor transformed along its grouped axes and averaged,
+    BatchNorm running statistics averaged like any tensor."""
     Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
     wide = [_widened(sd) for sd in loaded.state_dicts]  # one rounding, at the very end
     merged = merge_state_dicts(wide, loaded.spec, Ms, Us, weights, reference)
-    model = loaded.build(merged, device)
+    return loaded.build(merged, device)
+
+
+def fix_batchnorm(
+    model: nn.Module,
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    calib: Dataset | None,
+    stats: Statistics | None,
+    bn_mode: str,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+) -> str:
+    """Reset or renormalise the BatchNorms of the assembled ``model`` in place (without
+    BatchNorm, "renorm": REPAIR); returns what was done."""
     if not has_batchnorm(model):
         bn_done = "none (no BatchNorm)"
         if bn_mode == "renorm" and reset_bn and calib is not None:
             n = repair_merged(model, loaded, alignment, weights, calib, batch_size, device)
             if n:
                 bn_done = f"no BatchNorm: {n} layers renormalised to aligned targets (REPAIR)"
-    elif not reset_bn:
-        bn_done = "kept merged running statistics (--no-reset-bn)"
-    elif calib is None:
-        bn_done = "not reset: no calibration data"
-    elif bn_mode == "renorm" and stats is not None and stats.norms:
+        return bn_done
+    if not reset_bn:
+        return "kept merged running statistics (--no-reset-bn)"
+    if calib is None:
+        return "not reset: no calibration data"
+    if bn_mode == "renorm" and stats is not None and stats.norms:
         targets = {}
         for g in loaded.spec.groups:
             for bn in g.norms:
                 targets[bn] = renorm_targets(stats.norms[bn], alignment.groups[g.name].M, weights)
         n = renormalise_batchnorm(model, targets, calib.batches(batch_size), device)
-        bn_done = f"renormalised to aligned targets and reset on {n} samples"
-    else:
-        n = reset_batchnorm(model, calib.batches(batch_size), device)
-        bn_done = f"running statistics reset on {n} samples"
+        return f"renormalised to aligned targets and reset on {n} samples"
+    n = reset_batchnorm(model, calib.batches(batch_size), device)
+    return f"running statistics reset on {n} samples"
+
+
+def state_of(model: nn.Module, loaded: LoadedModels, reference: int) -> dict[str, torch.Tensor]:
+    """``model``'s tensors on the CPU, each in the dtype of the reference's tensor."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, t in loaded.state_dicts[reference].items():
         state[name] = state[name].to(t.dtype)
     model.load_state_dict(state)  # the model scores what is written (fp16, fp8 rounding)
-    return state, model, bn_done
+    return state
 
 
 def _widened(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

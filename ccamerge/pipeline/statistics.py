@@ -46,6 +46,12 @@ def gather_statistics(
         progress.stop()
 
 
+def needs_norm_statistics(loaded: LoadedModels, bn_mode: str, reset_bn: bool) -> bool:
+    """Whether fixing BatchNorm needs the statistics of the models' BatchNorm outputs (the
+    renormalisation targets)."""
+    return reset_bn and bn_mode == "renorm" and any(g.norms for g in loaded.spec.groups)
+
+
 def sample_warnings(spec: MergeSpec, stats: Statistics) -> list[str]:
     """Groups whose covariance is singular (or barely estimated) for lack of rows, and
     groups with dead units (constant on the calibration data)."""

@@ -11,16 +11,19 @@ and, as safetensors metadata (JSON strings), ``format =
 ``params``, ``architecture`` (name and config), ``groups`` (name -> size),
 ``n_models``, ``reference``, ``weights`` (those the merge used), ``bn_mode``,
 ``quality`` (group -> per-model quality), ``inputs`` (file names and
-sha256), and the calibration settings of the BatchNorm reset
+sha256), the calibration settings of the refit or BatchNorm reset
 (``calibration_data``, ``num_samples``, ``seed``, ``batch_size``, and
-``heldout_split`` when automatic selection kept part of the data out of it).
+``heldout_split`` when automatic selection kept part of the data out of it),
+and the refit settings asked for (``refit``: ``enabled``, ``ridge``,
+``max_rows``; a file without them was written before the refit existed and
+is applied without it).
 
 :func:`run_apply` reads the file, checks that it fits the checkpoints
 (architecture and config, group names and sizes, number of models, matrix
-shapes), and runs the last steps of the merge (``sum_k w_k M_k W_k U_k``,
-BatchNorm reset on optional calibration data) with the same code as
-``run_merge``. Weights, BatchNorm mode and the calibration settings default
-to the recorded ones, so the same checkpoints and calibration file give the
+shapes), and runs the last steps of the merge (``sum_k w_k M_k W_k U_k``, the
+refit or the BatchNorm reset on optional calibration data) with the same code
+as ``run_merge``. Weights, BatchNorm mode, the refit and the calibration
+settings default to the recorded ones, so the same checkpoints and calibration file give the
 same tensors bit for bit.
 """
 
@@ -63,7 +66,8 @@ def save_transforms(
     calibration: dict[str, Any],
 ) -> None:
     """Write every ``M_k`` and ``U_k`` of ``alignment`` (float64) with the merge's provenance;
-    ``calibration``: ``data``, ``num_samples``, ``seed``, ``batch_size``, ``heldout_fraction``."""
+    ``calibration``: ``data``, ``num_samples``, ``seed``, ``batch_size``, ``heldout_fraction``
+    and ``refit`` (``enabled``, ``ridge``, ``max_rows``)."""
     tensors = {}
     for g in loaded.spec.groups:
         ga = alignment.groups[g.name]
@@ -92,6 +96,7 @@ def save_transforms(
         "heldout_split": {"fraction": calibration["heldout_fraction"], "seed": calibration["seed"]}
         if "selection" in report
         else None,
+        "refit": calibration["refit"],
     }
     save_safetensors_atomic(tensors, path, metadata)
 

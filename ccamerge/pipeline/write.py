@@ -22,8 +22,9 @@ class MergeResult:
 
 
 def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str, Any]:
-    """The output file's metadata: how it was made (``data``: the calibration file)."""
-    return {
+    """The output file's metadata: how it was made (``data``: the calibration file); the
+    refit's settings when the merge was refitted."""
+    metadata = {
         "format": "pt",
         "ccamerge_version": report["ccamerge_version"],
         "architecture": report["architecture"],
@@ -37,6 +38,9 @@ def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str,
         "seed": seed,
         "batchnorm": report["batchnorm"],
     }
+    if "refit" in report:
+        metadata["refit"] = {k: report["refit"][k] for k in ("ridge", "max_rows")}
+    return metadata
 
 
 def write_model(
