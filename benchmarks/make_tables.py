@@ -49,7 +49,9 @@ def label(r: dict) -> str:
             if r.get("gamma") == "auto"
             else f"cca (γ={r['params'].get('gamma')})"
         )
-    if r.get("has_bn") is False:
+    if r.get("refit"):
+        parts.append("**refit**")
+    elif r.get("has_bn") is False:
         if r["bn_mode"] == "renorm":
             parts.append("REPAIR")
     elif r["bn_mode"] != "none":
@@ -68,6 +70,7 @@ def sort_key(r: dict) -> tuple:
     return (
         METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99,
         r.get("gamma") == "auto",
+        not r.get("refit"),
         not r["reset_bn"],
         r["bn_mode"] == "vector",
         r["n"],
