@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted(set(args.sizes) | {DEFAULT_N})
 
     if split:
-        groups_by_n = {2: [[("A", s), ("B", s)] for s in SPLIT_SEEDS]}
+        # N = 2: one A (classes 0-4) and one B model per seed; N = 3, 4: both halves
+        # several times (A0 B0 A1, A0 B0 A1 B1)
+        pairs = [[("A", s), ("B", s)] for s in SPLIT_SEEDS]
+        groups_by_n = {2: pairs, 3: [pairs[0] + pairs[1][:1]], 4: [pairs[0] + pairs[1]]}
     else:
         groups_by_n = {
             n: [[(None, s) for s in g] for g in model_groups(SEEDS[arch], n, args.groups)]
