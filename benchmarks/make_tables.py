@@ -267,7 +267,8 @@ def main() -> None:
     ):
         rows = by_arch[arch]
         if arch == "mlp_split":
-            tables["accuracy-mlp_split"] = split_table(rows)
+            tables["accuracy-mlp_split"] = split_table([r for r in rows if r["N"] == 2])
+            tables["accuracy-mlp_split-by-n"] = accuracy_table(rows, arch)
         else:
             tables[f"accuracy-{arch}"] = accuracy_table(rows, arch)
             tables[f"align-seconds-{arch}"] = merge_seconds_table(rows)
