@@ -18,6 +18,13 @@ Merge time = statistics + alignment + apply (+ selection for ``gamma=auto``), i.
 everything but reading the files; the ratio is merge time / unavoidable passes, in wall
 time and in CPU time (CPU time is less disturbed by other processes on the machine).
 
+The default command (``--cli``): each configuration runs ``python -m ccamerge merge`` with
+nothing but the checkpoints, ``--data``, ``--num-samples`` and ``-o`` (the default method,
+refit on) in a subprocess, timed from process start to file written, and compares that with
+its unavoidable passes: N statistics passes (each model over the calibration samples) and
+N + 1 refit passes (each model and the merged network once more), i.e. 2N + 1 eval-mode
+passes of one network, measured in a worker before and after the command.
+
 Memory: a thread samples the resident set size (``/proc/self/statm``) every 2 ms. We
 report the process peak (``ru_maxrss``), the RSS before the statistics pass, and the
 largest growth above it during the statistics pass and during the whole merge. The
@@ -32,7 +39,9 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
-from common import run_worker  # noqa: E402
+from common import blas_env, run_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +72,16 @@ CONFIGS = [
     {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "method": "cca", "n": 2000},
     {"arch": "resnet20x2", "seeds": [0, 1], "method": "cca", "n": 2000},
     {"arch": "vgg11q", "seeds": [0, 1], "method": "permute", "n": 2000},
+]
+
+
+# The default `ccamerge merge` end to end (--cli): the issue's target is ResNet20 x1 and
+# VGG11q at 2000 samples; N = 4 and the MLP for comparison.
+CLI_CONFIGS = [
+    {"arch": "resnet20x1", "seeds": [0, 1], "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1], "n": 2000},
+    {"arch": "mlp", "seeds": [0, 1], "n": 2000},
+    {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "n": 2000},
 ]
 
 
@@ -186,6 +205,80 @@ def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str,
     }
 
 
+def passes_worker(cfg: dict[str, Any], threads: int, batch_size: int) -> dict[str, Any]:
+    """Wall seconds of the 2N + 1 eval-mode passes a refitted merge cannot avoid."""
+    from ccamerge.files import load_data
+    from ccamerge.pipeline import load_models
+
+    torch.set_num_threads(threads)
+    loaded = load_models([str(Mdl.checkpoint(cfg["arch"], s)) for s in cfg["seeds"]])
+    calib = load_data(str(fmnist.write_npz(Mdl.view(cfg["arch"]))["calib"])).subset(cfg["n"], 0)
+    once = unavoidable_passes(loaded, calib, batch_size, "cpu")["forward_wall"]
+    n = len(cfg["seeds"])
+    return {"forward_wall": once, "passes": 2 * n + 1, "floor_wall": once * (2 * n + 1) / n}
+
+
+def cli_row(cfg: dict[str, Any], threads: int, batch_size: int) -> dict[str, Any] | None:
+    """The default command timed from process start to file written, between two
+    measurements of its unavoidable passes."""
+    worker_cmd = [
+        sys.executable,
+        __file__,
+        "--passes-worker",
+        json.dumps(cfg),
+        "--threads",
+        str(threads),
+        "--batch-size",
+        str(batch_size),
+    ]
+    before = run_worker(worker_cmd, threads, f"passes {cfg}")
+    out = Path(tempfile.mkdtemp()) / "merged.safetensors"
+    data = str(fmnist.write_npz(Mdl.view(cfg["arch"]))["calib"])
+    ckpts = [str(Mdl.checkpoint(cfg["arch"], s)) for s in cfg["seeds"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ccamerge",
+        "merge",
+        *ckpts,
+        "--data",
+        data,
+        "--num-samples",
+        str(cfg["n"]),
+        "--batch-size",
+        str(batch_size),
+        "-o",
+        str(out),
+        "--json",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=blas_env(threads))
+    wall = time.perf_counter() - start
+    after = run_worker(worker_cmd, threads, f"passes {cfg}")
+    if proc.returncode != 0 or before is None or after is None:
+        print(f"FAILED {cfg}:\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    report = json.loads(proc.stdout)
+    out.unlink()
+    floor = (before["floor_wall"] + after["floor_wall"]) / 2
+    return {
+        **cfg,
+        "kind": "cli",
+        "N": len(ckpts),
+        "threads": threads,
+        "batch_size": batch_size,
+        "wall": wall,
+        "floor_wall": floor,
+        "passes": before["passes"],
+        "ratio_wall": wall / floor,
+        "timings": report["timings"],
+        "method": report["method"],
+        "params": report["params"],
+        "refit_mode": (report.get("refit") or {}).get("mode"),
+        "loadavg": os.getloadavg(),
+    }
+
+
 def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> dict[str, Any]:
     from ccamerge.files import load_data
     from ccamerge.merge import MergePlan, run_merge
@@ -281,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--fast", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--passes-worker", help=argparse.SUPPRESS)
+    p.add_argument("--cli", action="store_true", help="time the default `ccamerge merge` only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
@@ -289,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         res = worker(json.loads(args.worker), args.threads, args.device, args.batch_size)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    if args.passes_worker:
+        res = passes_worker(json.loads(args.passes_worker), args.threads, args.batch_size)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -303,6 +402,24 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "?",
     )
+    if args.cli:
+        doc["cli_rows"] = doc.get("cli_rows", []) if not args.redo else []
+        for cfg in CLI_CONFIGS:
+            if not all(Mdl.checkpoint(cfg["arch"], s).exists() for s in cfg["seeds"]):
+                print(f"skip {cfg}: checkpoints missing (run train_models.py)", flush=True)
+                continue
+            row = cli_row(cfg, args.threads, args.batch_size)
+            if row is None:
+                continue
+            doc["cli_rows"] = [r for r in doc["cli_rows"] if {k: r[k] for k in cfg} != cfg]
+            doc["cli_rows"].append(row)
+            save(doc, out_path)
+            print(
+                f"{cfg['arch']} N={row['N']} n={cfg['n']}: `ccamerge merge` {row['wall']:.1f} s, "
+                f"{row['passes']} passes {row['floor_wall']:.1f} s, ratio {row['ratio_wall']:.2f}",
+                flush=True,
+            )
+        return
     for cfg in CONFIGS_FAST if args.fast else CONFIGS:
         ckpts = [Mdl.checkpoint(cfg["arch"], s) for s in cfg["seeds"]]
         if not all(c.exists() for c in ckpts):
@@ -344,9 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         ]
         doc["rows"].append(row)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(out_path)
+        save(doc, out_path)
         print(
             f"{cfg['arch']} N={row['N']} {cfg['method']} n={cfg['n']}: merge "
             f"{row['merge_wall']:.1f} s wall / {row['merge_cpu']:.1f} s CPU; unavoidable "
@@ -356,6 +471,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['merge_rss_growth'] / 2**20:.1f} MiB",
             flush=True,
         )
+
+
+def save(doc: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

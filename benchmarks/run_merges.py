@@ -57,13 +57,15 @@ from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     gather_statistics,
     load_models,
     predict_logits,
+    refit_merged,
     resolve_bn_mode,
     score_logits,
 )
 from ccamerge.stats import Statistics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CALIB_SIZES = (500, 2000, 10000)
+CALIB_SIZES = (100, 500, 2000, 10000)
+REFIT_GAMMA = 1.0  # the CCA ridge under the refit (fixed, no selection)
 DEFAULT_N = 2000  # calibration images for everything but the CCA sample-size sweep
 
 # seeds available per architecture (what train_models.py trains)
@@ -128,10 +130,15 @@ def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
     (``ccamerge.repair``): CCA without it (vector) and Permute with it, for comparison.
     ``full`` (the N of ``--full-for``, default 2) adds every method without the BN reset
     and the CCA calibration-size sweep. CCA uses the library's fixed default ridge
-    (gamma 0.1, relative); gamma="auto" is measured by benchmarks/auto_vs_fixed.py."""
+    (gamma 0.1, relative); gamma="auto" is measured by benchmarks/auto_vs_fixed.py.
+
+    Every method also runs with the refit (``refit: True``; no separate BatchNorm pass,
+    the refit writes the statistics; CCA with its ridge under the refit, REFIT_GAMMA),
+    and with ``full`` the refit of CCA at every calibration size."""
     out = []
     for m in list_methods():
         out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": True})
+        out.append(refit_config(m, DEFAULT_N))
         if has_bn and full:
             out.append({"method": m, "n": DEFAULT_N, "bn_mode": "auto", "reset_bn": False})
     if has_bn:
@@ -143,7 +150,13 @@ def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
         for n in CALIB_SIZES:
             if n != DEFAULT_N:
                 out.append({"method": "cca", "n": n, "bn_mode": "auto", "reset_bn": True})
+                out.append(refit_config("cca", n))
     return out
+
+
+def refit_config(method: str, n: int) -> dict[str, Any]:
+    params = {"gamma": REFIT_GAMMA} if method == "cca" else {}
+    return {"method": method, "params": params, "n": n, "reset_bn": False, "refit": True}
 
 
 def nested_statistics(loaded, calib: Dataset, sizes, bs, device) -> tuple[dict, dict]:
@@ -217,7 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted(set(args.sizes) | {DEFAULT_N})
 
     if split:
-        groups_by_n = {2: [[("A", s), ("B", s)] for s in SPLIT_SEEDS]}
+        # N = 2: one A (classes 0-4) and one B model per seed; N = 3, 4: both halves
+        # several times (A0 B0 A1, A0 B0 A1 B1)
+        pairs = [[("A", s), ("B", s)] for s in SPLIT_SEEDS]
+        groups_by_n = {2: pairs, 3: [pairs[0] + pairs[1][:1]], 4: [pairs[0] + pairs[1]]}
     else:
         groups_by_n = {
             n: [[(None, s) for s in g] for g in model_groups(SEEDS[arch], n, args.groups)]
@@ -293,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             alignments: dict[tuple, Any] = {}
             weights = [1.0 / n_models] * n_models
             for c in todo:
-                method = make_method(c["method"])
-                key = (c["method"], c["n"])
+                method = make_method(c["method"], **c.get("params", {}))
+                key = (c["method"], json.dumps(method.params()), c["n"])
                 st: Statistics = stats[c["n"]]
                 if key not in alignments:
                     t0 = time.perf_counter()
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                         AlignContext(loaded.spec, loaded.state_dicts, 0, st)
                     )
                     alignments[key + ("t",)] = time.perf_counter() - t0
-                bn_mode = resolve_bn_mode(c["bn_mode"], method)
+                bn_mode = resolve_bn_mode(c.get("bn_mode", "auto"), method)
                 calib = Dataset(calib_all.x[: c["n"]], None, calib_all.path)
                 t0 = time.perf_counter()
                 _, model, bn_done = build_merged(
@@ -318,6 +334,20 @@ def main(argv: list[str] | None = None) -> None:
                     dev,
                 )
                 t_apply = time.perf_counter() - t0
+                t_refit, refit_summary = 0.0, None
+                if c.get("refit"):
+                    t0 = time.perf_counter()
+                    fitted = refit_merged(
+                        loaded, alignments[key], weights, model, calib, args.batch_size, dev
+                    )
+                    t_refit = time.perf_counter() - t0
+                    bn_done = "written by the refit"
+                    refit_summary = {
+                        "mode": fitted.mode,
+                        "ridge": fitted.ridge,
+                        "layers": len(fitted.layers),
+                        "warnings": fitted.warnings,
+                    }
                 t0 = time.perf_counter()
                 lg = predict_logits(model, test, 1000, dev)
                 t_eval = time.perf_counter() - t0
@@ -332,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                     "has_bn": has_bn,
                     "batchnorm": bn_done,
                     "params": method.params(),
+                    "refit": refit_summary,
                     "accuracy": sc.accuracy,
                     "loss": sc.loss,
                     "base": base,
@@ -341,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                         "statistics_nested": stat_seconds[c["n"]],
                         "alignment": alignments[key + ("t",)],
                         "apply_and_bn": t_apply,
+                        "refit": t_refit,
                         "evaluate": t_eval,
                     },
                 }
@@ -351,8 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                 save()
                 print(
                     f"  {c['method']:15s} n={c['n']:5d} bn={row['bn_mode']:6s} "
-                    f"reset={c['reset_bn']!s:5s} acc {sc.accuracy:.4f}  "
-                    f"(align {alignments[key + ('t',)]:.2f} s, apply {t_apply:.2f} s)",
+                    f"reset={c['reset_bn']!s:5s} refit={bool(c.get('refit'))!s:5s} "
+                    f"acc {sc.accuracy:.4f}  (align {alignments[key + ('t',)]:.2f} s, "
+                    f"apply {t_apply:.2f} s, refit {t_refit:.2f} s)",
                     flush=True,
                 )
     doc["machine"]["loadavg_end"] = os.getloadavg()
