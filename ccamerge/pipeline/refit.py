@@ -403,9 +403,19 @@ def _map_channels(value: torch.Tensor, M: torch.Tensor | None, dim: int) -> torc
     return torch.movedim(mapped, -1, dim)
 
 
+def _kept(fit: _Fit, value: torch.Tensor, rows_per_sample: float) -> int:
+    """How many of the chunk's first samples give ``fit`` rows: all of them, unless a
+    sample gives more than ``rows_per_sample`` rows (output positions; 0: no limit)."""
+    per_sample = value[:1].numel() // value.shape[fit.channel_dim]
+    if rows_per_sample and per_sample > rows_per_sample:
+        return math.ceil(value.shape[0] * rows_per_sample / per_sample)
+    return value.shape[0]
+
+
 class _Chunk:
     """One calibration chunk: the merged network's run, every endpoint's run, and the
-    targets (``sum_k w_k M_k z_k`` at each fit's point) of the fits in ``wanted``."""
+    targets (``sum_k w_k M_k z_k`` at each fit's point, on the samples that give the fit
+    rows) of the fits in ``wanted``."""
 
     def __init__(
         self,
@@ -415,8 +425,10 @@ class _Chunk:
         maps: dict[_Fit, list[tuple[float, torch.Tensor | None]]],
         x: torch.Tensor,
         wanted: Iterable[_Fit],
+        rows_per_sample: float,
     ) -> None:
         self.plan, self.maps, self.wanted = plan, maps, set(wanted)
+        self.rows_per_sample = rows_per_sample
         self.merged = _Run(plan, merged, x)
         self.endpoints = [_Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)]
         self.targets: dict[_Fit, torch.Tensor] = {}
@@ -426,7 +438,8 @@ class _Chunk:
             for fit in self.plan.taps.get(node, ()):
                 w, M = self.maps[fit][k]
                 if fit in self.wanted and w:
-                    part = w * _map_channels(value, M, fit.channel_dim)
+                    rows = value[: _kept(fit, value, self.rows_per_sample)]
+                    part = w * _map_channels(rows, M, fit.channel_dim)
                     self.targets[fit] = self.targets[fit] + part if fit in self.targets else part
 
         return tap
@@ -444,7 +457,9 @@ class _Chunk:
 
     def target_of(self, fit: _Fit) -> torch.Tensor:
         target = self.targets.pop(fit)
-        return target if fit.other is None else target - self.merged.env[fit.other]
+        if fit.other is None:
+            return target
+        return target - self.merged.env[fit.other][: target.shape[0]]
 
 
 # ---------------------------------------------------------------------------
@@ -510,16 +525,11 @@ class NormalEquations:
 
 
 def _rows(
-    fit: _Fit, x: torch.Tensor, t: torch.Tensor, rows_per_sample: float
+    fit: _Fit, x: torch.Tensor, t: torch.Tensor
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Blocks of (inputs, targets) rows of ``fit`` on one chunk; conv inputs as patches.
-    When a sample gives more than ``rows_per_sample`` rows (output positions), only the
-    first samples of the chunk give rows, about ``rows_per_sample`` per chunk sample
-    (0: every sample)."""
-    per_sample = t[:1].numel() // t.shape[fit.channel_dim]
-    if rows_per_sample and per_sample > rows_per_sample:
-        keep = math.ceil(x.shape[0] * rows_per_sample / per_sample)
-        x, t = x[:keep], t[:keep]
+    """Blocks of (inputs, targets) rows of ``fit`` on one chunk (``t``: the targets of
+    the samples that give rows, :func:`_kept`); conv inputs as patches."""
+    x = x[: t.shape[0]]
     layer = fit.module
     if isinstance(layer, nn.Conv2d):
         padding = _conv_padding(layer)
@@ -772,7 +782,7 @@ def refit(
         )
 
         def chunk(x: torch.Tensor, wanted: Iterable[_Fit]) -> _Chunk:
-            return _Chunk(plan, merged, endpoints, maps, x.to(device), wanted)
+            return _Chunk(plan, merged, endpoints, maps, x.to(device), wanted, max_rows / samples)
 
         if report.mode == "stored":
             stored = [chunk(x, plan.fits) for x in distributed.shard(batches())]
@@ -792,7 +802,7 @@ def refit(
             if isinstance(step, _Norm):
                 _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
                 continue
-            bias = _fit_layer(step, chunks(step), ridge, max_rows / samples, report)
+            bias = _fit_layer(step, chunks(step), ridge, report)
             if bias is not None and step.norm is not None:
                 folded_bias[step.norm] = bias
             if on_layer is not None:
@@ -809,7 +819,7 @@ def _inputs(step: _Step, chunks: Iterable[_Chunk]) -> Iterator[torch.Tensor]:
 
 
 def _fit_layer(
-    fit: _Fit, chunks: Iterable[_Chunk], ridge: float, rows_per_sample: float, report: RefitReport
+    fit: _Fit, chunks: Iterable[_Chunk], ridge: float, report: RefitReport
 ) -> torch.Tensor | None:
     """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
     start = time.perf_counter()
@@ -819,7 +829,7 @@ def _fit_layer(
     eq = NormalEquations(inputs, outputs, device=layer.weight.device)
     for chunk in chunks:
         chunk.advance(fit)
-        for X, T in _rows(fit, chunk.input_of(fit), chunk.target_of(fit), rows_per_sample):
+        for X, T in _rows(fit, chunk.input_of(fit), chunk.target_of(fit)):
             eq.add(X, T)
     eq.reduce_across_ranks()
     W0T = _current(fit, eq)
