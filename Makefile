@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/ccamerge demo
+	$(BIN)/ccamerge demo --force
 
 test: setup
 	$(BIN)/python -m pytest

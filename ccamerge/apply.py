@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .assumptions import check_settings, describe, recorded_settings
 from .errors import ArchitectureError, OptionError
 from .files import OUTPUT_SUFFIXES, check_output_path, sha256
 from .pipeline import (
@@ -77,8 +78,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     with timer.phase("load"):
         saved = load_transforms(plan.transforms)
         arch = saved.metadata["architecture"].get("name")
+        settings, assumed = recorded_settings(saved.metadata)
         try:
-            loaded = load_models(plan.checkpoints, arch)
+            loaded = load_models(plan.checkpoints, arch, stated=settings)
         except ArchitectureError as e:
             raise ArchitectureError(
                 f"transforms {plan.transforms} were computed for a {arch}, "
@@ -107,6 +109,11 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     bn_mode = plan.bn_mode if plan.bn_mode not in (None, "auto") else meta.get("bn_mode")
     if bn_mode not in BN_MODES or bn_mode == "auto":
         raise OptionError(f"--bn-mode must be vector or renorm, not {bn_mode!r}")
+    labelled = eval_data if eval_data is not None else calib
+    checked = {name: None if name in assumed else value for name, value in settings.items()}
+    warnings += check_settings(
+        loaded, labelled, checked, batch_size, device, remedy="merge again with --{name} {choice}"
+    )
     refit, ridge, max_rows = refit_settings(plan, meta.get("refit") or {"enabled": False})
     if refit and calib is None:
         warnings.append("refit skipped: no calibration data (--data)")
@@ -154,6 +161,15 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
+        assumptions=describe(
+            loaded.detected,
+            settings,
+            {
+                name: f"recorded in transforms {plan.transforms}"
+                + (" (assumed at merge)" if name in assumed else "")
+                for name in settings
+            },
+        ),
         method=saved.metadata["method"],
         params=saved.metadata.get("params") or {},
         transforms={"path": plan.transforms, "sha256": sha256(plan.transforms)},

@@ -28,6 +28,7 @@ from .registry import Detected
 MIN_GAIN = 0.02  # mean accuracy by which another choice must win to be flagged ...
 ERROR_RATIO = 1.5  # ... and by which factor its error rate must be lower
 CHECK_SAMPLES = 2048  # labelled samples the check scores on (the first ones)
+ASSUMED = "assumed (not recorded in checkpoints)"
 
 
 def settings_of(detected: Detected) -> dict[str, tuple[str, ...]]:
@@ -50,23 +51,41 @@ def state_settings(detected: Detected, stated: dict[str, str | None]) -> Detecte
     return dataclasses.replace(detected, config=config)
 
 
-def describe(detected: Detected, stated: dict[str, str | None]) -> list[dict[str, Any]]:
-    """For the report: each setting, its value, and whether it was stated or assumed."""
+def describe(
+    detected: Detected, stated: dict[str, str | None], sources: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """For the report: each setting, its value, and where it came from: ``sources`` where
+    it names the setting, else ``--NAME`` when stated, else :data:`ASSUMED`."""
+    sources = sources or {}
     return [
         {
             "setting": name,
             "value": detected.config.get(name, choices[0]),
-            "source": f"--{name}" if stated.get(name) else "assumed (not recorded in checkpoints)",
+            "source": sources.get(name) or (f"--{name}" if stated.get(name) else ASSUMED),
         }
         for name, choices in settings_of(detected).items()
     ]
 
 
+def recorded_settings(metadata: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
+    """The settings a transforms file was computed under (its ``assumptions``, as the
+    merge reported them): ``(setting -> value, the settings the merge assumed)``."""
+    recorded = {a["setting"]: a for a in metadata.get("assumptions") or []}
+    values = {name: a["value"] for name, a in recorded.items()}
+    return values, {name for name, a in recorded.items() if a["source"] == ASSUMED}
+
+
 def check_settings(
-    loaded: Any, data: Any, stated: dict[str, str | None], batch_size: int, device: str
+    loaded: Any,
+    data: Any,
+    stated: dict[str, str | None],
+    batch_size: int,
+    device: str,
+    remedy: str = "pass --{name} {choice}",
 ) -> list[str]:
     """Warnings for assumed settings that another choice fits clearly better on ``data``
-    (labelled). ``loaded`` is a :class:`ccamerge.pipeline.LoadedModels`."""
+    (labelled), ending with ``remedy`` (formatted with the setting's ``name`` and the
+    better ``choice``). ``loaded`` is a :class:`ccamerge.pipeline.LoadedModels`."""
     if data is None or data.y is None:
         return []
     sample = data.subset(CHECK_SAMPLES)
@@ -83,7 +102,7 @@ def check_settings(
                 f"the input models score {100 * scores[used]:.1f}% on average with {name} "
                 f"{used} (assumed) but {100 * scores[best]:.1f}% with {best} on {len(sample)} "
                 f"labelled samples of {data.path}: they were probably trained with {best}; "
-                f"pass --{name} {best}"
+                + remedy.format(name=name, choice=best)
             )
     return out
 

@@ -50,6 +50,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import nn
 
+from .assumptions import check_settings, describe
 from .bn import has_batchnorm
 from .errors import OptionError
 from .files import Dataset, write_atomic
@@ -108,6 +109,7 @@ class BarrierPlan:
     device: str = "cpu"
     reset_bn: bool = True
     bn_mode: str = "auto"
+    activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
 
 
 @dataclass
@@ -190,7 +192,8 @@ def path_model(
 def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate every method's path at every grid point; return the report.
 
-    Report fields: ``checkpoints``, ``architecture``, ``methods`` (name ->
+    Report fields: ``checkpoints``, ``architecture``, ``assumptions`` (settings
+    checkpoints do not record, :mod:`ccamerge.assumptions`), ``methods`` (name ->
     parameters), ``eval_data``, ``t``, ``endpoints`` (two ``{path, t, loss, accuracy}``),
     ``ensemble`` (the two models' logit-averaging ensemble, for reference),
     ``curves`` (method -> ``[{t, loss, accuracy}]``), ``barriers`` (method ->
@@ -214,13 +217,14 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         raise OptionError(f"method(s) {', '.join(needy)} need calibration data (--data)")
 
     with timer.phase("load"):
-        loaded = load_models(plan.checkpoints, plan.arch)
+        stated = {"activation": plan.activation}
+        loaded = load_models(plan.checkpoints, plan.arch, stated=stated)
         calib = read_calibration(plan.data, plan.num_samples, plan.seed)
         if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
         eval_data = read_eval_data(plan.eval_data, loaded)
 
-    warnings: list[str] = []
+    warnings = check_settings(loaded, eval_data, stated, plan.batch_size, device)
     with timer.phase("evaluate"):
         evaluation = evaluate_all(loaded, None, eval_data, plan.batch_size, device)
     ends = [{"loss": m["loss"], "accuracy": m["accuracy"]} for m in evaluation["models"]]
@@ -279,6 +283,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         checkpoints=list(plan.checkpoints),
         eval_data=plan.eval_data,
         architecture=describe_architecture(loaded.detected),
+        assumptions=describe(loaded.detected, stated),
         methods={m.name: m.params() for m in methods},
         steps=plan.steps,
         t=ts,

@@ -7,6 +7,7 @@ calibration/test data and the merged model to one folder, so the printed
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from .archs.mlp import MLP
+from .errors import OutputError
+from .files import check_outputs, save_checkpoint_atomic, write_atomic
 from .merge import MergePlan, run_merge
 from .pipeline import Progress
 from .train import digits, train_classifier
@@ -24,26 +27,56 @@ from .train import digits, train_classifier
 DEMO_PARAMS = {"cca": {"gamma": 0.1}}
 
 
+def demo_files(n_models: int) -> list[str]:
+    """The names of the files the demo writes in its folder."""
+    checkpoints = [f"model{seed}.pt" for seed in range(n_models)]
+    merged = [f"merged-{method}.safetensors" for method in ("average", "cca")]
+    return ["calib.npz", "test.npz", *checkpoints, *merged]
+
+
+def prepare_folder(out: Path, names: list[str], force: bool) -> None:
+    """Create ``out``, or check (the output guard) that none of ``names`` exists in it
+    unless ``force``: the demo replaces no file the user did not hand over."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out-dir {out} is a file, not a folder")
+    if out.is_dir():
+        check_outputs([("--out-dir", out / name, None) for name in names], [], force)
+        return
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --out-dir {out}: {e.strerror or e}") from None
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
+
+
 def run_demo(
     out_dir: str | Path = "ccamerge-demo",
     n_models: int = 3,
     width: int = 128,
     epochs: int = 20,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
+    """Write everything to ``out_dir`` (created when missing); an existing file there is
+    replaced only with ``force``."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_folder(out, demo_files(n_models), force)
     train, test = digits()
     calib_path, test_path = out / "calib.npz", out / "test.npz"
-    np.savez(calib_path, x=train.x.numpy(), y=train.y.numpy())
-    np.savez(test_path, x=test.x.numpy(), y=test.y.numpy())
+    save_npz(calib_path, x=train.x.numpy(), y=train.y.numpy())
+    save_npz(test_path, x=test.x.numpy(), y=test.y.numpy())
     paths = []
     for seed in range(n_models):
         torch.manual_seed(seed)
         model = train_classifier(MLP([64, width, width, 10]), train, epochs=epochs, seed=seed)
         path = out / f"model{seed}.pt"
-        torch.save(model.state_dict(), path)
+        save_checkpoint_atomic(model.state_dict(), path, {})
         paths.append(str(path))
     train_s = time.perf_counter() - t0
 
@@ -56,7 +89,7 @@ def run_demo(
             method=method,
             method_params=DEMO_PARAMS.get(method, {}),
             output=str(out / f"merged-{method}.safetensors"),
-            force=True,
+            force=True,  # checked above: new, or --force
             refit=method != "average",  # direct averaging: the plain average, no refit
         )
         results[method] = run_merge(plan, progress).report

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from .assumptions import describe
 from .custom import save_spec, untransformed_of
 from .files import check_output_path
 from .pipeline import load_models
@@ -24,10 +25,13 @@ def inspect_checkpoint(
     input_shape: tuple[int, ...] | None = None,
     spec_out: str | None = None,
     force: bool = False,
+    activation: str | None = None,
 ) -> dict[str, Any]:
     """Describe ``path``.
 
-    Fields: ``path``; ``architecture`` ``{name, config}``; ``input_shape``
+    Fields: ``path``; ``architecture`` ``{name, config}``; ``assumptions``: the settings
+    the checkpoint does not record (an MLP's activation: ``activation`` when given, else
+    assumed), :func:`ccamerge.assumptions.describe`; ``input_shape``
     (per sample, or None when the entry does not say); ``num_parameters``
     (elements of the built module's parameters) and ``num_buffer_values``
     (its buffers, e.g. BatchNorm running statistics); ``num_tensors``;
@@ -42,7 +46,8 @@ def inspect_checkpoint(
     """
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
-    loaded = load_models([path], arch, factory, model_args, input_shape=input_shape)
+    stated = {"activation": activation}
+    loaded = load_models([path], arch, factory, model_args, input_shape=input_shape, stated=stated)
     untransformed = untransformed_of(loaded.detected)
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
@@ -72,6 +77,7 @@ def inspect_checkpoint(
     return {
         "path": path,
         "architecture": {"name": loaded.detected.name, "config": loaded.detected.config},
+        "assumptions": describe(loaded.detected, stated),
         "input_shape": list(input_shape) if input_shape is not None else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "num_buffer_values": sum(b.numel() for b in model.buffers()),

@@ -80,6 +80,7 @@ class BarrierReport(Report):
     checkpoints: list[str]
     eval_data: str
     architecture: dict[str, Any]
+    assumptions: list[dict[str, str]]
     methods: dict[str, dict[str, Any]]
     steps: int
     t: list[float]
@@ -171,13 +172,18 @@ def refit_table(refit: dict[str, Any]) -> Table:
     return t
 
 
+def render_assumptions(report: dict[str, Any], console: Console) -> None:
+    """One line per setting the checkpoints do not record: its value and its source."""
+    for a in report.get("assumptions", []):
+        console.print(f"[bold]{a['setting']}[/] {a['value']} ({a['source']})")
+
+
 def render_merge_report(report: dict[str, Any], console: Console) -> None:
     arch = report["architecture"]
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items()) or "-"
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
-    for a in report.get("assumptions", []):
-        console.print(f"[bold]{a['setting']}[/] {a['value']} ({a['source']})")
+    render_assumptions(report, console)
     console.print(f"[bold]method[/] {report['method']} ({params})")
     for k, inp in enumerate(report["inputs"]):
         tag = " \\[reference]" if k == report["reference"] else ""
@@ -239,6 +245,7 @@ def render_barrier_report(
     """The curve table (t by method) and the barrier summary, on stderr."""
     a, b = report["endpoints"]
     console.print(f"[bold]architecture[/] {report['architecture']['name']}")
+    render_assumptions(report, console)
     console.print(
         f"  A (t = 0): {a['path']}  accuracy {100 * a['accuracy']:.2f} %  loss {a['loss']:.4f}"
     )
@@ -294,6 +301,7 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
     console.print(f"[bold]{info['path']}[/]")
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
+    render_assumptions(info, console)
     shape = info["input_shape"]
     console.print(
         f"[bold]input[/] {'-' if shape is None else ' x '.join(map(str, shape))} per sample"

@@ -207,3 +207,40 @@ def test_stdin_data_formats(env, fmt):
     res = merge_from_stdin(env, "--gamma", "0.1", "--json", "-q", stdin=buffer.getvalue())
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["num_samples"] == len(env.x)
+
+
+def test_demo_replaces_files_only_with_force(tmp_path):
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    stale = folder / "calib.npz"
+    stale.write_bytes(b"the user's own file")
+    (folder / "notes.txt").write_bytes(b"not the demo's")
+    before = snapshot(folder)
+    line = refused(run("demo", "--out-dir", folder, "--models", "2"))
+    assert line == f"error: --out-dir {stale} exists; pass --force to overwrite it"
+    assert snapshot(folder) == before
+
+    res = run("demo", "--out-dir", folder, "--models", "2", "--force", "--json")
+    assert res.exit_code == 0, res.stderr
+    written = snapshot(folder)
+    assert set(written) == {
+        "calib.npz", "test.npz", "model0.pt", "model1.pt", "notes.txt",
+        "merged-average.safetensors", "merged-cca.safetensors",
+    }  # fmt: skip
+    assert written["notes.txt"] == before["notes.txt"]
+    assert np.load(stale)["x"].shape[1] == 64
+    doc = json.loads(res.stdout)
+    assert doc["output"] == str(folder / "merged-cca.safetensors")
+    assert set(torch.load(folder / "model0.pt", weights_only=True)) == set(load_file(doc["output"]))
+
+    line = refused(run("demo", "--out-dir", folder, "--models", "2"))
+    assert line == f"error: --out-dir {stale} exists; pass --force to overwrite it"
+    assert snapshot(folder) == written
+
+
+def test_demo_out_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "demo"
+    path.write_bytes(b"a file")
+    line = refused(run("demo", "--out-dir", path))
+    assert line == f"error: --out-dir {path} is a file, not a folder"
+    assert path.read_bytes() == b"a file"

@@ -54,6 +54,14 @@ def tanh_mlps(tmp_path_factory, digits_mlps):
     return paths
 
 
+def _tanh_accuracy(path, test) -> float:
+    """The accuracy of the Tanh network saved at ``path``, computed without ccamerge."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    net.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        return float((net(test.x).argmax(1) == test.y).float().mean())
+
+
 def _merge_json(*args):
     res = run("merge", *args, "--gamma", "0.1", "--json", "-q")
     assert res.exit_code == 0, res.stderr
@@ -85,10 +93,7 @@ def test_assumed_activation_is_reported_and_checked(tanh_mlps, digits_mlps):
     assert stated["architecture"]["config"]["activation"] == "tanh"
     assert not [w for w in stated["warnings"] if "probably trained with" in w]
     # under their own activation the inputs and the merge score what they were trained to
-    net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-    net.load_state_dict(torch.load(tanh_mlps[0], weights_only=True))
-    with torch.no_grad():
-        acc = float((net(digits_mlps.test.x).argmax(1) == digits_mlps.test.y).float().mean())
+    acc = _tanh_accuracy(tanh_mlps[0], digits_mlps.test)
     assert stated["evaluation"]["models"][0]["accuracy"] == pytest.approx(acc, abs=1e-6)
     assert stated["evaluation"]["merged"]["accuracy"] > assumed_merge
 
@@ -111,6 +116,74 @@ def test_bad_activation_values_are_refused(env, tmp_path):
     line = refused(env.merge("--activation", "tanh", ckpts=(tmp_path / "vgg.pt",) * 2))
     assert line == "error: --activation does not apply to vgg checkpoints"
     env.unchanged()
+
+
+ASSUMED_RELU = {
+    "setting": "activation",
+    "value": "relu",
+    "source": "assumed (not recorded in checkpoints)",
+}
+
+
+def _flagged(doc) -> list[str]:
+    return [w for w in doc["warnings"] if "probably trained with tanh" in w]
+
+
+def test_barrier_says_states_and_checks_the_activation(tanh_mlps, digits_mlps, tmp_path):
+    args = ("barrier", *tanh_mlps, "--eval-data", digits_mlps.test_path, "--methods", "average")
+    res = run(*args, "--steps", "3", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert "activation relu (assumed (not recorded in checkpoints))" in res.stderr
+    doc = strict_loads(res.stdout)
+    assert doc["assumptions"] == [ASSUMED_RELU]
+    assert len(_flagged(doc)) == 1 and _flagged(doc)[0].endswith("pass --activation tanh")
+
+    res = run(*args, "--steps", "3", "--json", "--activation", "tanh")
+    assert res.exit_code == 0, res.stderr
+    stated = strict_loads(res.stdout)
+    assert stated["assumptions"] == [{**ASSUMED_RELU, "value": "tanh", "source": "--activation"}]
+    assert not _flagged(stated)
+    for k, end in enumerate(stated["endpoints"]):
+        assert end["accuracy"] == pytest.approx(
+            _tanh_accuracy(tanh_mlps[k], digits_mlps.test), abs=1e-6
+        )
+        assert end["accuracy"] > doc["endpoints"][k]["accuracy"]
+
+    csv_path = tmp_path / "curve.csv"
+    line = refused(run(*args, "--activation", "swish", "--csv", csv_path))
+    assert line.startswith("error: --activation must be one of relu, tanh,")
+    assert not csv_path.exists()
+
+
+def test_apply_uses_the_activation_the_transforms_were_computed_under(tanh_mlps, digits_mlps):
+    data = ("--data", digits_mlps.calib_path, "--eval-data", digits_mlps.test_path)
+    for stated in (True, False):
+        transforms = tanh_mlps[0].parent / f"t-{stated}.safetensors"
+        option = ("--activation", "tanh") if stated else ()
+        merged = _merge_json(*tanh_mlps, *data, *option, "--save-transforms", transforms)
+        res = run("apply", *tanh_mlps, "-t", transforms, *data, "--json", "-q")
+        assert res.exit_code == 0, res.stderr
+        doc = strict_loads(res.stdout)
+        source = f"recorded in transforms {transforms}" + ("" if stated else " (assumed at merge)")
+        value = "tanh" if stated else "relu"
+        assert doc["assumptions"] == [{**ASSUMED_RELU, "value": value, "source": source}]
+        assert doc["evaluation"] == merged["evaluation"]  # the same merge, the same scores
+        flagged = _flagged(doc)
+        assert len(flagged) == (0 if stated else 1), doc["warnings"]
+        assert stated or flagged[0].endswith("merge again with --activation tanh")
+
+
+def test_inspect_and_eval_say_the_activation(tanh_mlps, digits_mlps):
+    res = run("inspect", tanh_mlps[0])
+    assert res.exit_code == 0, res.stderr
+    assert "activation relu (assumed (not recorded in checkpoints))" in res.stdout
+    res = run("inspect", tanh_mlps[0], "--activation", "tanh", "--json")
+    doc = strict_loads(res.stdout)
+    assert doc["architecture"]["config"]["activation"] == "tanh"
+    assert doc["assumptions"] == [{**ASSUMED_RELU, "value": "tanh", "source": "--activation"}]
+    res = run("eval", tanh_mlps[0], "--data", digits_mlps.test_path)
+    assert res.exit_code == 0, res.stderr
+    assert "activation relu (assumed (not recorded in checkpoints))" in res.stderr
 
 
 # --- item: non-finite option values, tensors and JSON ------------------------------------

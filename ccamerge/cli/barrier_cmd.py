@@ -17,6 +17,7 @@ from ..report import render_barrier_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_gamma, print_json
 from .options import (
+    Activation,
     Arch,
     BatchSize,
     BnMode,
@@ -63,6 +64,7 @@ def barrier(
     gamma: Gamma = None,
     ridge: Ridge = None,
     arch: Arch = None,
+    activation: Activation = None,
     num_samples: NumSamples = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
@@ -94,6 +96,7 @@ def barrier(
         device=device,
         reset_bn=reset_bn,
         bn_mode=bn_mode,
+        activation=activation,
     )
     report = run_barrier(plan, BarProgress(enabled=not (quiet or json_out)))
     check_outputs(outputs, inputs, force)  # again: minutes passed

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import typer
 
-from ..demo import run_demo
+from ..demo import demo_files, prepare_folder, run_demo
 from ..report import evaluation_table
 from .app import app
 from .common import BarProgress, console, handle_errors, print_json
-from .options import Json
+from .options import Force, Json
 
 
 @app.command("demo")
@@ -20,11 +20,15 @@ def demo(
     n_models: int = typer.Option(
         3, "--models", min=2, max=10, help="How many MLPs to train and merge."
     ),
+    force: Force = False,
     json_out: Json = False,
 ) -> None:
     """Train small MLPs on the bundled digits data, merge them (average vs CCA), compare."""
+    prepare_folder(out_dir, demo_files(n_models), force)  # before saying it trains
     console.print(f"training {n_models} MLPs 64-128-128-10 on digits (different seeds) ...")
-    res = run_demo(out_dir, n_models=n_models, progress=BarProgress(enabled=not json_out))
+    res = run_demo(
+        out_dir, n_models=n_models, progress=BarProgress(enabled=not json_out), force=force
+    )
     console.print(
         evaluation_table(
             res["evaluation"], title="Test accuracy on digits", merged_label="CCA Merge + refit"

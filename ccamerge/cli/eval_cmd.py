@@ -12,7 +12,7 @@ from ..pipeline import (
     read_eval_data,
     resolve_device,
 )
-from ..report import evaluation_table
+from ..report import evaluation_table, render_assumptions
 from .app import app
 from .common import console, handle_errors, print_json, product_console
 from .options import Activation, Arch, BatchSize, Device, Json
@@ -50,6 +50,7 @@ def eval_(
     )
     table = evaluation_table(evaluation, title=f"Evaluation on {data}")
     product_console(to_stderr=json_out).print(table)
+    render_assumptions(evaluation, console)
     for note in evaluation["warnings"]:
         console.print(f"[yellow]warning:[/] {note}")
     if json_out:

@@ -9,7 +9,7 @@ from ..inspection import inspect_checkpoint
 from ..report import render_inspection
 from .app import app
 from .common import handle_errors, print_json, product_console
-from .options import Arch, Force, Json, Model, ModelArgs, SpecOut
+from .options import Activation, Arch, Force, Json, Model, ModelArgs, SpecOut
 
 
 @app.command("inspect")
@@ -19,6 +19,7 @@ def inspect(
         ..., readable=False, help="A checkpoint (.safetensors, .pt, .pth, .bin)."
     ),
     arch: Arch = None,
+    activation: Activation = None,
     model: Model = None,
     model_args: ModelArgs = None,
     input_shape: str | None = typer.Option(
@@ -40,6 +41,7 @@ def inspect(
         parse_input_shape(input_shape),
         str(spec_out) if spec_out else None,
         force,
+        activation,
     )
     if json_out:
         print_json(info)

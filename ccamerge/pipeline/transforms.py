@@ -8,7 +8,9 @@ group g and model k, the two d x d float64 matrices of the alignment:
 
 and, as safetensors metadata (JSON strings), ``format =
 "ccamerge-transforms"``, ``format_version``, ``ccamerge_version``, ``method``,
-``params``, ``architecture`` (name and config), ``groups`` (name -> size),
+``params``, ``architecture`` (name and config), ``assumptions`` (the settings
+checkpoints do not record, e.g. an MLP's activation, as the merge reported them:
+``apply`` uses the same), ``groups`` (name -> size),
 ``n_models``, ``reference``, ``weights`` (those the merge used), ``bn_mode``,
 ``quality`` (group -> per-model quality), ``inputs`` (file names and
 sha256), the calibration settings of the refit or BatchNorm reset
@@ -81,6 +83,7 @@ def save_transforms(
         "method": report["method"],
         "params": report["params"],
         "architecture": report["architecture"],
+        "assumptions": report.get("assumptions") or [],
         "groups": loaded.spec.sizes,
         "n_models": len(loaded.state_dicts),
         "reference": report["reference"],
