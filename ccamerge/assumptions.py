@@ -12,7 +12,8 @@ clearly better than the one used (mean accuracy over the models at least
 :data:`MIN_GAIN` higher, and an error rate at most 1 / :data:`ERROR_RATIO` of the
 used choice's), the report warns and names it. A network checked under its own
 activation is not flagged by a near relative (ReLU, leaky ReLU, GELU score alike
-on a ReLU network): both conditions must hold.
+on a ReLU network): both conditions must hold. Under torchrun each process scores
+its share of the batches and the hits are summed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .errors import OptionError
 from .registry import Detected
 
@@ -115,9 +117,10 @@ def _mean_accuracy(loaded: Any, setting: dict[str, str], data: Any, batch_size: 
         model = detected.build()
         model.load_state_dict(sd, strict=True)
         model = model.to(device).eval()
-        hits = sum(
-            int((model(x.to(device)).argmax(1).cpu() == data.y[i : i + len(x)]).sum())
-            for i, x in zip(range(0, len(data), batch_size), data.batches(batch_size))
-        )
-        total += hits / len(data)
+        batches = zip(range(0, len(data), batch_size), data.batches(batch_size))
+        hits = torch.zeros(1, dtype=torch.float64)  # counts: exact in float64
+        for i, x in distributed.shard(batches):
+            hits += int((model(x.to(device)).argmax(1).cpu() == data.y[i : i + len(x)]).sum())
+        distributed.all_reduce_sum([hits])
+        total += float(hits) / len(data)
     return total / len(loaded.state_dicts)

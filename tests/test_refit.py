@@ -24,7 +24,8 @@ from ccamerge.archs.vgg import vgg_config
 from ccamerge.bn import reset_batchnorm
 from ccamerge.errors import RefitError
 from ccamerge.methods.base import Alignment, GroupAlignment, identity_alignment
-from ccamerge.pipeline.refit import NormalEquations, refit
+from ccamerge.pipeline import refit as refit_module
+from ccamerge.pipeline.refit import NormalEquations, default_memory_budget, refit
 from ccamerge.registry import detect_architecture, get_architecture
 from ccamerge.spec import MergeSpec, SpecBuilder
 
@@ -458,3 +459,14 @@ def _layer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
     for h in hooks:
         h.remove()
     return outputs
+
+
+def test_memory_budget_is_half_the_free_memory_of_the_device(monkeypatch):
+    """Stored activations live on the merge's device: a CUDA device's budget is half its
+    free GPU memory (not the RAM), a CPU's half the available RAM."""
+    monkeypatch.setattr(refit_module, "available_memory", lambda: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    assert default_memory_budget(torch.device("cpu")) == 5 * 2**30
+    assert default_memory_budget(torch.device("cuda", 0)) == 3 * 2**29
+    monkeypatch.setattr(refit_module, "available_memory", lambda: None)
+    assert default_memory_budget(torch.device("cpu")) is None

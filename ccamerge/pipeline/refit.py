@@ -104,7 +104,7 @@ class LayerFit:
 @dataclass
 class RefitReport:
     mode: str  # "stored" or "recompute"
-    memory_budget: int | None  # bytes that decided the mode (None: available RAM unknown)
+    memory_budget: int | None  # bytes that decided the mode (None: free memory unknown)
     ridge: float
     max_rows: int  # the row limit of one layer's fit (0: none)
     layers: list[LayerFit] = field(default_factory=list)
@@ -708,6 +708,16 @@ def _check_endpoints(merged: nn.Module, endpoints: Sequence[nn.Module]) -> None:
             raise RefitError(f"model {k} does not have the merged network's modules and shapes")
 
 
+def default_memory_budget(device: torch.device) -> int | None:
+    """Half the memory free now where the stored activations would live: the GPU's for
+    a CUDA device, else the RAM (None: unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 2
+    available = available_memory()
+    return None if available is None else available // 2
+
+
 @contextmanager
 def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
     """Every module in eval mode; the previous modes restored afterwards."""
@@ -757,8 +767,9 @@ def refit(
     ``endpoints`` are the unmerged models (left untouched), ``alignment`` maps their
     units into the merged network's, ``weights`` are the merge weights, and
     ``batches()`` yields the calibration inputs afresh on every call. ``memory_budget``
-    (bytes; default half the available RAM) decides between keeping every chunk's
-    activations ("stored") and recomputing them per layer ("recompute").
+    (bytes; default :func:`default_memory_budget`: half the free memory of the device)
+    decides between keeping every chunk's activations ("stored") and recomputing them
+    per layer ("recompute").
     ``on_layer(name, i, total)`` is called after the i-th of ``total`` layers (i from 1).
     A layer whose calibration rows (samples x output positions) exceed ``max_rows`` is
     fitted on the rows of the first samples of every chunk, about ``max_rows`` in all
@@ -772,8 +783,7 @@ def refit(
     maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
     start = time.perf_counter()
     if memory_budget is None:
-        available = available_memory()
-        memory_budget = None if available is None else available // 2
+        memory_budget = default_memory_budget(device)
     report = RefitReport("stored", memory_budget, ridge, max_rows, warnings=list(plan.warnings))
     first, samples = _first_and_count(batches)
     with _eval_mode([merged, *endpoints]):
