@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         help="N for which every configuration runs (BN off, CCA vector, sizes)",
     )
     p.add_argument("--sizes", nargs="*", type=int, default=list(CALIB_SIZES))
+    p.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help=f"only the configurations at --sizes (default: also every one at {DEFAULT_N})",
+    )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = fmnist.write_npz(Mdl.view(arch))
     calib_all = load_data(paths["calib"])
     test = load_data(paths["test"], require_labels=True)
-    sizes = sorted(set(args.sizes) | {DEFAULT_N})
+    sizes = sorted(set(args.sizes) | (set() if args.sizes_only else {DEFAULT_N}))
 
     if split:
         # N = 2: one A (classes 0-4) and one B model per seed; N = 3, 4: both halves
