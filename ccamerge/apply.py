@@ -18,22 +18,19 @@ from .pipeline import (
     MergeResult,
     Progress,
     Timer,
-    assemble_and_refit,
-    build_merged,
     check_batch_size,
     check_data_fits,
     check_fits,
     check_refit_options,
     evaluate_all,
-    gather_statistics,
     group_report,
     load_models,
     load_transforms,
-    needs_norm_statistics,
     normalise_weights,
     provenance,
     read_calibration,
     read_eval_data,
+    refit_or_fix_batchnorm,
     resolve_device,
     split_heldout,
     write_model,
@@ -115,37 +112,10 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         loaded, labelled, checked, batch_size, device, remedy="merge again with --{name} {choice}"
     )
     refit, ridge, max_rows = refit_settings(plan, meta.get("refit") or {"enabled": False})
-    if refit and calib is None:
-        warnings.append("refit skipped: no calibration data (--data)")
-
-    refitted = None
-    if refit and calib is not None:
-        refitted = assemble_and_refit(
-            loaded, saved.alignment, weights, reference, calib, batch_size, device, ridge,
-            max_rows, progress, timer, warnings,
-        )  # fmt: skip
-    stats = None
-    if refitted is not None:
-        state, model, bn_done = refitted.state, refitted.model, refitted.batchnorm
-    else:
-        if calib is not None and needs_norm_statistics(loaded, bn_mode, plan.reset_bn):
-            with timer.phase("statistics"):
-                stats = gather_statistics(
-                    loaded, calib, batch_size, device, progress, group_stats=False
-                )
-        with timer.phase("apply"):
-            state, model, bn_done = build_merged(
-                loaded,
-                saved.alignment,
-                weights,
-                reference,
-                calib,
-                stats,
-                bn_mode,
-                plan.reset_bn,
-                batch_size,
-                device,
-            )
+    state, model, bn_done, refitted = refit_or_fix_batchnorm(
+        loaded, saved.alignment, weights, reference, calib, None, bn_mode, plan.reset_bn,
+        batch_size, device, refit, ridge, max_rows, progress, timer, warnings,
+    )  # fmt: skip
     has_norms = any(g.norms for g in loaded.spec.groups)
     if refitted is None and calib is None and plan.reset_bn and (has_norms or bn_mode == "renorm"):
         undone = (
@@ -177,7 +147,7 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         reference=reference,
         weights=weights,
         output=str(out_path) if out_path else None,
-        num_samples=stats.num_samples if stats else len(calib) if refitted else 0,
+        num_samples=len(calib) if calib is not None else 0,
         batchnorm=bn_done,
         bn_mode=bn_mode,
         groups=group_report(loaded.spec, saved.alignment, reference),

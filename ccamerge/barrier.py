@@ -45,9 +45,8 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from torch import nn
 
 from .assumptions import check_settings, describe
@@ -77,6 +76,9 @@ from .pipeline import (
 )
 from .report import BarrierReport, describe_architecture
 from .stats import Statistics
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
+    from matplotlib.figure import Figure
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 DEFAULT_METHODS = ("average", "permute", "cca")
@@ -324,6 +326,8 @@ def plot_barrier(report: dict[str, Any], path: str | Path | None = None) -> Figu
     pyplot, no display); saved to ``path`` when given (type from the suffix).
     """
     a, b = (Path(p).name for p in report["checkpoints"])
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     for name, points in report["curves"].items():

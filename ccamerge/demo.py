@@ -22,11 +22,6 @@ from .merge import MergePlan, run_merge
 from .pipeline import Progress
 from .train import digits, train_classifier
 
-# A fixed ridge: quicker than choosing it on held-out data, and the printed command
-# (which says --gamma) gives the same merge.
-DEMO_PARAMS = {"cca": {"gamma": 0.1}}
-
-
 def demo_files(n_models: int) -> list[str]:
     """The names of the files the demo writes in its folder."""
     checkpoints = [f"model{seed}.pt" for seed in range(n_models)]
@@ -87,7 +82,6 @@ def run_demo(
             data=str(calib_path),
             eval_data=str(test_path),
             method=method,
-            method_params=DEMO_PARAMS.get(method, {}),
             output=str(out / f"merged-{method}.safetensors"),
             force=True,  # checked above: new, or --force
             refit=method != "average",  # direct averaging: the plain average, no refit
@@ -112,7 +106,6 @@ def run_demo(
         "total_seconds": time.perf_counter() - t0,
         "merge_command": (
             f"ccamerge merge {' '.join(paths)} --data {calib_path} --eval-data {test_path} "
-            f"--gamma {DEMO_PARAMS['cca']['gamma']} "
             f"-o {out / 'merged.safetensors'}"
         ),
     }

@@ -32,8 +32,6 @@ from .pipeline import (
     Progress,
     Timer,
     align_models,
-    assemble_and_refit,
-    build_merged,
     candidate_methods,
     check_batch_size,
     check_data_fits,
@@ -45,12 +43,12 @@ from .pipeline import (
     group_report,
     label,
     load_models,
-    needs_norm_statistics,
     normalise_weights,
     parse_reference,
     provenance,
     read_calibration,
     read_eval_data,
+    refit_or_fix_batchnorm,
     resolve_bn_mode,
     resolve_device,
     sample_warnings,
@@ -221,32 +219,12 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         with timer.phase("alignment"):
             alignment = align_models(method, loaded, reference, stats)
     refitted = None
-    if refit:
-        refitted = assemble_and_refit(
-            loaded, alignment, weights, reference, calib, plan.batch_size, device,
-            plan.refit_ridge, plan.refit_max_rows, progress, timer, warnings,
+    if split is None or refit:  # else: the selection's winner as it was scored
+        state, model, bn_done, refitted = refit_or_fix_batchnorm(
+            loaded, alignment, weights, reference, calib, stats, bn_mode, plan.reset_bn,
+            plan.batch_size, device, refit, plan.refit_ridge, plan.refit_max_rows, progress,
+            timer, warnings,
         )  # fmt: skip
-    if refitted is not None:
-        state, model, bn_done = refitted.state, refitted.model, refitted.batchnorm
-    elif split is None:
-        if refit and not bn_fixed and needs_norm_statistics(loaded, bn_mode, plan.reset_bn):
-            with timer.phase("statistics"):  # the refit failed: those it made unnecessary
-                stats = gather_statistics(
-                    loaded, calib, plan.batch_size, device, progress, group_stats=False
-                )
-        with timer.phase("apply"):
-            state, model, bn_done = build_merged(
-                loaded,
-                alignment,
-                weights,
-                reference,
-                calib,
-                stats,
-                bn_mode,
-                plan.reset_bn,
-                plan.batch_size,
-                device,
-            )
     if calib is None and has_batchnorm(model) and plan.reset_bn:
         warnings.append("no calibration data: BatchNorm running statistics were not reset")
 

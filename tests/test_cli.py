@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -171,7 +172,14 @@ def test_demo_runs(tmp_path):
     doc = json.loads(res.stdout)
     ev = doc["evaluation"]
     assert ev["merged"]["accuracy"] > ev["average"]["accuracy"]
-    assert (tmp_path / "demo" / "merged-cca.safetensors").exists()
+    merged = tmp_path / "demo" / "merged-cca.safetensors"
+    assert merged.exists()
+    # the command the demo prints is the default merge and writes the same file
+    command = shlex.split(doc["merge_command"])
+    assert command[:2] == ["ccamerge", "merge"] and "--gamma" not in command
+    again = run(*command[1:], "-q")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "demo" / "merged.safetensors").read_bytes() == merged.read_bytes()
 
 
 def test_method_auto_fallback_ignores_other_methods_parameters(digits_mlps):

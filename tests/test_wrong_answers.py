@@ -240,20 +240,15 @@ def test_the_library_refuses_non_finite_method_parameters():
 
 @pytest.mark.parametrize("refit", [True, False])
 def test_a_non_finite_merged_tensor_is_never_written(env, monkeypatch, refit):
-    plain, refitted = ccmerge.build_merged, ccmerge.assemble_and_refit
+    merged = ccmerge.refit_or_fix_batchnorm
 
-    def plain_with_nan(*args, **kwargs):
-        state, model, done = plain(*args, **kwargs)
+    def merged_with_nan(*args, **kwargs):
+        state, model, done, refitted = merged(*args, **kwargs)
+        assert (refitted is not None) == refit
         state["layers.1.weight"][0, 0] = float("nan")
-        return state, model, done
+        return state, model, done, refitted
 
-    def refitted_with_nan(*args, **kwargs):
-        result = refitted(*args, **kwargs)
-        result.state["layers.1.weight"][0, 0] = float("nan")
-        return result
-
-    monkeypatch.setattr(ccmerge, "build_merged", plain_with_nan)
-    monkeypatch.setattr(ccmerge, "assemble_and_refit", refitted_with_nan)
+    monkeypatch.setattr(ccmerge, "refit_or_fix_batchnorm", merged_with_nan)
     line = refused(env.merge("--refit" if refit else "--no-refit"))
     assert line == (
         f"error: output {env.out}: tensor layers.1.weight has NaN or Inf values; nothing was written"

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..algebra import permutation_matrix
 from ..errors import OptionError
@@ -49,6 +48,8 @@ def cross_correlation(jc: JointCovariance, i: int, j: int) -> torch.Tensor:
 
 def match(score: torch.Tensor) -> torch.Tensor:
     """The permutation ``perm`` (int64, (d,)) maximising ``sum_i score[i, perm[i]]``."""
+    from scipy.optimize import linear_sum_assignment  # imported when used: slow to import
+
     rows, cols = linear_sum_assignment(score.detach().cpu().numpy(), maximize=True)
     perm = torch.empty(score.shape[0], dtype=torch.int64)
     perm[torch.as_tensor(rows, dtype=torch.int64)] = torch.as_tensor(cols, dtype=torch.int64)

@@ -55,6 +55,7 @@ from .refit import (
     assemble_and_refit,
     check_refit_options,
     refit_merged,
+    refit_or_fix_batchnorm,
 )
 from .select import MIN_HELDOUT, Split, score_outputs, select, split_heldout
 from .statistics import (
@@ -87,6 +88,7 @@ __all__ = [
     "align_models",
     "assemble",
     "assemble_and_refit",
+    "refit_or_fix_batchnorm",
     "build_merged",
     "candidate_methods",
     "check_batch_size",

@@ -56,9 +56,10 @@ from ..errors import DataError, OptionError, RefitError, SpecError
 from ..files import Dataset
 from ..methods.base import Alignment
 from ..spec import MergeSpec
-from ..stats import available_memory, gram
-from .assemble import assemble, state_of
+from ..stats import Statistics, available_memory, gram
+from .assemble import assemble, build_merged, state_of
 from .load import LoadedModels, Progress, Timer
+from .statistics import gather_statistics, needs_norm_statistics
 
 DEFAULT_RIDGE = 1e-3
 # rows (samples x output positions) a layer is fitted on at most: 2^18 rows gave the same
@@ -998,3 +999,49 @@ def assemble_and_refit(
         return None
     warnings.extend(report.warnings)
     return Refitted(state_of(model, loaded, reference), model, report)
+
+
+def refit_or_fix_batchnorm(
+    loaded: LoadedModels,
+    alignment: Alignment,
+    weights: Sequence[float],
+    reference: int,
+    calib: Dataset | None,
+    stats: Statistics | None,
+    bn_mode: str,
+    reset_bn: bool,
+    batch_size: int,
+    device: str,
+    refit: bool,
+    ridge: float,
+    max_rows: int,
+    progress: Progress,
+    timer: Timer,
+    warnings: list[str],
+) -> tuple[dict[str, torch.Tensor], nn.Module, str, Refitted | None]:
+    """Steps 4 and 5 as a run takes them: with ``refit`` (and calibration data), assemble
+    and refit; without it, or when the network cannot be refitted, assemble and fix
+    BatchNorm (:func:`build_merged`), first gathering the BatchNorm outputs' statistics
+    when ``stats`` lacks them and renormalisation needs them.
+    Returns (state dict, model, what was done to BatchNorm, the refit or None)."""
+    if refit and calib is None:
+        warnings.append("refit skipped: no calibration data (--data)")
+    elif refit:
+        refitted = assemble_and_refit(
+            loaded, alignment, weights, reference, calib, batch_size, device, ridge,
+            max_rows, progress, timer, warnings,
+        )  # fmt: skip
+        if refitted is not None:
+            return refitted.state, refitted.model, refitted.batchnorm, refitted
+    if calib is not None and not (stats and stats.norms):
+        if needs_norm_statistics(loaded, bn_mode, reset_bn):
+            with timer.phase("statistics"):
+                stats = gather_statistics(
+                    loaded, calib, batch_size, device, progress, group_stats=False
+                )
+    with timer.phase("apply"):
+        state, model, bn_done = build_merged(
+            loaded, alignment, weights, reference, calib, stats, bn_mode, reset_bn,
+            batch_size, device,
+        )  # fmt: skip
+    return state, model, bn_done, None
