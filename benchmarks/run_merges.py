@@ -51,6 +51,7 @@ import models as Mdl  # noqa: E402
 from ccamerge.files import Dataset, load_data  # noqa: E402
 from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
 from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
+    REFIT_GAMMA,
     Progress,
     build_merged,
     ensemble_logits,
@@ -65,7 +66,6 @@ from ccamerge.stats import Statistics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_SIZES = (100, 500, 2000, 10000)
-REFIT_GAMMA = 1.0  # the CCA ridge under the refit (fixed, no selection)
 DEFAULT_N = 2000  # calibration images for everything but the CCA sample-size sweep
 
 # seeds available per architecture (what train_models.py trains)
