@@ -82,6 +82,8 @@ CLI_CONFIGS = [
     {"arch": "vgg11q", "seeds": [0, 1], "n": 2000},
     {"arch": "mlp", "seeds": [0, 1], "n": 2000},
     {"arch": "resnet20x1", "seeds": [0, 1, 2, 3], "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1, 2, 3], "n": 2000},
+    {"arch": "vgg11q", "seeds": [0, 1], "n": 10000},  # start-up and the capped fits amortised
 ]
 
 

@@ -604,9 +604,18 @@ class _Moments:
         self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        v = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
-        n, mean = v.shape[1], v.mean(1)
-        m2 = (v - mean[:, None]).square().sum(1)
+        """One chunk's values. Deviations from a first mean are taken in the values'
+        precision (float32 at least) and summed in float64, which corrects that mean to
+        float64 accuracy: a bias written as ``b + mean`` can cancel to a small number."""
+        v = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.float()
+        n, shift = v.shape[1], v.mean(1)
+        deviation = v - shift[:, None]
+        offset = deviation.sum(1, dtype=torch.float64) / n
+        mean = shift.double() + offset
+        squares = torch.linalg.vecdot(deviation, deviation).double()
+        m2 = (squares - n * offset.square()).clamp_min(0)
         total = self.n + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
