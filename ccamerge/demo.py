@@ -22,6 +22,7 @@ from .merge import MergePlan, run_merge
 from .pipeline import Progress
 from .train import digits, train_classifier
 
+
 def demo_files(n_models: int) -> list[str]:
     """The names of the files the demo writes in its folder."""
     checkpoints = [f"model{seed}.pt" for seed in range(n_models)]
