@@ -128,18 +128,21 @@ def _raise_refit_error(*args, **kwargs):
     raise RefitError("Net.forward cannot be traced (test)")
 
 
-@pytest.mark.parametrize("net", ["mlp", "resnet_cifar"])
+@pytest.mark.parametrize(
+    ("net", "gamma"), [("mlp", "0.1"), ("mlp", "auto"), ("resnet_cifar", "0.1")]
+)
 def test_refit_error_falls_back_to_the_merge_without_it(
-    digits_mlps, digits_convnets, tmp_path, monkeypatch, net
+    digits_mlps, digits_convnets, tmp_path, monkeypatch, net, gamma
 ):
     """The file equals the `--no-refit` file: REPAIR (MLP), BatchNorm renormalisation with
-    the statistics the refit had made unnecessary (ResNet)."""
+    the statistics the refit had made unnecessary (ResNet); with `--gamma auto`, the
+    selection's winner as it was scored."""
     if net == "mlp":
         paths, data = digits_mlps.paths[:2], digits_mlps.calib_path
     else:
         paths, data = digits_convnets.nets[net].paths, digits_convnets.calib_path
     plain, fallback = tmp_path / "plain.safetensors", tmp_path / "fallback.safetensors"
-    common = [*paths, "-d", data, "--gamma", "0.1", "--batch-size", "128"]
+    common = [*paths, "-d", data, "--gamma", gamma, "--batch-size", "128"]
     merge_json(*common, "--no-refit", "-o", plain)
     monkeypatch.setattr(refit_module, "_plan", _raise_refit_error)
     doc = merge_json(*common, "-o", fallback)
