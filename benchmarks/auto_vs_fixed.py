@@ -39,7 +39,7 @@ import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 from common import top1 as acc  # noqa: E402
 
-from ccamerge.files import load_data  # noqa: E402
+from ccamerge.io.files import load_data  # noqa: E402
 from ccamerge.methods import AlignContext, make_method  # noqa: E402
 from ccamerge.pipeline import (  # noqa: E402  # noqa: E402  # noqa: E402
     Progress,

@@ -13,7 +13,7 @@ import torch
 def blas_env(threads: int) -> dict[str, str]:
     """The environment for a worker subprocess run with ``threads`` torch threads.
 
-    ``ccamerge.stats`` forms Gram products through numpy, whose BLAS (OpenBLAS)
+    ``ccamerge.maths.stats`` forms Gram products through numpy, whose BLAS (OpenBLAS)
     sizes its own thread pool from these variables when numpy is imported; without
     them a one-thread torch measurement would get extra BLAS threads for free."""
     env = dict(os.environ)

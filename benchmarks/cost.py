@@ -8,8 +8,8 @@ Each configuration runs in a fresh subprocess (so its peak memory is its own) th
 
 1. times the *unavoidable passes*: each of the N models run in eval mode over the
    calibration samples, plus one train-mode pass of one model for the BatchNorm reset
-   (``ccamerge.bn.reset_batchnorm``; none for networks without BatchNorm);
-2. runs ``ccamerge.merge.run_merge`` on the checkpoints and the calibration ``.npz`` (the
+   (``ccamerge.maths.bn.reset_batchnorm``; none for networks without BatchNorm);
+2. runs ``ccamerge.runs.merge.run_merge`` on the checkpoints and the calibration ``.npz`` (the
    CLI's code path, ``num_samples`` = n, seed 0) and reads ``report["timings"]``;
 3. times the unavoidable passes again (two measurements, because the machine is shared;
    the ratio uses their mean).
@@ -28,7 +28,7 @@ passes of one network, measured in a worker before and after the command.
 Memory: a thread samples the resident set size (``/proc/self/statm``) every 2 ms. We
 report the process peak (``ru_maxrss``), the RSS before the statistics pass, and the
 largest growth above it during the statistics pass and during the whole merge. The
-float64 accumulators' size is computed from the spec (``ccamerge.stats.statistics_bytes``):
+float64 accumulators' size is computed from the spec (``ccamerge.maths.stats.statistics_bytes``):
 per group ``8 ((N d)^2 + 2 N d)`` bytes, plus ``8 (d^2 + 2 d)`` per model and BatchNorm
 for the renormalisation targets.
 """
@@ -113,7 +113,7 @@ class RssSampler(threading.Thread):
 
 def accumulator_bytes(spec, n_models: int) -> int:
     """Joint group statistics plus the BatchNorm outputs' (what ``run_merge`` gathers)."""
-    from ccamerge.stats import statistics_bytes
+    from ccamerge.maths.stats import statistics_bytes
 
     return statistics_bytes(spec, n_models, "joint", norm_stats=True)
 
@@ -176,7 +176,7 @@ def mac_counts(loaded, x: torch.Tensor, n_models: int, norm_stats: bool = True) 
 
 def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str, float]:
     """Wall and CPU seconds of N eval-mode passes plus one BatchNorm-reset pass."""
-    from ccamerge.bn import has_batchnorm, reset_batchnorm
+    from ccamerge.maths.bn import has_batchnorm, reset_batchnorm
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -209,7 +209,7 @@ def unavoidable_passes(loaded, calib, batch_size: int, device: str) -> dict[str,
 
 def passes_worker(cfg: dict[str, Any], threads: int, batch_size: int) -> dict[str, Any]:
     """Wall seconds of the 2N + 1 eval-mode passes a refitted merge cannot avoid."""
-    from ccamerge.files import load_data
+    from ccamerge.io.files import load_data
     from ccamerge.pipeline import load_models
 
     torch.set_num_threads(threads)
@@ -282,9 +282,9 @@ def cli_row(cfg: dict[str, Any], threads: int, batch_size: int) -> dict[str, Any
 
 
 def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> dict[str, Any]:
-    from ccamerge.files import load_data
-    from ccamerge.merge import MergePlan, run_merge
+    from ccamerge.io.files import load_data
     from ccamerge.pipeline import Progress, load_models
+    from ccamerge.runs.merge import MergePlan, run_merge
 
     torch.set_num_threads(threads)
     sampler = RssSampler()

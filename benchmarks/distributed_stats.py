@@ -46,7 +46,7 @@ def measured(step):
 
 def worker(images: int, batch_size: int) -> None:
     """One rank: the statistics pass, alignment, the refit; then a RESULT line."""
-    from ccamerge import distributed
+    from ccamerge.runtime import distributed
     from ccamerge.methods import make_method
     from ccamerge.pipeline import (
         DEFAULT_MAX_ROWS,

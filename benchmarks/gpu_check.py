@@ -49,9 +49,9 @@ MODELS = {  # name: (registry entry, config, images, pixels)
 
 
 def build(name: str) -> torch.nn.Module:
-    from ccamerge.archs.resnet_cifar import cifar_resnet_config
-    from ccamerge.archs.resnet_tv import tv_resnet_config
-    from ccamerge.registry import get_architecture
+    from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+    from ccamerge.models.archs.resnet_tv import tv_resnet_config
+    from ccamerge.models.registry import get_architecture
 
     entry, cfg, _, _ = MODELS[name]
     make = cifar_resnet_config if entry == "resnet_cifar" else tv_resnet_config

@@ -65,8 +65,8 @@ def build(arch: str, n_models: int, side: int):
     """``n_models`` seeded models of ``arch``, their merge spec, and the per-sample shape."""
     import torch
 
-    from ccamerge.archs.mlp import MLP
-    from ccamerge.registry import get_architecture
+    from ccamerge.models.archs.mlp import MLP
+    from ccamerge.models.registry import get_architecture
 
     models = []
     if arch == "mlp":
@@ -78,7 +78,7 @@ def build(arch: str, n_models: int, side: int):
         config = {"layout": "ccamerge", "indices": [0, 1, 2], "sizes": sizes, "bias": True}
         return models, entry.spec(config), (784,), "MLP 784-512-512-10"
     if arch == "resnet_cifar":
-        from ccamerge.archs.resnet_cifar import cifar_resnet_config
+        from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
 
         entry = get_architecture("resnet_cifar")
         config = cifar_resnet_config(depth=20, width=1, num_classes=10)
@@ -93,7 +93,7 @@ def child(arch: str, samples: int, batch_size: int, side: int, n_models: int, th
     """One measurement, in this (fresh) process."""
     import torch
 
-    from ccamerge.stats import collect_statistics
+    from ccamerge.maths.stats import collect_statistics
 
     torch.set_num_threads(threads)
     models, spec, shape, label = build(arch, n_models, side)

@@ -24,10 +24,10 @@ from typing import Any
 
 from torch import nn
 
-from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.archs.resnet_tv import tv_resnet_config
-from ccamerge.archs.vgg import vgg_config
-from ccamerge.registry import get_architecture
+from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+from ccamerge.models.archs.resnet_tv import tv_resnet_config
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.registry import get_architecture
 
 CACHE = Path(__file__).resolve().parent / "cache"
 MODEL_DIR = CACHE / "models"

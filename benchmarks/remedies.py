@@ -9,7 +9,7 @@
 Every merge uses the first 2000 calibration images for statistics and BatchNorm, and is
 scored on the first ``--test`` test images (all 10000 by default). Statistics are gathered
 twice: at the spec's collection points (post-activation) and at the pre-activation points
-of :func:`ccamerge.repair.preactivation_spec`; every configuration below reuses them.
+of :func:`ccamerge.maths.repair.preactivation_spec`; every configuration below reuses them.
 
 Configurations (``remedy`` column of the JSON):
 
@@ -43,8 +43,16 @@ import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 from common import top1 as acc  # noqa: E402
 
-from ccamerge.bn import has_batchnorm  # noqa: E402
-from ccamerge.files import Dataset, load_data  # noqa: E402
+from ccamerge.io.files import Dataset, load_data  # noqa: E402
+from ccamerge.maths.bn import has_batchnorm  # noqa: E402
+from ccamerge.maths.repair import (  # noqa: E402
+    average_shared_space,
+    preactivation_spec,
+    repair_linear,
+    repair_targets,
+    replace_groups,
+    stream_groups,
+)
 from ccamerge.methods import AlignContext, make_method  # noqa: E402
 from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     Progress,
@@ -53,14 +61,6 @@ from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     gather_statistics,
     load_models,
     predict_logits,
-)
-from ccamerge.repair import (  # noqa: E402
-    average_shared_space,
-    preactivation_spec,
-    repair_linear,
-    repair_targets,
-    replace_groups,
-    stream_groups,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -315,7 +315,7 @@ def correct_running_stats(model: torch.nn.Module, batches: list, passes: int) ->
 
 def _with_eval_passes(passes: int) -> None:
     """Make the library's BN reset (as build_merged calls it) add ``passes`` corrections."""
-    import ccamerge.bn as bnmod
+    import ccamerge.maths.bn as bnmod
     import ccamerge.pipeline.assemble as assemble
 
     original = getattr(bnmod, "_original_reset", bnmod.reset_batchnorm)
@@ -334,7 +334,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
     """BatchNorm reset exactness: merge a model with a permuted copy of itself (permute,
     renorm and vector BN) and compare the logits with the original's; then real merges
     (ResNet20 x1 seeds 0, 1) with 0, 1 and 2 eval-mode correction passes."""
-    from ccamerge.algebra import permute_state_dict, random_permutations
+    from ccamerge.maths.algebra import permute_state_dict, random_permutations
 
     out: dict[str, Any] = {"test_images": n_test, "calib": CALIB, "copy": [], "merges": []}
     for arch in ("resnet20x1", "vgg11q"):

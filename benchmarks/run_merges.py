@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 
-from ccamerge.files import Dataset, load_data  # noqa: E402
+from ccamerge.io.files import Dataset, load_data  # noqa: E402
+from ccamerge.maths.stats import Statistics  # noqa: E402
 from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
 from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     REFIT_GAMMA,
@@ -62,7 +63,6 @@ from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
     resolve_bn_mode,
     score_logits,
 )
-from ccamerge.stats import Statistics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_SIZES = (100, 500, 2000, 10000)
@@ -127,7 +127,7 @@ def configs(has_bn: bool, n_models: int, full: bool) -> list[dict[str, Any]]:
     Every method with its default BN handling (``bn_mode="auto"``: vector for
     permutation methods and averaging, renorm otherwise) at 2000 samples. With BatchNorm:
     CCA with the vector BN treatment too. Without BatchNorm, ``renorm`` means REPAIR
-    (``ccamerge.repair``): CCA without it (vector) and Permute with it, for comparison.
+    (``ccamerge.maths.repair``): CCA without it (vector) and Permute with it, for comparison.
     ``full`` (the N of ``--full-for``, default 2) adds every method without the BN reset
     and the CCA calibration-size sweep. CCA uses the library's fixed default ridge
     (gamma 0.1, relative); gamma="auto" is measured by benchmarks/auto_vs_fixed.py.

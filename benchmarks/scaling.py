@@ -67,7 +67,7 @@ def _time_methods(loaded, stats, methods) -> dict[str, float]:
 
 
 def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
-    from ccamerge.files import Dataset, load_data
+    from ccamerge.io.files import Dataset, load_data
     from ccamerge.pipeline import Progress, gather_statistics, load_models
 
     sampler = RssSampler()
@@ -93,7 +93,7 @@ def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
-    from ccamerge.files import Dataset, load_data
+    from ccamerge.io.files import Dataset, load_data
     from ccamerge.pipeline import Progress, gather_statistics, load_models
 
     loaded = load_models([str(Mdl.checkpoint("mlp", s)) for s in range(cfg["N"])])
@@ -113,8 +113,8 @@ def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
-    from ccamerge.bn import reset_batchnorm
-    from ccamerge.files import Dataset, load_data
+    from ccamerge.io.files import Dataset, load_data
+    from ccamerge.maths.bn import reset_batchnorm
     from ccamerge.methods import AlignContext, make_method
     from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
 

@@ -15,7 +15,7 @@ set (see ``fmnist.splits``); the conv nets use a fixed random subset of it to
 fit the 2-core CPU budget. Recipes (no data augmentation):
 
 * MLP: Adam, lr 1e-3, batch 128, 5 epochs over the 50000 images
-  (``ccamerge.train.train_classifier``).
+  (``ccamerge.models.train.train_classifier``).
 * ResNet20 / VGG11: SGD, momentum 0.9, Nesterov, weight decay 5e-4, batch 128,
   one-cycle learning rate (peak 0.1 for ResNet, 0.05 for VGG), over a subset of
   ``--conv-subset`` images (default 10000) for ``--conv-epochs`` epochs (default 3).
@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as M  # noqa: E402
 
-from ccamerge.files import Dataset  # noqa: E402
-from ccamerge.train import train_classifier  # noqa: E402
+from ccamerge.io.files import Dataset  # noqa: E402
+from ccamerge.models.train import train_classifier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

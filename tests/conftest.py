@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ccamerge.archs.mlp import MLP
-from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.archs.vgg import vgg_config
-from ccamerge.files import Dataset
-from ccamerge.registry import get_architecture
-from ccamerge.train import digits, train_classifier
+from ccamerge.io.files import Dataset
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.registry import get_architecture
+from ccamerge.models.train import digits, train_classifier
 
 
 @dataclass

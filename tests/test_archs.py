@@ -22,18 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.archs.resnet_tv import tv_resnet_config
-from ccamerge.archs.vgg import vgg_config
-from ccamerge.errors import ArchitectureError
-from ccamerge.registry import (
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+from ccamerge.models.archs.resnet_tv import tv_resnet_config
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.registry import (
     NotThisArchitecture,
     detect_architecture,
     get_architecture,
     list_architectures,
 )
-from ccamerge.spec import FeatureGroup, MergeSpec
+from ccamerge.models.spec import FeatureGroup, MergeSpec
+from ccamerge.runtime.errors import ArchitectureError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 

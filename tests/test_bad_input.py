@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ccamerge import files as ccio
-from ccamerge import stats as ccstats
-from ccamerge.archs.mlp import MLP
+from ccamerge.io import files as ccio
+from ccamerge.maths import stats as ccstats
 from ccamerge.cli import app
 from ccamerge.cli.common import set_debug
-from ccamerge.errors import CcaMergeError, CheckpointError
-from ccamerge.registry import get_architecture, list_architectures
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.registry import get_architecture, list_architectures
+from ccamerge.runtime.errors import CcaMergeError, CheckpointError
 
 runner = CliRunner()
 SIZES = [8, 16, 12, 3]  # tiny: every merge below takes milliseconds
@@ -590,7 +590,7 @@ def test_output_file_mode_follows_umask(env):
 
 def test_new_file_appearing_during_the_merge_is_not_clobbered(env, monkeypatch):
     """The output is checked again right before writing (a merge takes minutes)."""
-    ccmerge = importlib.import_module("ccamerge.merge")  # ccamerge.merge is also a function
+    ccmerge = importlib.import_module("ccamerge.runs.merge")  # ccamerge.merge is the function
     real_check = ccmerge.check_outputs
     calls = {"n": 0}
 
@@ -622,7 +622,7 @@ def test_debug_shows_the_traceback(env):
     )
     assert res.returncode == 1, res.stderr
     assert "Traceback (most recent call last)" in res.stderr
-    assert f"ccamerge.errors.CheckpointError: checkpoint {missing} does not exist" in res.stderr
+    assert f"ccamerge.runtime.errors.CheckpointError: checkpoint {missing} does not exist" in res.stderr
     # CCAMERGE_DEBUG=1 does the same: the error escapes instead of becoming one line
     try:
         res = run(*args, env={"CCAMERGE_DEBUG": "1"})

@@ -11,7 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ccamerge.barrier import (
+from ccamerge.cli import app
+from ccamerge.io.files import load_data
+from ccamerge.methods import AlignContext, list_methods, make_method
+from ccamerge.pipeline import Progress, evaluate, gather_statistics, load_models, predict_logits
+from ccamerge.runs.barrier import (
     BarrierPlan,
     barrier,
     grid,
@@ -22,11 +26,7 @@ from ccamerge.barrier import (
     run_barrier,
     write_csv,
 )
-from ccamerge.cli import app
-from ccamerge.errors import OptionError
-from ccamerge.files import load_data
-from ccamerge.methods import AlignContext, list_methods, make_method
-from ccamerge.pipeline import Progress, evaluate, gather_statistics, load_models, predict_logits
+from ccamerge.runtime.errors import OptionError
 
 METHODS = ["average", "permute", "cca"]
 STEPS = 7
@@ -159,8 +159,8 @@ def test_method_parameters_go_to_the_methods_that_take_them():
 def test_batchnorm_endpoints_are_the_checkpoints(tmp_path):
     """With BatchNorm, re-merging at t = 0 recomputes running statistics and changes
     the function; the curve's endpoints are the checkpoints themselves."""
-    from ccamerge.archs.vgg import vgg_config
-    from ccamerge.registry import get_architecture
+    from ccamerge.models.archs.vgg import vgg_config
+    from ccamerge.models.registry import get_architecture
 
     arch = get_architecture("vgg")
     cfg = vgg_config(convs_per_stage=(1, 1), widths=(4, 8), num_classes=3, in_channels=1)

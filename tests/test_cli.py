@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import ccamerge
 from ccamerge.cli import app
-from ccamerge.files import load_data, read_metadata, sha256
+from ccamerge.io.files import load_data, read_metadata, sha256
+from ccamerge.models.registry import detect_architecture
 from ccamerge.pipeline import GAMMA_GRID, evaluate
-from ccamerge.registry import detect_architecture
 
 runner = CliRunner()
 
@@ -150,7 +150,7 @@ def test_containers_and_module_prefix_are_unwrapped(digits_mlps, tmp_path):
     sd = digits_mlps.models[1].state_dict()
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
-    from ccamerge.files import load_checkpoint
+    from ccamerge.io.files import load_checkpoint
 
     loaded = load_checkpoint(wrapped)
     assert set(loaded) == set(sd)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.bn import reset_batchnorm
-from ccamerge.merge import merge
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.maths.bn import reset_batchnorm
 from ccamerge.methods import list_methods
-from ccamerge.registry import detect_architecture
+from ccamerge.models.registry import detect_architecture
+from ccamerge.runs.merge import merge
 
 ARCHS = ["vgg", "resnet_cifar"]
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccamerge.bn import reset_batchnorm
-from ccamerge.files import load_data
-from ccamerge.merge import merge
+from ccamerge.io.files import load_data
+from ccamerge.maths.bn import reset_batchnorm
+from ccamerge.maths.stats import collect_statistics
 from ccamerge.pipeline import load_models
-from ccamerge.stats import collect_statistics
+from ccamerge.runs.merge import merge
 
 pytestmark = [
     pytest.mark.cuda,

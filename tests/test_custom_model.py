@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
-from ccamerge.custom import load_factory, load_spec, spec_from_dict
-from ccamerge.discover import discover
-from ccamerge.errors import OptionError, SpecError
-from ccamerge.files import load_data
+from ccamerge.io.files import load_data
+from ccamerge.maths.stats import collect_statistics
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.custom import load_factory, load_spec, spec_from_dict
+from ccamerge.models.discover import discover
+from ccamerge.models.train import digits, train_classifier
 from ccamerge.pipeline import evaluate
-from ccamerge.stats import collect_statistics
-from ccamerge.train import digits, train_classifier
+from ccamerge.runtime.errors import OptionError, SpecError
 
 NETS = Path(__file__).parent / "custom_nets.py"
 MAKE_NET = f"{NETS}:make_net"

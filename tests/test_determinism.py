@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
-from ccamerge.files import safetensors_bytes, save_safetensors_atomic
-from ccamerge.registry import get_architecture, list_architectures
+from ccamerge.io.files import safetensors_bytes, save_safetensors_atomic
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.registry import get_architecture, list_architectures
 
 runner = CliRunner()
 

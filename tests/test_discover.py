@@ -1,4 +1,4 @@
-"""Feature-group discovery by torch.fx tracing (ccamerge.discover).
+"""Feature-group discovery by torch.fx tracing (ccamerge.models.discover).
 
 * A zoo of small models written the way users write them (functional ReLU,
   ``x + f(x)``, LayerNorm, dropout, concatenation, grouped convs, tied
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.archs.vgg import vgg_config
-from ccamerge.discover import discover
-from ccamerge.errors import SpecError
-from ccamerge.registry import get_architecture, list_architectures
-from ccamerge.spec import FeatureGroup, MergeSpec
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.discover import discover
+from ccamerge.models.registry import get_architecture, list_architectures
+from ccamerge.models.spec import FeatureGroup, MergeSpec
+from ccamerge.runtime.errors import SpecError
 
 # --------------------------------------------------------------------------
 # the zoo

@@ -5,7 +5,7 @@ Statistics are sums over calibration batches; two processes add them in another
 order, so the float64 transforms agree to float64 round-off and the written
 float32 tensors to their last bit, except BatchNorm running statistics: one
 process takes them from PyTorch's float32 running update, several from float64
-sums (ccamerge.bn), which agree to float32 rounding.
+sums (ccamerge.maths.bn), which agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from ccamerge import distributed
+from ccamerge.runtime import distributed
 from ccamerge.cli import app
 
 

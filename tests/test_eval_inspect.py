@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from ccamerge.cli import app
-from ccamerge.files import load_data
-from ccamerge.inspection import inspect_checkpoint
+from ccamerge.io.files import load_data
 from ccamerge.pipeline import ensemble_logits, evaluate, predict_logits, score_logits
+from ccamerge.runs.inspection import inspect_checkpoint
 
 runner = CliRunner()
 
@@ -87,8 +87,8 @@ def test_inspect_json_describes_the_mlp(digits_mlps):
 
 
 def test_inspect_lists_batchnorm_members_and_buffers(tmp_path):
-    from ccamerge.archs.vgg import vgg_config
-    from ccamerge.registry import get_architecture
+    from ccamerge.models.archs.vgg import vgg_config
+    from ccamerge.models.registry import get_architecture
 
     cfg = vgg_config(convs_per_stage=(1, 1), widths=(4, 8), num_classes=3, in_channels=1)
     model = get_architecture("vgg").build(cfg)

@@ -206,7 +206,7 @@ def test_folders_and_shards_load_as_one_checkpoint(env):
 
 
 def test_folder_output_with_config_and_shards(env, monkeypatch):
-    from ccamerge import files as ccfiles
+    from ccamerge.io import files as ccfiles
 
     plain = merged_tensors(env, env.a, env.b)
     inputs = (hf_folder(env.root, "hf0", env.sds[0]), hf_folder(env.root, "hf1", env.sds[1]))

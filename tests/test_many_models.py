@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ccamerge.archs.mlp import MLP
 from ccamerge.cli import app
-from ccamerge.errors import OptionError
-from ccamerge.merge import merge
+from ccamerge.maths.stats import PairwiseCovariance, collect_statistics, statistics_bytes
 from ccamerge.methods import list_methods
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.registry import get_architecture
 from ccamerge.pipeline import LoadedModels, evaluate, load_models, load_transforms
-from ccamerge.registry import get_architecture
-from ccamerge.stats import PairwiseCovariance, collect_statistics, statistics_bytes
+from ccamerge.runs.merge import merge
+from ccamerge.runtime.errors import OptionError
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_memory_limit_switches_to_pairwise_statistics(digits_mlps):
 
 def test_resnet50_statistics_memory_numbers():
     """The numbers quoted in docs/methods.md."""
-    from ccamerge.archs.resnet_tv import tv_resnet_config
+    from ccamerge.models.archs.resnet_tv import tv_resnet_config
 
     spec = get_architecture("resnet").spec(tv_resnet_config(50))
     gib = 2.0**30
@@ -200,7 +200,7 @@ def test_apply_reproduces_the_merge_bit_for_bit(digits_mlps, tmp_path, method):
 
 
 def _tiny_vgg_checkpoints(tmp_path, n: int):
-    from ccamerge.archs.vgg import vgg_config
+    from ccamerge.models.archs.vgg import vgg_config
 
     arch = get_architecture("vgg")
     config = vgg_config((1, 1), (4, 8), batch_norm=True)

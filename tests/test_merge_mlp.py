@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.merge import merge
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.models.registry import detect_architecture
 from ccamerge.pipeline import evaluate
-from ccamerge.registry import detect_architecture
+from ccamerge.runs.merge import merge
 
 
 def _outputs(state_dict, x):

@@ -7,16 +7,16 @@ import itertools
 import pytest
 import torch
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.errors import OptionError
-from ccamerge.merge import merge
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.maths.stats import JointCovariance, PairwiseCovariance, Statistics
 from ccamerge.methods import AlignContext, make_method
 from ccamerge.methods.permute import correlation
 from ccamerge.methods.weight_matching import weight_match
 from ccamerge.methods.zipit import zip_features, zip_transforms
-from ccamerge.registry import detect_architecture
-from ccamerge.spec import FeatureGroup, MergeSpec
-from ccamerge.stats import JointCovariance, PairwiseCovariance, Statistics
+from ccamerge.models.registry import detect_architecture
+from ccamerge.models.spec import FeatureGroup, MergeSpec
+from ccamerge.runs.merge import merge
+from ccamerge.runtime.errors import OptionError
 
 
 def _outputs(state_dict, x):

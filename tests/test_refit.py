@@ -12,22 +12,22 @@ import pytest
 import torch
 from torch import nn
 
-from ccamerge.algebra import (
+from ccamerge.maths.algebra import (
     merge_state_dicts,
     permutation_matrix,
     permute_state_dict,
     random_permutations,
 )
-from ccamerge.archs.mlp import MLP
-from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.archs.vgg import vgg_config
-from ccamerge.bn import reset_batchnorm
-from ccamerge.errors import RefitError
+from ccamerge.maths.bn import reset_batchnorm
 from ccamerge.methods.base import Alignment, GroupAlignment, identity_alignment
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.registry import detect_architecture, get_architecture
+from ccamerge.models.spec import MergeSpec, SpecBuilder
 from ccamerge.pipeline import refit as refit_module
 from ccamerge.pipeline.refit import NormalEquations, default_memory_budget, refit
-from ccamerge.registry import detect_architecture, get_architecture
-from ccamerge.spec import MergeSpec, SpecBuilder
+from ccamerge.runtime.errors import RefitError
 
 
 def _randomise_norms(model: nn.Module, seed: int) -> nn.Module:

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 import ccamerge
 from ccamerge.cli import app
-from ccamerge.errors import OptionError, RefitError
-from ccamerge.files import read_metadata
+from ccamerge.io.files import read_metadata
 from ccamerge.pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, REFIT_GAMMA, load_transforms
 from ccamerge.pipeline import refit as refit_module
+from ccamerge.runtime.errors import OptionError, RefitError
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -19,17 +19,19 @@ import torch
 from test_archs import _registry_cases, example_config, example_input_shape, randomise
 from torch import nn
 
-from ccamerge.algebra import (
+from ccamerge.io.files import Dataset
+from ccamerge.maths.algebra import (
     merge_state_dicts,
     permutation_matrix,
     permute_state_dict,
     random_permutations,
 )
-from ccamerge.custom import load_factory
-from ccamerge.discover import discover
-from ccamerge.files import Dataset
 from ccamerge.methods import make_method
 from ccamerge.methods.base import Alignment, GroupAlignment
+from ccamerge.models.custom import load_factory
+from ccamerge.models.discover import discover
+from ccamerge.models.registry import get_architecture
+from ccamerge.models.spec import MergeSpec
 from ccamerge.pipeline import (
     Progress,
     align_models,
@@ -39,8 +41,6 @@ from ccamerge.pipeline import (
     refit_merged,
 )
 from ccamerge.pipeline.refit import refit
-from ccamerge.registry import get_architecture
-from ccamerge.spec import MergeSpec
 
 MAKE_NET = f"{Path(__file__).parent / 'custom_nets.py'}:make_net"
 CUSTOM_ARGS = {"width": 6, "hidden": 7, "depth": 2}

@@ -1,4 +1,4 @@
-"""Remedies for dense alignment (ccamerge.repair): REPAIR and the measurement helpers."""
+"""Remedies for dense alignment (ccamerge.maths.repair): REPAIR and the measurement helpers."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ import dataclasses
 
 import torch
 
-from ccamerge.algebra import permute_state_dict, random_permutations
-from ccamerge.archs.mlp import MLP
-from ccamerge.archs.resnet_cifar import cifar_resnet_config
-from ccamerge.files import Dataset
-from ccamerge.methods import AlignContext, make_method
-from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
-from ccamerge.registry import get_architecture
-from ccamerge.repair import (
+from ccamerge.io.files import Dataset
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.maths.repair import (
     average_shared_space,
     preactivation_spec,
     repair_linear,
@@ -21,6 +16,11 @@ from ccamerge.repair import (
     replace_groups,
     stream_groups,
 )
+from ccamerge.methods import AlignContext, make_method
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
+from ccamerge.models.registry import get_architecture
+from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
 
 
 def _save(tmp_path, models):

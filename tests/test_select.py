@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ccamerge.files import Dataset
-from ccamerge.merge import merge
+from ccamerge.io.files import Dataset
+from ccamerge.models.registry import detect_architecture
 from ccamerge.pipeline import GAMMA_GRID, split_heldout
-from ccamerge.registry import detect_architecture
+from ccamerge.runs.merge import merge
 
 
 def _outputs(state_dict, x):
@@ -87,8 +87,8 @@ def test_select_by_loss_uses_labels(digits_mlps):
 
 
 def test_candidates_take_the_parameters_they_accept():
-    from ccamerge.errors import OptionError
     from ccamerge.pipeline import candidate_methods
+    from ccamerge.runtime.errors import OptionError
 
     (zipit,) = candidate_methods("zipit", {"alpha": 0.3, "beta": 0.25})
     assert zipit.params() == {"alpha": 0.3, "beta": 0.25}

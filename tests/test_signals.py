@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_bad_input import Env, refused
 
-from ccamerge import files as ccfiles
+from ccamerge.io import files as ccfiles
 
 SIGNALS = {"SIGTERM": 143, "SIGHUP": 129}
 

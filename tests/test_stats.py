@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccamerge.archs.mlp import MLP
-from ccamerge.registry import detect_architecture
-from ccamerge.stats import JointCovariance, collect_statistics, features_as_rows
+from ccamerge.maths.stats import JointCovariance, collect_statistics, features_as_rows
+from ccamerge.models.archs.mlp import MLP
+from ccamerge.models.registry import detect_architecture
 
 
 @pytest.mark.parametrize("splits", [[1000], [1, 999], [10, 300, 7, 683], [250] * 4])
@@ -56,7 +56,7 @@ def test_collected_statistics_match_direct_computation():
 
 def test_conv_features_in_float32_match_the_float64_reference():
     """Spatial activations are centred and multiplied in float32, added in float64."""
-    from ccamerge.stats import PairwiseCovariance, centre
+    from ccamerge.maths.stats import PairwiseCovariance, centre
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(8, 5, 6, 6, generator=g) * 0.5 + 30 for _ in range(3)]  # mean >> std
@@ -80,7 +80,7 @@ def test_conv_features_in_float32_match_the_float64_reference():
 def test_batches_centred_on_the_running_shift_match_the_float64_reference():
     """After the first batch every batch is centred on the accumulator's fixed shift (not
     on its own mean); batches whose means drift far from it still give the exact moments."""
-    from ccamerge.stats import centre
+    from ccamerge.maths.stats import centre
 
     g = torch.Generator().manual_seed(1)
     # four float32 conv batches, the later ones with means far from the first's
@@ -102,7 +102,7 @@ def test_batches_centred_on_the_running_shift_match_the_float64_reference():
 
 
 def test_products_that_overflow_float32_are_recomputed_in_float64():
-    from ccamerge.stats import centre
+    from ccamerge.maths.stats import centre
 
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(4, 3, 8, 8, generator=g) * 1e20 for _ in range(2)]  # squares > 3e38

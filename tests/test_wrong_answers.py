@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 from test_bad_input import Env, refused, run, snapshot
 from torch import nn
 
-from ccamerge.archs.vgg import vgg_config
 from ccamerge.cli.common import print_json
-from ccamerge.registry import get_architecture
-from ccamerge.train import train_classifier
+from ccamerge.models.archs.vgg import vgg_config
+from ccamerge.models.registry import get_architecture
+from ccamerge.models.train import train_classifier
 
-ccmerge = importlib.import_module("ccamerge.merge")  # the module (ccamerge.merge is a function)
+ccmerge = importlib.import_module("ccamerge.runs.merge")  # the module (ccamerge.merge is the function)
 
 
 def strict_loads(text: str):
@@ -231,8 +231,8 @@ def test_barrier_refuses_a_non_finite_gamma(env):
 
 
 def test_the_library_refuses_non_finite_method_parameters():
-    from ccamerge.errors import OptionError
     from ccamerge.methods import make_method
+    from ccamerge.runtime.errors import OptionError
 
     with pytest.raises(OptionError, match="method 'cca': gamma must be a finite number, got inf"):
         make_method("cca", gamma=float("inf"))

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
-from ..apply import ApplyPlan, run_apply
-from ..report import render_merge_report
+from ..runs.apply import ApplyPlan, run_apply
+from ..runs.report import render_merge_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, print_json
 from .options import (

@@ -5,7 +5,7 @@ import sys
 from rich.table import Table
 
 from ..methods import list_methods
-from ..registry import get_architecture, list_architectures
+from ..models.registry import get_architecture, list_architectures
 from .app import app
 from .common import handle_errors, print_json, product_console
 from .options import Json

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import typer
 
-from ..barrier import (
+from ..io.files import check_outputs
+from ..runs.barrier import (
     PLOT_SUFFIXES,
     BarrierPlan,
     default_methods,
@@ -12,8 +13,7 @@ from ..barrier import (
     run_barrier,
     write_csv,
 )
-from ..files import check_outputs
-from ..report import render_barrier_report
+from ..runs.report import render_barrier_report
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_gamma, print_json
 from .options import (

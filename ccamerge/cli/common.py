@@ -5,7 +5,7 @@ Exit codes: 0 success; 1 a user error (bad file, bad data, bad option value);
 rerun with ``--debug`` for the traceback); 130 interrupted (Ctrl-C); 143 and 129
 terminated by SIGTERM and SIGHUP (cleaned up like Ctrl-C).
 
-Under torchrun (:mod:`ccamerge.distributed`) only rank 0 prints: the console
+Under torchrun (:mod:`ccamerge.runtime.distributed`) only rank 0 prints: the console
 and the JSON document are silent on the other ranks, and of the ranks that
 fail only the first prints its error line.
 """
@@ -24,11 +24,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from .. import distributed
-from ..errors import CcaMergeError, OptionError
-from ..files import json_text
-from ..interrupts import INTERRUPTED, Terminated, stop_signals_raise
+from ..io.files import json_text
 from ..pipeline import Progress
+from ..runtime import distributed
+from ..runtime.errors import CcaMergeError, OptionError
+from ..runtime.interrupts import INTERRUPTED, Terminated, stop_signals_raise
 
 
 class _MainRankStderr:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
-from ..demo import demo_files, prepare_folder, run_demo
-from ..report import evaluation_table
+from ..runs.demo import demo_files, prepare_folder, run_demo
+from ..runs.report import evaluation_table
 from .app import app
 from .common import BarProgress, console, handle_errors, print_json
 from .options import Force, Json

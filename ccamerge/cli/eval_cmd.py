@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from ..assumptions import check_settings, describe
+from ..models.assumptions import check_settings, describe
 from ..pipeline import (
     check_batch_size,
     evaluate_all,
@@ -12,7 +12,7 @@ from ..pipeline import (
     read_eval_data,
     resolve_device,
 )
-from ..report import evaluation_table, render_assumptions
+from ..runs.report import evaluation_table, render_assumptions
 from .app import app
 from .common import console, handle_errors, print_json, product_console
 from .options import Activation, Arch, BatchSize, Device, Json

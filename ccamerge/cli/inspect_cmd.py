@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from ..custom import parse_input_shape, parse_model_args
-from ..inspection import inspect_checkpoint
-from ..report import render_inspection
+from ..models.custom import parse_input_shape, parse_model_args
+from ..runs.inspection import inspect_checkpoint
+from ..runs.report import render_inspection
 from .app import app
 from .common import handle_errors, print_json, product_console
 from .options import Activation, Arch, Force, Json, Model, ModelArgs, SpecOut

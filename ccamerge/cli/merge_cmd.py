@@ -4,12 +4,12 @@ from pathlib import Path
 
 import typer
 
-from ..custom import parse_model_args
-from ..errors import OptionError
-from ..files import STREAM, check_stdout, safetensors_file, write_stdout
-from ..merge import MergePlan, run_merge
+from ..io.files import STREAM, check_stdout, safetensors_file, write_stdout
+from ..models.custom import parse_model_args
 from ..pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, provenance
-from ..report import render_merge_report
+from ..runs.merge import MergePlan, run_merge
+from ..runs.report import render_merge_report
+from ..runtime.errors import OptionError
 from .app import app
 from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
 from .options import (

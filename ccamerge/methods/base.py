@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import OptionError
-from ..spec import MergeSpec
-from ..stats import Statistics
+from ..maths.stats import Statistics
+from ..models.spec import MergeSpec
+from ..runtime.errors import OptionError
 
 
 @dataclass

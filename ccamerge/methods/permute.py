@@ -9,7 +9,7 @@ from the joint covariance blocks::
 and ``scipy.optimize.linear_sum_assignment`` finds the permutation ``perm``
 maximising ``sum_i corr_{i, perm[i]}`` (reference unit i <- model unit
 perm[i]). The transforms are ``M_k = P`` with ``(P h)[i] = h[perm[i]]``
-(:func:`ccamerge.apply.permutation_matrix`) and ``U_k = P^T = P^-1``, so a
+(:func:`ccamerge.runs.apply.permutation_matrix`) and ``U_k = P^T = P^-1``, so a
 single aligned model computes exactly its original function. The quality is
 the mean matched correlation ``mean_i corr_{i, perm[i]}``.
 """
@@ -22,9 +22,9 @@ from typing import ClassVar
 
 import torch
 
-from ..algebra import permutation_matrix
-from ..errors import OptionError
-from ..stats import JointCovariance
+from ..maths.algebra import permutation_matrix
+from ..maths.stats import JointCovariance
+from ..runtime.errors import OptionError
 from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method
 
 

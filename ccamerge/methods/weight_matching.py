@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from ..spec import MergeSpec
+from ..models.spec import MergeSpec
 from .base import AlignContext, Alignment, MergeMethod, register_method
 from .permute import match, permutation_group
 

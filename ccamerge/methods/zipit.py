@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import OptionError
-from ..stats import PairwiseCovariance
+from ..maths.stats import PairwiseCovariance
+from ..runtime.errors import OptionError
 from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method
 from .permute import correlation
 

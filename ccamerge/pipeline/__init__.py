@@ -5,8 +5,8 @@
 ``select`` runs align and assemble for each candidate of ``--gamma auto`` /
 ``--method auto`` and scores it with evaluate; ``transforms`` is the saved
 transforms file (written after a merge, read by ``ccamerge apply``). A step
-imports only the steps before it; the runs (:mod:`ccamerge.merge`,
-:mod:`ccamerge.apply`, :mod:`ccamerge.barrier`) and the benchmarks import
+imports only the steps before it; the runs (:mod:`ccamerge.runs.merge`,
+:mod:`ccamerge.runs.apply`, :mod:`ccamerge.runs.barrier`) and the benchmarks import
 the names below.
 """
 

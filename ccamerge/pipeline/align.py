@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import OptionError
+from ..maths.stats import Statistics
 from ..methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
-from ..spec import MergeSpec
-from ..stats import Statistics
+from ..models.spec import MergeSpec
+from ..runtime.errors import OptionError
 from .load import LoadedModels
 
 GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)

@@ -1,7 +1,7 @@
 """Step 4, assemble: transform every tensor along its grouped axes and average
-(:mod:`ccamerge.algebra`), then, unless the refit (step 5) follows, fix BatchNorm
-(:mod:`ccamerge.bn`) or, without BatchNorm, rescale the merged units (REPAIR,
-:mod:`ccamerge.repair`)."""
+(:mod:`ccamerge.maths.algebra`), then, unless the refit (step 5) follows, fix BatchNorm
+(:mod:`ccamerge.maths.bn`) or, without BatchNorm, rescale the merged units (REPAIR,
+:mod:`ccamerge.maths.repair`)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..algebra import merge_state_dicts
-from ..bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
-from ..errors import OptionError
-from ..files import (
+from ..io.files import (
     Dataset,
 )
+from ..maths.algebra import merge_state_dicts
+from ..maths.bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
+from ..maths.repair import repair_merged
+from ..maths.stats import Statistics
 from ..methods import (
     Alignment,
     MergeMethod,
 )
-from ..repair import repair_merged
-from ..stats import Statistics
+from ..runtime.errors import OptionError
 from .load import LoadedModels
 
 BN_MODES = ("auto", "vector", "renorm")
@@ -48,7 +48,7 @@ def build_merged(
     device: str,
 ) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
     """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
-    BatchNorm: REPAIR, :mod:`ccamerge.repair`). Returns (state dict, model, what was done)."""
+    BatchNorm: REPAIR, :mod:`ccamerge.maths.repair`). Returns (state dict, model, what was done)."""
     model = assemble(loaded, alignment, weights, reference, device)
     bn_done = fix_batchnorm(
         model, loaded, alignment, weights, calib, stats, bn_mode, reset_bn, batch_size, device

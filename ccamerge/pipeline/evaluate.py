@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import shard, unshard
-from ..errors import DataError, OptionError
-from ..files import Dataset
+from ..io.files import Dataset
+from ..runtime.distributed import shard, unshard
+from ..runtime.errors import DataError, OptionError
 from .load import LoadedModels
 
 

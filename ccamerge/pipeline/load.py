@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
-from ..assumptions import state_settings
-from ..custom import detect_custom, resolve_spec
-from ..errors import ArchitectureError, CheckpointError, DataError, OptionError
-from ..files import Dataset, load_checkpoint, load_data
-from ..registry import Detected, detect_architecture
-from ..spec import MergeSpec
+from ..io.files import Dataset, load_checkpoint, load_data
+from ..models.assumptions import state_settings
+from ..models.custom import detect_custom, resolve_spec
+from ..models.registry import Detected, detect_architecture
+from ..models.spec import MergeSpec
+from ..runtime import distributed
+from ..runtime.errors import ArchitectureError, CheckpointError, DataError, OptionError
 
 
 class Progress:
@@ -73,10 +73,10 @@ def load_models(
 ) -> LoadedModels:
     """Read every checkpoint, detect the architecture from the first, check the rest fit.
 
-    ``model`` (a factory, see :mod:`ccamerge.custom`) replaces detection; its feature
+    ``model`` (a factory, see :mod:`ccamerge.models.custom`) replaces detection; its feature
     groups are discovered on samples of ``input_shape``. ``spec_file`` replaces the groups.
     ``stated``: settings a checkpoint does not record (``{"activation": "tanh"}``,
-    :mod:`ccamerge.assumptions`).
+    :mod:`ccamerge.models.assumptions`).
     """
     if not paths:
         raise OptionError("no checkpoints given")
@@ -251,7 +251,7 @@ def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
 
 def resolve_device(device: str) -> str:
     """Check ``device``; under torchrun join the process group and give this rank its own
-    GPU (:func:`ccamerge.distributed.setup`)."""
+    GPU (:func:`ccamerge.runtime.distributed.setup`)."""
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise OptionError(f"--device {device}: CUDA is not available on this machine")

@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import distributed
-from ..bn import has_batchnorm, reset_batchnorm
-from ..discover import trace
-from ..errors import DataError, OptionError, RefitError, SpecError
-from ..files import Dataset
+from ..io.files import Dataset
+from ..maths.bn import has_batchnorm, reset_batchnorm
+from ..maths.stats import Statistics, available_memory, gram
 from ..methods.base import Alignment
-from ..spec import MergeSpec
-from ..stats import Statistics, available_memory, gram
+from ..models.discover import trace
+from ..models.spec import MergeSpec
+from ..runtime import distributed
+from ..runtime.errors import DataError, OptionError, RefitError, SpecError
 from .assemble import assemble, build_merged, state_of
 from .load import LoadedModels, Progress, Timer
 from .statistics import gather_statistics, needs_norm_statistics

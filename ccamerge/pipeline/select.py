@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, OptionError
-from ..files import Dataset
+from ..io.files import Dataset
+from ..maths.stats import Statistics
 from ..methods import Alignment, MergeMethod
-from ..stats import Statistics
+from ..runtime.errors import DataError, OptionError
 from .align import align_models, label
 from .assemble import build_merged
 from .evaluate import ensemble_logits, predict_logits

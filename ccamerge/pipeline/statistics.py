@@ -8,15 +8,21 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError
-from ..files import (
+from ..io.files import (
     Dataset,
+)
+from ..maths.stats import (
+    STATS_MODES,
+    Statistics,
+    available_memory,
+    collect_statistics,
+    statistics_bytes,
 )
 from ..methods import (
     MergeMethod,
 )
-from ..spec import MergeSpec
-from ..stats import STATS_MODES, Statistics, available_memory, collect_statistics, statistics_bytes
+from ..models.spec import MergeSpec
+from ..runtime.errors import OptionError
 from .load import LoadedModels, Progress
 
 
@@ -88,7 +94,7 @@ def statistics_mode(
     """Whether to gather statistics pairwise (reference x model k), and warnings.
 
     Joint statistics take ``8 ((N d)^2 + 2 N d)`` bytes per group of width d
-    (:func:`ccamerge.stats.statistics_bytes`). ``auto`` switches to pairwise
+    (:func:`ccamerge.maths.stats.statistics_bytes`). ``auto`` switches to pairwise
     blocks when that exceeds ``memory_limit`` (default: half the available RAM).
     A method that needs every cross-model block (``needs_all_blocks``) is refused
     rather than left to run out of memory."""

@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArchitectureError, CheckpointError, OptionError, SpecError
-from ..files import (
+from ..io.files import (
     _check_readable,
     _read_safetensors,
     read_metadata,
@@ -48,6 +47,7 @@ from ..files import (
     sha256,
 )
 from ..methods import Alignment, GroupAlignment
+from ..runtime.errors import ArchitectureError, CheckpointError, OptionError, SpecError
 from ..version import __version__
 from .load import LoadedModels
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import OUTPUT_SUFFIXES, check_output_path, save_checkpoint_atomic
+from ..io.files import OUTPUT_SUFFIXES, check_output_path, save_checkpoint_atomic
 from ..methods import Alignment
 
 

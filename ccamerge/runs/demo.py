@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .archs.mlp import MLP
-from .errors import OutputError
-from .files import check_outputs, save_checkpoint_atomic, write_atomic
+from ..io.files import check_outputs, save_checkpoint_atomic, write_atomic
+from ..models.archs.mlp import MLP
+from ..models.train import digits, train_classifier
+from ..pipeline import Progress
+from ..runtime.errors import OutputError
 from .merge import MergePlan, run_merge
-from .pipeline import Progress
-from .train import digits, train_classifier
 
 
 def demo_files(n_models: int) -> list[str]:

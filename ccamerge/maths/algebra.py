@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .spec import MergeSpec
+from ..models.spec import MergeSpec
 
 Transforms = Mapping[str, torch.Tensor]
 

@@ -8,7 +8,7 @@ runs the same merge: it reads its share of the batches (batch i goes to rank
 i mod K, :func:`shard`), its sums are added across ranks in float64 and in
 rank order (:func:`all_reduce_sum`, the same bits on every rank), and
 alignment and solves then run identically on every rank. Only rank 0 writes
-files and prints (``ccamerge.files.write_atomic`` and the CLI's output check
+files and prints (``ccamerge.io.files.write_atomic`` and the CLI's output check
 :func:`is_main`).
 
 :func:`setup` joins the process group from torchrun's environment (``RANK``,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import Dataset
+from ..io.files import Dataset
 
 
 def digits(test_size: int = 497, seed: int = 0) -> tuple[Dataset, Dataset]:

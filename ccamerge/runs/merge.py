@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
-from .assumptions import check_settings, describe
-from .bn import has_batchnorm
-from .custom import save_spec
-from .errors import OptionError
-from .files import OUTPUT_SUFFIXES, check_outputs
-from .methods import list_methods, make_method, method_parameters
-from .pipeline import (
+from ..io.files import OUTPUT_SUFFIXES, check_outputs
+from ..maths.bn import has_batchnorm
+from ..methods import list_methods, make_method, method_parameters
+from ..models.assumptions import check_settings, describe
+from ..models.custom import save_spec
+from ..pipeline import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RIDGE,
     MIN_HELDOUT,
@@ -58,6 +57,7 @@ from .pipeline import (
     statistics_mode,
     write_model,
 )
+from ..runtime.errors import OptionError
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
@@ -70,7 +70,7 @@ class MergePlan:
     data: str | None = None
     eval_data: str | None = None
     arch: str | None = None
-    model: str | None = None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.custom)
+    model: str | None = None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.models.custom)
     model_args: dict[str, Any] = field(default_factory=dict)
     activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
     spec: str | None = None  # a spec file (JSON) that replaces the detected feature groups

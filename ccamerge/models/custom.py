@@ -5,8 +5,8 @@ as ``pkg.module:factory`` (imported; the current directory is importable) or
 ``path/to/file.py:factory`` (the file is loaded as a module). It is called
 with ``**model_args``. :class:`CustomArchitecture` wraps it as a registry-like
 entry (``detect``/``build``/``spec``), so that a
-:class:`~ccamerge.registry.Detected` and the whole merge pipeline work
-unchanged; its feature groups come from :func:`ccamerge.discover.discover`.
+:class:`~ccamerge.models.registry.Detected` and the whole merge pipeline work
+unchanged; its feature groups come from :func:`ccamerge.models.discover.discover`.
 
 Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
 
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.files import json_text, write_atomic
+from ..runtime.errors import ArchitectureError, OptionError, SpecError
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
-from .errors import ArchitectureError, OptionError, SpecError
-from .files import json_text, write_atomic
 from .registry import Detected, NotThisArchitecture
 from .spec import FeatureGroup, MergeSpec
 

@@ -10,9 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .files import sha256
-from .registry import Detected
-from .version import __version__
+from ..io.files import sha256
+from ..models.registry import Detected
+from ..version import __version__
 
 
 def describe_architecture(detected: Detected) -> dict[str, Any]:

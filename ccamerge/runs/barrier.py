@@ -49,12 +49,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .assumptions import check_settings, describe
-from .bn import has_batchnorm
-from .errors import OptionError
-from .files import Dataset, write_atomic
-from .methods import Alignment, MergeMethod, list_methods
-from .pipeline import (
+from ..io.files import Dataset, write_atomic
+from ..maths.bn import has_batchnorm
+from ..maths.stats import Statistics
+from ..methods import Alignment, MergeMethod, list_methods
+from ..models.assumptions import check_settings, describe
+from ..pipeline import (
     LoadedModels,
     Progress,
     Timer,
@@ -74,8 +74,8 @@ from .pipeline import (
     sample_warnings,
     score_logits,
 )
+from ..runtime.errors import OptionError
 from .report import BarrierReport, describe_architecture
-from .stats import Statistics
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
     from matplotlib.figure import Figure
@@ -195,7 +195,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     """Evaluate every method's path at every grid point; return the report.
 
     Report fields: ``checkpoints``, ``architecture``, ``assumptions`` (settings
-    checkpoints do not record, :mod:`ccamerge.assumptions`), ``methods`` (name ->
+    checkpoints do not record, :mod:`ccamerge.models.assumptions`), ``methods`` (name ->
     parameters), ``eval_data``, ``t``, ``endpoints`` (two ``{path, t, loss, accuracy}``),
     ``ensemble`` (the two models' logit-averaging ensemble, for reference),
     ``curves`` (method -> ``[{t, loss, accuracy}]``), ``barriers`` (method ->

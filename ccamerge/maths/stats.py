@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
-from .errors import NumericalError, OptionError, SpecError
-from .spec import MergeSpec
+from ..models.spec import MergeSpec
+from ..runtime import distributed
+from ..runtime.errors import NumericalError, OptionError, SpecError
 
 _F32_SAFE = 0.5 * torch.finfo(torch.float32).max
 
@@ -433,7 +433,7 @@ def collect_statistics(
 def sharded(
     batches: Iterable[torch.Tensor], accumulators: Sequence[JointCovariance]
 ) -> Iterable[torch.Tensor]:
-    """This process's share of ``batches`` (:func:`ccamerge.distributed.shard`) for a pass
+    """This process's share of ``batches`` (:func:`ccamerge.runtime.distributed.shard`) for a pass
     that feeds ``accumulators``: their shift is rank 0's, set by batch 0 and shared before
     any other rank adds a batch, so that every batch is centred (and its float32 products
     rounded) exactly as in one process. Without distribution: ``batches``."""

@@ -5,7 +5,7 @@ the merged network. ``reset_batchnorm`` recomputes them with train-mode
 forward passes over calibration data and cumulative averaging (momentum
 None: the running mean and variance are the means over batches of each
 batch's mean and unbiased variance), then switches back to eval mode. Under
-distribution (:mod:`ccamerge.distributed`) each rank sums those per-batch
+distribution (:mod:`ccamerge.runtime.distributed`) each rank sums those per-batch
 values in float64 over its share of the batches and the sums are added across
 ranks: the same means over batches, computed in float64 rather than by
 PyTorch's float32 running update (the two agree to float32 rounding).
@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import distributed
-from .errors import DataError
+from ..runtime import distributed
+from ..runtime.errors import DataError
 from .stats import JointCovariance
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .errors import OptionError
+from ..runtime import distributed
+from ..runtime.errors import OptionError
 from .registry import Detected
 
 MIN_GAIN = 0.02  # mean accuracy by which another choice must win to be flagged ...

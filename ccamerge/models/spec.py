@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from .errors import SpecError
+from ..runtime.errors import SpecError
 
 CollectOn = Literal["input", "output"]
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .errors import SpecError
+from ..runtime.errors import SpecError
 from .spec import FeatureGroup, MergeSpec
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from .assumptions import describe
-from .custom import save_spec, untransformed_of
-from .files import check_output_path
-from .pipeline import load_models
+from ..io.files import check_output_path
+from ..models.assumptions import describe
+from ..models.custom import save_spec, untransformed_of
+from ..pipeline import load_models
 
 
 def inspect_checkpoint(
@@ -31,7 +31,7 @@ def inspect_checkpoint(
 
     Fields: ``path``; ``architecture`` ``{name, config}``; ``assumptions``: the settings
     the checkpoint does not record (an MLP's activation: ``activation`` when given, else
-    assumed), :func:`ccamerge.assumptions.describe`; ``input_shape``
+    assumed), :func:`ccamerge.models.assumptions.describe`; ``input_shape``
     (per sample, or None when the entry does not say); ``num_parameters``
     (elements of the built module's parameters) and ``num_buffer_values``
     (its buffers, e.g. BatchNorm running statistics); ``num_tensors``;
@@ -39,7 +39,7 @@ def inspect_checkpoint(
     per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
     role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
-    With ``factory`` (``--model``, see :mod:`ccamerge.custom`) the groups are discovered
+    With ``factory`` (``--model``, see :mod:`ccamerge.models.custom`) the groups are discovered
     on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
     discovery left alone and why. ``spec_out`` writes the groups as a spec file (an
     existing one only with ``force``).

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import CheckpointError, DataError, NumericalError, OutputError
+from ..runtime import distributed
+from ..runtime.errors import CheckpointError, DataError, NumericalError, OutputError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", "/")  # a merged model; "/": a folder

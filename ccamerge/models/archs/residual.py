@@ -1,6 +1,6 @@
 """Residual networks' shared pieces: the BasicBlock/Bottleneck module, block parsing from
 checkpoint keys, the residual spec builder and the stem/head checks (used by
-:mod:`ccamerge.archs.resnet_cifar` and :mod:`ccamerge.archs.resnet_tv`)."""
+:mod:`ccamerge.models.archs.resnet_cifar` and :mod:`ccamerge.models.archs.resnet_tv`)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .errors import ArchitectureError
+from ..runtime.errors import ArchitectureError
 from .spec import MergeSpec
 
 

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..methods.base import Alignment, GroupAlignment
+from ..models.spec import FeatureGroup, MergeSpec
 from .bn import renorm_targets
-from .methods.base import Alignment, GroupAlignment
-from .spec import FeatureGroup, MergeSpec
 from .stats import (
     JointCovariance,
     Statistics,

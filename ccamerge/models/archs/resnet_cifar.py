@@ -22,14 +22,14 @@ are not supported in this layout.
 
 The zero-padding identity shortcut ("option A": no shortcut parameters where
 the channel count changes) is not supported: detection raises
-:class:`~ccamerge.errors.ArchitectureError` saying so.
+:class:`~ccamerge.runtime.errors.ArchitectureError` saying so.
 
 Input size: CIFAR's is ``in_channels x 32 x 32``, but the global average pool
 makes the network accept any spatial size, so ``input_shape`` is None (the
 merge pipeline then checks the data with a trial forward pass).
 
 The pieces shared with the torchvision layout (:class:`ResidualBlock`, block
-parsing, the residual spec builder) live in :mod:`ccamerge.archs.residual`.
+parsing, the residual spec builder) live in :mod:`ccamerge.models.archs.residual`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError
+from ...runtime.errors import ArchitectureError
 from ..registry import NotThisArchitecture, register_architecture
 from ..spec import MergeSpec
 from .common import check_fits

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .assumptions import check_settings, describe, recorded_settings
-from .errors import ArchitectureError, OptionError
-from .files import OUTPUT_SUFFIXES, check_output_path, sha256
-from .pipeline import (
+from ..io.files import OUTPUT_SUFFIXES, check_output_path, sha256
+from ..models.assumptions import check_settings, describe, recorded_settings
+from ..pipeline import (
     BN_MODES,
     DEFAULT_MAX_ROWS,
     DEFAULT_RIDGE,
@@ -35,6 +34,7 @@ from .pipeline import (
     split_heldout,
     write_model,
 )
+from ..runtime.errors import ArchitectureError, OptionError
 from .report import MergeReport, describe_architecture, describe_inputs
 
 

@@ -208,7 +208,7 @@ class TorchvisionResNetArchitecture:
 
     def spec(self, config: Mapping[str, Any]) -> MergeSpec:
         """Groups ``stream{i}``, ``layer{s}.{j}.conv1`` and (Bottleneck)
-        ``layer{s}.{j}.conv2`` (see :func:`~ccamerge.archs.resnet_cifar.residual_spec`).
+        ``layer{s}.{j}.conv2`` (see :func:`~ccamerge.models.archs.resnet_cifar.residual_spec`).
 
         A stream that only the stem writes (ResNet-50's 64-wide stem stream:
         ``layer1.0`` has a downsample) is collected at the stem's ``relu``

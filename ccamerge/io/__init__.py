@@ -1,0 +1,4 @@
+"""Files in and out: checkpoints (safetensors, weights-only torch files, Hugging Face
+folders), calibration and evaluation data, atomic writes and the output guard that keeps
+every input and existing file safe (``files``).
+"""

@@ -1,0 +1,7 @@
+"""The mathematics of merging, free of files and command-line concerns.
+
+Streaming covariances (``stats``), transforming tensors along their feature-group axes
+(``algebra``), BatchNorm reset and renormalisation (``bn``), REPAIR and the other remedies
+for dense alignment (``repair``). Modules here import only torch, numpy, scipy, the models'
+feature-group spec and the runtime.
+"""
