@@ -46,7 +46,6 @@ def measured(step):
 
 def worker(images: int, batch_size: int) -> None:
     """One rank: the statistics pass, alignment, the refit; then a RESULT line."""
-    from ccamerge.runtime import distributed
     from ccamerge.methods import make_method
     from ccamerge.pipeline import (
         DEFAULT_MAX_ROWS,
@@ -61,6 +60,7 @@ def worker(images: int, batch_size: int) -> None:
         read_calibration,
         resolve_device,
     )
+    from ccamerge.runtime import distributed
 
     device = resolve_device("cpu")
     loaded = load_models([str(p) for p in CHECKPOINTS])

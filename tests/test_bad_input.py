@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ccamerge.io import files as ccio
-from ccamerge.maths import stats as ccstats
 from ccamerge.cli import app
 from ccamerge.cli.common import set_debug
+from ccamerge.io import files as ccio
+from ccamerge.maths import stats as ccstats
 from ccamerge.models.archs.mlp import MLP
 from ccamerge.models.registry import get_architecture, list_architectures
 from ccamerge.runtime.errors import CcaMergeError, CheckpointError

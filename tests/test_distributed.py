@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from ccamerge.runtime import distributed
 from ccamerge.cli import app
+from ccamerge.runtime import distributed
 
 
 def free_port() -> int:

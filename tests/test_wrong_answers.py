@@ -198,9 +198,11 @@ def test_inspect_and_eval_say_the_activation(tanh_mlps, digits_mlps):
             ("--weights", "1,inf"),
             "error: --weights expects comma-separated finite numbers, got '1,inf'",
         ),
+        (("--method", "zipit", "--alpha", "nan"), "error: --alpha expects a finite number, got 'nan'"),
         (
-            ("--method", "zipit", "--alpha", "nan"),
-            "error: method 'zipit': alpha must be a finite number, got nan",
+            ("--method", "zipit", "--param", "alpha=nan"),
+            "error: --param alpha expects a finite number, got 'nan' "
+            "(parameters of 'zipit': alpha, beta)",
         ),
     ],
 )

@@ -11,6 +11,7 @@ from .common import BarProgress, console, handle_errors, parse_floats, print_jso
 from .options import (
     BatchSize,
     BnMode,
+    ConfigFile,
     Data,
     Device,
     EvalData,
@@ -59,6 +60,7 @@ def apply(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Merge checkpoints again with saved transforms: no alignment statistics needed."""
     plan = ApplyPlan(

@@ -15,23 +15,26 @@ from ..runs.barrier import (
 )
 from ..runs.report import render_barrier_report
 from .app import app
-from .common import BarProgress, console, handle_errors, parse_gamma, print_json
+from .common import BarProgress, console, handle_errors, print_json
 from .options import (
     Activation,
     Arch,
     BatchSize,
     BnMode,
+    ConfigFile,
     Data,
     Device,
     Force,
     Gamma,
     Json,
     NumSamples,
+    Params,
     Quiet,
     ResetBn,
     Ridge,
     Seed,
 )
+from .params import method_params
 
 
 @app.command("barrier")
@@ -61,6 +64,7 @@ def barrier(
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Write one row per (method, t): method,t,loss,accuracy."
     ),
+    param: Params = None,
     gamma: Gamma = None,
     ridge: Ridge = None,
     arch: Arch = None,
@@ -74,14 +78,15 @@ def barrier(
     json_out: Json = False,
     quiet: Quiet = False,
     force: Force = False,
+    config: ConfigFile = None,
 ) -> None:
     """Loss and accuracy along the interpolation path between two models, per method."""
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     inputs = [p for p in (checkpoint_a, checkpoint_b, eval_data, data) if p is not None]
     outputs = [("--plot", plot, PLOT_SUFFIXES), ("--csv", csv_path, (".csv",))]
     plot_path, csv_out = check_outputs(outputs, inputs, force)
-    given = (("gamma", parse_gamma(gamma)), ("ridge", ridge))
-    params = {k: v for k, v in given if v is not None}
+    aliases = {"--gamma": gamma, "--ridge": ridge}
+    params = method_params(names, param, aliases, config and config.params)
     plan = BarrierPlan(
         checkpoints=[str(checkpoint_a), str(checkpoint_b)],
         eval_data=str(eval_data),

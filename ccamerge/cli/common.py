@@ -186,16 +186,3 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
         raise OptionError(f"{option} expects comma-separated finite numbers, got {text!r}")
     return values
 
-
-def parse_gamma(text: str | None) -> float | str | None:
-    """``--gamma``: a non-negative number or ``auto``."""
-    if text is None or text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise OptionError(f"--gamma expects a finite number or 'auto', got {text!r}")
-    return value
-

@@ -5,28 +5,34 @@ from pathlib import Path
 import typer
 
 from ..io.files import STREAM, check_stdout, safetensors_file, write_stdout
+from ..methods import list_methods
 from ..models.custom import parse_model_args
 from ..pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, provenance
 from ..runs.merge import MergePlan, run_merge
 from ..runs.report import render_merge_report
 from ..runtime.errors import OptionError
 from .app import app
-from .common import BarProgress, console, handle_errors, parse_floats, parse_gamma, print_json
+from .common import BarProgress, console, handle_errors, parse_floats, print_json
 from .options import (
     Activation,
+    Alpha,
     Arch,
     BatchSize,
+    Beta,
     BnMode,
+    ConfigFile,
     Data,
     Device,
     EvalData,
     Force,
     Gamma,
     Json,
+    MaxIter,
     Model,
     ModelArgs,
     NumSamples,
     Output,
+    Params,
     Quiet,
     Refit,
     RefitMaxRows,
@@ -37,6 +43,7 @@ from .options import (
     SpecOut,
     Weights,
 )
+from .params import method_params, methods_of
 
 
 @app.command("merge")
@@ -53,7 +60,7 @@ def merge(
         "cca",
         "--method",
         "-m",
-        help="cca (default), permute, weight-matching, zipit or average; see docs/methods.md.",
+        help=f"{', '.join(list_methods())} or auto (default cca); see docs/methods.md.",
     ),
     gamma: Gamma = None,
     select_by: str = typer.Option(
@@ -70,15 +77,10 @@ def merge(
         help="Reference model: first, best (highest --eval-data accuracy, else lowest "
         "calibration loss) or an index.",
     ),
-    alpha: float | None = typer.Option(
-        None, "--alpha", help="zipit: repeated-matching discount in [0, 1]. Default 0.5."
-    ),
-    beta: float | None = typer.Option(
-        None, "--beta", help="zipit: same-model merge budget in [0, 1]. Default 0."
-    ),
-    max_iter: int | None = typer.Option(
-        None, "--max-iter", help="weight-matching: most sweeps over the groups. Default 100."
-    ),
+    param: Params = None,
+    alpha: Alpha = None,
+    beta: Beta = None,
+    max_iter: MaxIter = None,
     save_transforms: Path | None = typer.Option(
         None,
         "--save-transforms",
@@ -111,15 +113,9 @@ def merge(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
-    given = {
-        "gamma": parse_gamma(gamma),
-        "ridge": ridge,
-        "alpha": alpha,
-        "beta": beta,
-        "max_iter": max_iter,
-    }
     to_stdout = output is not None and str(output) == STREAM
     if to_stdout:
         if json_out:
@@ -128,7 +124,9 @@ def merge(
                 "(the report goes to stderr)"
             )
         check_stdout()
-    params = {k: v for k, v in given.items() if v is not None}
+    aliases = {"--gamma": gamma, "--ridge": ridge, "--alpha": alpha, "--beta": beta}
+    aliases["--max-iter"] = max_iter
+    params = method_params(methods_of(method), param, aliases, config and config.params)
     plan = MergePlan(
         checkpoints=[str(c) for c in checkpoints],
         output=output if output and not to_stdout else None,

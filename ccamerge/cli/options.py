@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 
 from ..pipeline import BN_MODES, DEFAULT_MAX_ROWS, DEFAULT_RIDGE
+from .config import read_config
+from .params import alias_help, param_help
 
 # readable=False: the library checks files, with a one-line error (click's is a panel)
 Data = Annotated[
@@ -76,16 +78,35 @@ Weights = Annotated[
     str | None,
     typer.Option("--weights", help="Merge weights, comma-separated (normalised to sum 1)."),
 ]
-Gamma = Annotated[
-    str | None,
-    typer.Option(
-        "--gamma",
-        help="CCA ridge, a number or 'auto' (chosen from 0.01..10 on held-out calibration "
-        "data); relative to each layer's mean variance unless --ridge absolute.",
-    ),
+Params = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", metavar="KEY=VALUE", help=param_help()),
 ]
-Ridge = Annotated[
-    str | None, typer.Option("--ridge", help="CCA ridge kind: relative (default) or absolute.")
+Gamma = Annotated[
+    str | None, typer.Option("--gamma", metavar="NUMBER|auto", help=alias_help("--gamma", "cca"))
+]
+Ridge = Annotated[str | None, typer.Option("--ridge", help=alias_help("--ridge", "cca"))]
+Alpha = Annotated[
+    str | None, typer.Option("--alpha", metavar="NUMBER", help=alias_help("--alpha", "zipit"))
+]
+Beta = Annotated[
+    str | None, typer.Option("--beta", metavar="NUMBER", help=alias_help("--beta", "zipit"))
+]
+MaxIter = Annotated[
+    str | None,
+    typer.Option("--max-iter", metavar="N", help=alias_help("--max-iter", "weight-matching")),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=read_config,
+        readable=False,
+        help="Settings from a .toml (or .yaml/.yml) file: the flags' names as keys, e.g. "
+        "num-samples = 500, method parameters in a [params] table; flags given on the "
+        "command line win (docs/cli.md).",
+    ),
 ]
 NumSamples = Annotated[
     int | None,

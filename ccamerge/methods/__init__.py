@@ -1,4 +1,8 @@
-"""Merge methods; importing this package registers the built-in ones."""
+"""Merge methods; importing this package registers the built-in ones.
+
+A new method is one module here (a :class:`MergeMethod` subclass declaring its
+:class:`Param` s, decorated with :func:`register_method`) plus its import below;
+see docs/methods.md."""
 
 from . import average, cca, permute, weight_matching, zipit  # noqa: F401
 from .base import (
@@ -6,10 +10,13 @@ from .base import (
     Alignment,
     GroupAlignment,
     MergeMethod,
+    Param,
     list_methods,
     make_method,
+    method_class,
     method_parameters,
     register_method,
+    unregister_method,
 )
 
 __all__ = [
@@ -17,8 +24,11 @@ __all__ = [
     "Alignment",
     "GroupAlignment",
     "MergeMethod",
+    "Param",
     "list_methods",
     "make_method",
+    "method_class",
     "method_parameters",
     "register_method",
+    "unregister_method",
 ]

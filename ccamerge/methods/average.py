@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import AlignContext, Alignment, MergeMethod, identity_alignment, register_method
 
 
 @register_method
-@dataclass
 class Average(MergeMethod):
     name = "average"
     needs_data = False

@@ -23,10 +23,16 @@ from typing import Any
 
 import torch
 
-from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method
+from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, Param, register_method
 
 _EIG_FLOOR = 1e-12  # relative to the largest eigenvalue
 _RIDGE_FLOOR = 1e-12  # absolute, keeps an all-dead group invertible
+
+GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what gamma 'auto' tries
+# With the refit, the CCA ridge matters little and is fixed (no candidate search): on
+# ResNet20 x1 gamma 0.1 / 1 / 10 gave 83.0 / 83.6 / 83.7 %, on the MLP 87.8 / 87.9 / 88.0 %.
+# Without it, the ridge is chosen on held-out calibration data.
+REFIT_GAMMA = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,22 +131,32 @@ def _eig(jc: Any, k: int) -> SymEig:
 
 
 @register_method
-@dataclass
 class CCA(MergeMethod):
     """CCA Merge. ``gamma``: ridge, relative to each covariance's mean variance
     unless ``ridge == "absolute"``."""
 
-    gamma: float = 0.1
-    ridge: str = "relative"
-
     name = "cca"
     description = "CCA Merge: invertible linear alignment by canonical correlation analysis"
-
-    def __post_init__(self) -> None:
-        if self.ridge not in ("relative", "absolute"):
-            raise ValueError(f"ridge must be 'relative' or 'absolute', not {self.ridge!r}")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+    auto_candidate = True
+    parameters = (
+        Param(
+            "gamma",
+            float,
+            0.1,
+            "ridge, relative to each layer's mean variance unless ridge is absolute",
+            low=0.0,
+            candidates=GAMMA_GRID,
+            default_with_refit=REFIT_GAMMA,
+            default_without_refit="auto",
+        ),
+        Param(
+            "ridge",
+            str,
+            "relative",
+            "how gamma scales: relative (gamma x the mean variance) or absolute (gamma)",
+            choices=("relative", "absolute"),
+        ),
+    )
 
     def align(self, ctx: AlignContext) -> Alignment:
         if ctx.stats is None:

@@ -17,7 +17,6 @@ the mean matched correlation ``mean_i corr_{i, perm[i]}``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -71,13 +70,13 @@ def permutation_group(
 
 
 @register_method
-@dataclass
 class Permute(MergeMethod):
     """Activation matching: per group, the permutation maximising summed correlations."""
 
     name = "permute"
     description = "activation matching: permutation maximising the summed unit correlations"
     permutation_only: ClassVar[bool] = True
+    auto_candidate = True
 
     def align(self, ctx: AlignContext) -> Alignment:
         if ctx.stats is None:

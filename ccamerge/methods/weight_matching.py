@@ -32,13 +32,12 @@ and of the aligned model k (all member tensors flattened and concatenated).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..models.spec import MergeSpec
-from .base import AlignContext, Alignment, MergeMethod, register_method
+from .base import AlignContext, Alignment, MergeMethod, Param, register_method
 from .permute import match, permutation_group
 
 Perms = dict[str, torch.Tensor]
@@ -117,24 +116,18 @@ def group_cosine(
 
 
 @register_method
-@dataclass
 class WeightMatching(MergeMethod):
     """Git re-basin weight matching. ``max_iter``: most sweeps over the groups;
     ``seed``: the random group order of each sweep."""
-
-    max_iter: int = 100
-    seed: int = 0
 
     name = "weight-matching"
     needs_data = False
     description = "git re-basin weight matching: data-free permutations by coordinate descent"
     permutation_only: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if int(self.max_iter) != self.max_iter or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter}")
-        self.max_iter = int(self.max_iter)
-        self.seed = int(self.seed)
+    parameters = (
+        Param("max_iter", int, 100, "most sweeps over the groups", low=1),
+        Param("seed", int, 0, "seed of the random group order (model k uses seed + k)"),
+    )
 
     def align(self, ctx: AlignContext) -> Alignment:
         spec, ref_k = ctx.spec, ctx.reference

@@ -55,7 +55,7 @@ import torch
 
 from ..maths.stats import PairwiseCovariance
 from ..runtime.errors import OptionError
-from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, register_method
+from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, Param, register_method
 from .permute import correlation
 
 _NEG = float("-inf")
@@ -149,24 +149,18 @@ def zip_transforms(zipped: Zipped, N: int, d: int) -> tuple[list[torch.Tensor], 
 
 
 @register_method
-@dataclass
 class ZipIt(MergeMethod):
     """ZipIt! full zipping. ``alpha``: repeated-matching discount in [0, 1];
     ``beta``: same-model merge budget in [0, 1] (fraction, rule 3)."""
 
-    alpha: float = 0.5
-    beta: float = 0.0
-
     name = "zipit"
     description = "ZipIt!: greedy zipping of correlated features within and across models"
     needs_all_blocks = True
-
-    def __post_init__(self) -> None:
-        for pname in ("alpha", "beta"):
-            v = float(getattr(self, pname))
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{pname} must lie in [0, 1], got {v}")
-            setattr(self, pname, v)
+    auto_candidate = True
+    parameters = (
+        Param("alpha", float, 0.5, "repeated-matching discount", low=0.0, high=1.0),
+        Param("beta", float, 0.0, "same-model merge budget, a fraction of the units", low=0.0, high=1.0),
+    )
 
     def align(self, ctx: AlignContext) -> Alignment:
         if ctx.stats is None:

@@ -12,11 +12,10 @@ the names below.
 
 from __future__ import annotations
 
+from ..methods.cca import GAMMA_GRID, REFIT_GAMMA
 from .align import (
-    DEFAULT_PARAMS,
-    GAMMA_GRID,
-    REFIT_GAMMA,
     align_models,
+    auto_methods,
     candidate_methods,
     group_report,
     label,
@@ -70,7 +69,6 @@ from .write import MergeResult, provenance, write_model
 __all__ = [
     "BN_MODES",
     "DEFAULT_MAX_ROWS",
-    "DEFAULT_PARAMS",
     "DEFAULT_RIDGE",
     "GAMMA_GRID",
     "MIN_HELDOUT",
@@ -86,6 +84,7 @@ __all__ = [
     "Split",
     "Timer",
     "align_models",
+    "auto_methods",
     "assemble",
     "assemble_and_refit",
     "build_merged",

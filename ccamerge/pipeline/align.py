@@ -3,48 +3,73 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from ..maths.stats import Statistics
-from ..methods import AlignContext, Alignment, MergeMethod, make_method, method_parameters
+from ..methods import (
+    AlignContext,
+    Alignment,
+    MergeMethod,
+    list_methods,
+    make_method,
+    method_class,
+    method_parameters,
+)
+from ..methods.base import AUTO
 from ..models.spec import MergeSpec
 from ..runtime.errors import OptionError
 from .load import LoadedModels
 
-GAMMA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+def auto_methods() -> list[str]:
+    """The methods ``method='auto'`` chooses among (those declaring ``auto_candidate``)."""
+    return [name for name in list_methods() if method_class(name).auto_candidate]
 
 
-AUTO_METHODS = ("cca", "permute", "zipit")
+def merge_defaults(method: str, refit: bool) -> dict[str, Any]:
+    """The parameters whose merge default differs from the method's own, as declared
+    (``Param.default_with_refit``/``default_without_refit``)."""
+    out = {}
+    for p in method_class(method).parameters:
+        value = p.default_with_refit if refit else p.default_without_refit
+        if value is not None:
+            out[p.name] = value
+    return out
 
 
-DEFAULT_PARAMS = {"cca": {"gamma": "auto"}}  # without the refit: chosen on held-out data
-# With the refit, the CCA ridge matters little and is fixed (no candidate search): on
-# ResNet20 x1 gamma 0.1 / 1 / 10 gave 83.0 / 83.6 / 83.7 %, on the MLP 87.8 / 87.9 / 88.0 %.
-REFIT_GAMMA = 1.0
-REFIT_PARAMS = {"cca": {"gamma": REFIT_GAMMA}}
+def expand_auto(method: str, params: dict[str, Any]) -> list[MergeMethod]:
+    """One candidate per combination of the declared candidates of the parameters set
+    to ``'auto'`` (in declaration order); a single method when none is."""
+    searched = [p for p in method_class(method).parameters if params.get(p.name) == AUTO]
+    for p in searched:
+        if not p.candidates:
+            raise OptionError(f"method {method!r}: {p.name} declares no candidates for 'auto'")
+    fixed = {k: v for k, v in params.items() if k not in {p.name for p in searched}}
+    grids = itertools.product(*(p.candidates for p in searched))
+    return [
+        make_method(method, **fixed, **{p.name: v for p, v in zip(searched, values)})
+        for values in grids
+    ]
 
 
 def candidate_methods(
     method: str, params: dict[str, Any], refit: bool = False
 ) -> list[MergeMethod]:
-    """Expand ``gamma='auto'`` and ``method='auto'`` into concrete candidates; a parameter
-    not given takes its default (:data:`REFIT_PARAMS` with the refit,
-    :data:`DEFAULT_PARAMS` without, else the method's own).
+    """Expand ``'auto'`` parameter values and ``method='auto'`` into concrete candidates;
+    a parameter not given takes the merge default its method declares for a merge with
+    or without the refit (:func:`merge_defaults`), else the method's own.
 
-    With ``method='auto'`` each candidate takes the given parameters it accepts
-    (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to zipit); its candidates
-    are those of a merge without the refit (cca over the whole gamma grid)."""
+    With ``method='auto'`` each candidate (:func:`auto_methods`) takes the given
+    parameters it accepts (``--gamma``/``--ridge`` go to cca, ``--alpha``/``--beta`` to
+    zipit); its candidates are those of a merge without the refit (cca over the whole
+    gamma grid)."""
     if method != "auto":
-        defaults = REFIT_PARAMS if refit else DEFAULT_PARAMS
-        params = {**defaults.get(method, {}), **params}
-        if method == "cca" and params.get("gamma") == "auto":
-            rest = {k: v for k, v in params.items() if k != "gamma"}
-            return [make_method("cca", gamma=g, **rest) for g in GAMMA_GRID]
-        return [make_method(method, **params)]
+        return expand_auto(method, {**merge_defaults(method, refit), **params})
     unused = set(params)
     out: list[MergeMethod] = []
-    for name in AUTO_METHODS:
+    for name in auto_methods():
         accepted = {k: v for k, v in params.items() if k in method_parameters(name)}
         unused -= set(accepted)
         out += candidate_methods(name, accepted)
@@ -67,7 +92,7 @@ def make_methods(names: Sequence[str], params: dict[str, Any]) -> list[MergeMeth
         raise OptionError(f"method(s) listed twice: {', '.join(dupes)}")
     methods, used = [], set()
     for name in names:
-        accepted = set(make_method(name).params())
+        accepted = set(method_parameters(name))
         mine = {k: v for k, v in params.items() if k in accepted}
         used |= set(mine)
         methods.append(make_method(name, **mine))

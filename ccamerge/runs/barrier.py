@@ -210,8 +210,9 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
     check_batch_size(plan.batch_size)
     ts = grid(plan.steps)
-    if plan.method_params.get("gamma") == "auto":
-        raise OptionError("barrier takes a number for --gamma, not 'auto' (default 0.1)")
+    searched = sorted(k for k, v in plan.method_params.items() if v == "auto")
+    if searched:
+        raise OptionError(f"barrier takes fixed method parameters, not 'auto' ({', '.join(searched)})")
     methods = make_methods(plan.methods, plan.method_params)
     bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
     needy = [m.name for m in methods if m.needs_data]

@@ -159,9 +159,9 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         fixed = {
             k: v
             for k, v in plan.method_params.items()
-            if v != "auto" and k in method_parameters("cca")
+            if v != "auto" and k in method_parameters(method.name)
         }
-        method, auto = make_method("cca", **fixed), False
+        method, auto = make_method(method.name, **fixed), False
         warnings.append(
             f"automatic selection needs at least {2 * MIN_HELDOUT} calibration samples "
             f"(got {len(calib)}); merged with {label(method)} instead"
