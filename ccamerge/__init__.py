@@ -6,6 +6,7 @@ from .runtime.interrupts import quiet_interrupt_on_command_line
 from .version import __version__
 
 with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line, not a traceback
+    from .methods import MergeMethod, Param, list_methods, register_method
     from .models import archs  # noqa: F401  (registers the built-in architectures)
     from .models.registry import (
         detect_architecture,
@@ -25,4 +26,8 @@ __all__ = [
     "get_architecture",
     "list_architectures",
     "register_architecture",
+    "MergeMethod",
+    "Param",
+    "list_methods",
+    "register_method",
 ]

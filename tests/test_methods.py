@@ -228,13 +228,7 @@ def test_zipit_refuses_pairwise_statistics():
         make_method(name).align(ctx)
 
 
-@pytest.mark.parametrize(
-    "name, params",
-    [("zipit", {"alpha": 1.5}), ("zipit", {"beta": -0.1}), ("weight-matching", {"max_iter": 0})],
-)
-def test_bad_method_parameters_are_refused(name, params):
-    with pytest.raises(OptionError):
-        make_method(name, **params)
+# the declared checks of every method's parameters: tests/test_method_params.py
 
 
 def test_methods_record_their_parameters(digits_mlps):
