@@ -53,7 +53,7 @@ def read_config(ctx: typer.Context, value: Path | None) -> Config | None:
 def read_settings(path: Path) -> dict[str, Any]:
     """The file's top-level table (TOML with the standard library, YAML with PyYAML)."""
     if path.suffix.lower() not in SUFFIXES:
-        raise OptionError(f"--config {path}: expects a {', '.join(SUFFIXES)} file")
+        raise OptionError(f"--config {path}: expects a .toml, .yaml or .yml file")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -78,8 +78,8 @@ def _load_yaml(path: Path, raw: bytes) -> Any:
             f"--config {path}: reading YAML needs PyYAML: pip install ccamerge[yaml]"
         ) from None
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as e:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise OptionError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
@@ -93,9 +93,12 @@ def split_settings(
     params: dict[str, tuple[str, Any]] = {}
     defaults: dict[str, Any] = {}
 
+    wheres: dict[str, str] = {}
+
     def add_param(key: str, where: str, value: Any) -> None:
-        if key in params:
-            raise OptionError(f"{path}: parameter {key} given twice ({params[key][0]} and {where})")
+        if key in wheres:
+            raise OptionError(f"{path}: parameter {key} given twice ({wheres[key]} and {where})")
+        wheres[key] = where
         params[key] = (f"{path}: {where}", value)
 
     for key, value in settings.items():
