@@ -60,7 +60,7 @@ def apply(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
+    config: ConfigFile = None,  # its callback fills the defaults above from the file
 ) -> None:
     """Merge checkpoints again with saved transforms: no alignment statistics needed."""
     plan = ApplyPlan(

@@ -96,6 +96,8 @@ MaxIter = Annotated[
     str | None,
     typer.Option("--max-iter", metavar="N", help=alias_help("--max-iter", "weight-matching")),
 ]
+# the value a command receives is the file's ccamerge.cli.config.Config (its method
+# parameters), or None; the callback has already filled the other options' defaults
 ConfigFile = Annotated[
     Path | None,
     typer.Option(

@@ -8,7 +8,7 @@ the command line wins over the file, key by key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..methods import Param, list_methods, method_class, method_parameters
@@ -54,7 +54,10 @@ def method_params(
     return out
 
 
-def _command_line(pairs: Sequence[str], aliases: Mapping[str, str | None]):
+def _command_line(
+    pairs: Sequence[str], aliases: Mapping[str, str | None]
+) -> Iterator[tuple[str, str, str]]:
+    """``(source, key, text)`` of every parameter the command line gives."""
     for flag, text in aliases.items():
         if text is not None:
             yield flag, ALIASES[flag], text
