@@ -37,7 +37,7 @@ from ccamerge.runtime.errors import ArchitectureError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
-# Entries whose groups are all read after a ReLU (cca-merge-math.md, section 2).
+# Entries whose groups are all read after a ReLU (docs/cca.md, 'Feature groups').
 _POST_RELU = {"mlp", "vgg", "resnet_cifar", "resnet"}
 
 

@@ -1,4 +1,4 @@
-"""The CCA transform's identities (cca-merge-math.md, sections 4 and 9)."""
+"""The CCA transform's identities (docs/cca.md, 'The CCA transform' and 'Exact properties')."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def test_merge_with_permuted_copy_gives_back_the_original(digits_convnets, arch,
 #   resnet: bases 98.6 / 99.0, ensemble 99.2, average 21.3, CCA 56.1, CCA vector 48.1,
 #           permute 88.9
 # CCA beats direct averaging by 46 / 35 points. On the ResNet it stays far below the
-# ensemble and below permute (as on Fashion-MNIST, cca-merge-math.md section 11); a larger
+# ensemble and below permute (as on Fashion-MNIST, docs/cca.md, 'Narrow networks'); a larger
 # ridge helps there (gamma 1: 69.6, 3: 85.1), the default gamma 0.1 is what is asserted.
 FLOORS = {  # (least CCA lead over averaging, least CCA accuracy)
     "vgg": (0.35, 0.88),

@@ -1,4 +1,4 @@
-"""The sequential least-squares refit (ccamerge.refit, refit-math.md).
+"""The sequential least-squares refit (ccamerge.pipeline.refit, docs/refit.md).
 
 Networks are randomly initialised (BatchNorm buffers randomised too) and fed random
 inputs: every property tested here is exact algebra, no training is needed.

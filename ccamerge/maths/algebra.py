@@ -3,7 +3,7 @@
 For model k and group g, ``M[g]`` (d x d) maps the model's unit activations
 (column vectors) into the shared space and ``U[g]`` maps back (normally
 ``U = M^-1``). A weight whose axis 0 lies in group a and axis 1 in group b
-becomes ``M^a W U^b`` (cca-merge-math.md, section 5); kernel axes beyond 1 are
+becomes ``M^a W U^b`` (docs/cca.md, 'Transforming and averaging'); kernel axes beyond 1 are
 untouched; tensors with no grouped axis are only averaged. Arithmetic is in
 float64 and the result is cast back to each tensor's dtype; integer tensors
 (``num_batches_tracked``) are copied from the reference model.

@@ -10,7 +10,7 @@ values in float64 over its share of the batches and the sums are added across
 ranks: the same means over batches, computed in float64 rather than by
 PyTorch's float32 running update (the two agree to float32 rounding).
 
-``renormalise_batchnorm`` is the recipe of cca-merge-math.md, section 6: set
+``renormalise_batchnorm`` is the recipe of docs/cca.md, 'BatchNorm': set
 each BatchNorm's scale and shift to the per-channel std and mean that the
 models' aligned BN outputs interpolate to, ``mean = sum_k w_k M_k E[z_k]`` and
 ``var = sum_k w_k diag(M_k Cov(z_k) M_k^T)``, then recompute the running

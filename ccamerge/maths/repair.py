@@ -1,4 +1,4 @@
-"""Remedies for dense (CCA) alignment on narrow networks (cca-merge-math.md, sections 6, 11).
+"""Remedies for dense (CCA) alignment on narrow networks (docs/cca.md, 'Narrow networks').
 
 * :func:`preactivation_spec`: read each group's features before the nonlinearity
   instead of after it: at the output of its single BatchNorm (conv groups inside

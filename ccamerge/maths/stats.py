@@ -2,7 +2,7 @@
 
 For each feature group the features of all N models are concatenated sample
 by sample into z_t (length N*d) and accumulated in float64: ``n``, the sum and
-the sum of outer products of z_t (cca-merge-math.md, section 3), both taken
+the sum of outer products of z_t (docs/cca.md, 'Statistics'), both taken
 about a fixed shift for accuracy. Memory is O((N d)^2) per group whatever the
 number of samples; activations of one batch are the only ones held at a time.
 :class:`PairwiseCovariance` keeps only the blocks with one reference model,

@@ -1,6 +1,6 @@
 """CCA Merge: align each model's features to the reference's with CCA.
 
-Notation of cca-merge-math.md, section 4. With X the reference's features and
+Notation of docs/cca.md, 'The CCA transform'. With X the reference's features and
 Y model k's (samples as rows, d columns each):
 
     S_xx = C_00 + r_x I,  S_yy = C_kk + r_y I,  S_xy = C_0k

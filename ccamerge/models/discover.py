@@ -31,7 +31,7 @@ same way.
 
 Each group's collection point is a module whose input or output is exactly
 the group's activations after its last nonlinearity, normalisation or
-addition (cca-merge-math.md, section 2): the output of that nonlinearity's
+addition (docs/cca.md, 'Feature groups'): the output of that nonlinearity's
 module, of the block that returns it, or the input of the module that consumes
 it. Functional ops have no module: when no module sees those activations the
 group is collected at the latest of its tensors that a module does see, with a
@@ -40,7 +40,7 @@ warning.
 Norms under dense transforms: BatchNorm and LayerNorm are equivariant to
 permutations of their normalised axis, so permutation methods stay exact;
 a dense CCA transform does not commute with either (the LayerNorm statistics
-mix all units), which the merge accepts as it accepts ReLU (section 5).
+mix all units): accepted, as for ReLU (docs/cca.md, 'Transforming and averaging').
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For two checkpoints A and B and ``t`` on an evenly spaced grid of [0, 1], the
 model at ``t`` is the merge of the two with weights ``w = (1 - t, t)``
-(cca-merge-math.md, section 10)::
+(docs/cca.md, 'Interpolation barriers')::
 
     theta(t) = (1 - t) * M_A theta_A U_A  +  t * M_B theta_B U_B
 

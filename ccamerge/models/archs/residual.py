@@ -210,7 +210,7 @@ def residual_spec(
     head: str,
     stem_collect: tuple[str, CollectOn],
 ) -> MergeSpec:
-    """Feature groups of a residual network (cca-merge-math.md, section 2).
+    """Feature groups of a residual network (docs/cca.md, 'Feature groups').
 
     * ``stream{i}``: one group per residual stream. ``stream0`` starts at the
       stem (``conv1``/``bn1``); each shortcut conv starts the next one. Members:
