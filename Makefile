@@ -23,6 +23,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check ccamerge tests benchmarks
+	$(BIN)/ruff format --check ccamerge tests benchmarks
 
 # Benchmarks on Fashion-MNIST (docs/benchmarks.md): fast subset (< 10 min), or everything.
 bench-fast: setup

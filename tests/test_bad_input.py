@@ -622,7 +622,10 @@ def test_debug_shows_the_traceback(env):
     )
     assert res.returncode == 1, res.stderr
     assert "Traceback (most recent call last)" in res.stderr
-    assert f"ccamerge.runtime.errors.CheckpointError: checkpoint {missing} does not exist" in res.stderr
+    assert (
+        f"ccamerge.runtime.errors.CheckpointError: checkpoint {missing} does not exist"
+        in res.stderr
+    )
     # CCAMERGE_DEBUG=1 does the same: the error escapes instead of becoming one line
     try:
         res = run(*args, env={"CCAMERGE_DEBUG": "1"})

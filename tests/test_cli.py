@@ -36,12 +36,29 @@ def test_help_of_every_command():
 def test_merge_json_and_output_file(digits_mlps, tmp_path):
     out = tmp_path / "merged.safetensors"
     res = run(
-        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path,
-        "--eval-data", digits_mlps.test_path, "-o", out, "--json", "--gamma", "0.1",
+        "merge",
+        *digits_mlps.paths[:2],
+        "--data",
+        digits_mlps.calib_path,
+        "--eval-data",
+        digits_mlps.test_path,
+        "-o",
+        out,
+        "--json",
+        "--gamma",
+        "0.1",
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)  # stdout is exactly one JSON document
-    for key in ("architecture", "method", "output", "num_samples", "groups", "timings", "evaluation"):
+    for key in (
+        "architecture",
+        "method",
+        "output",
+        "num_samples",
+        "groups",
+        "timings",
+        "evaluation",
+    ):
         assert key in doc
     assert doc["method"] == "cca" and doc["num_samples"] == len(digits_mlps.train)
     assert {"name", "size", "mean_correlation", "min_correlation"} <= set(doc["groups"][0])
@@ -154,7 +171,9 @@ def test_containers_and_module_prefix_are_unwrapped(digits_mlps, tmp_path):
 
     loaded = load_checkpoint(wrapped)
     assert set(loaded) == set(sd)
-    res = run("merge", digits_mlps.paths[0], wrapped, "--data", digits_mlps.calib_path, "--json", "-q")
+    res = run(
+        "merge", digits_mlps.paths[0], wrapped, "--data", digits_mlps.calib_path, "--json", "-q"
+    )
     assert res.exit_code == 0, res.stderr
 
 
@@ -184,8 +203,18 @@ def test_demo_runs(tmp_path):
 
 def test_method_auto_fallback_ignores_other_methods_parameters(digits_mlps):
     res = run(
-        "merge", *digits_mlps.paths[:2], "--data", digits_mlps.calib_path, "-n", "100",
-        "--method", "auto", "--alpha", "0.3", "--json", "-q",
+        "merge",
+        *digits_mlps.paths[:2],
+        "--data",
+        digits_mlps.calib_path,
+        "-n",
+        "100",
+        "--method",
+        "auto",
+        "--alpha",
+        "0.3",
+        "--json",
+        "-q",
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)

@@ -115,7 +115,10 @@ def test_yaml_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
             "[params]\ngamma = true\n",
             "params.gamma must be a number, got True (parameters of 'cca': gamma, ridge)",
         ),
-        ("gamma = 1\n[params]\ngamma = 2\n", "parameter gamma given twice (gamma and params.gamma)"),
+        (
+            "gamma = 1\n[params]\ngamma = 2\n",
+            "parameter gamma given twice (gamma and params.gamma)",
+        ),
         ("method = \n", "not valid TOML (Invalid value (at line 1, column 10))"),
     ],
 )

@@ -76,7 +76,9 @@ def test_statistics_do_not_depend_on_batch_size(digits_mlps):
 
 def test_report_holds_groups_and_evaluation(digits_mlps):
     rep = merge(
-        digits_mlps.paths[:3], data=str(digits_mlps.calib_path), eval_data=str(digits_mlps.test_path)
+        digits_mlps.paths[:3],
+        data=str(digits_mlps.calib_path),
+        eval_data=str(digits_mlps.test_path),
     ).report
     assert rep["architecture"]["name"] == "mlp"
     assert [g["name"] for g in rep["groups"]] == ["hidden0", "hidden1"]

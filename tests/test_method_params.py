@@ -78,7 +78,12 @@ def _outside(p: Param):
 
 @pytest.mark.parametrize(
     "name, param, value",
-    [(m, p.name, v) for m in list_methods() for p in method_class(m).parameters for v in _outside(p)],
+    [
+        (m, p.name, v)
+        for m in list_methods()
+        for p in method_class(m).parameters
+        for v in _outside(p)
+    ],
 )
 def test_declared_checks_refuse_bad_values_in_one_line(name, param, value):
     with pytest.raises(OptionError) as e:
@@ -107,7 +112,9 @@ def test_every_method_gives_back_a_model_merged_with_itself(digits_mlps, name):
     path = digits_mlps.paths[0]
     res = ccamerge.merge([path, path], method=name, data=str(digits_mlps.calib_path), refit=False)
     x = digits_mlps.test.x
-    diff = (_outputs(res.state_dict, x) - _outputs(digits_mlps.models[0].state_dict(), x)).abs().max()
+    diff = (
+        (_outputs(res.state_dict, x) - _outputs(digits_mlps.models[0].state_dict(), x)).abs().max()
+    )
     assert diff < 1e-4, diff  # measured: 0.0 for the permutations and average, < 1e-5 for cca
 
 

@@ -118,7 +118,9 @@ def test_apply_uses_the_recorded_refit_settings(digits_mlps, tmp_path):
     assert res.exit_code == 0, res.output
     assert "refit" not in json.loads(res.stdout)
     reference = ccamerge.merge(
-        [str(p) for p in paths], data=str(digits_mlps.calib_path), method_params={"gamma": REFIT_GAMMA},
+        [str(p) for p in paths],
+        data=str(digits_mlps.calib_path),
+        method_params={"gamma": REFIT_GAMMA},
         refit=False,
     )
     assert all(torch.equal(v, reference.state_dict[k]) for k, v in load_file(plain).items())
@@ -174,7 +176,11 @@ def test_no_refit_equals_the_merge_before_the_refit(digits_mlps, digits_convnets
     resnet = digits_convnets.nets["resnet_cifar"].paths
     jobs = {
         "mlp": ([str(p) for p in digits_mlps.paths[:2]], str(digits_mlps.calib_path), {}),
-        "resnet": ([str(p) for p in resnet], str(digits_convnets.calib_path), {"method_params": {"gamma": 0.1}}),
+        "resnet": (
+            [str(p) for p in resnet],
+            str(digits_convnets.calib_path),
+            {"method_params": {"gamma": 0.1}},
+        ),
     }
     script = (  # with this process's thread count: another can round sums differently
         "import json, sys, torch, ccamerge\n"

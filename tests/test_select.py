@@ -45,7 +45,9 @@ def test_heldout_split_is_disjoint_and_seeded():
 
 
 def test_statistics_never_see_the_heldout_part(digits_mlps):
-    rep = merge(digits_mlps.paths[:2], data=str(digits_mlps.calib_path), method_params={"gamma": "auto"}).report
+    rep = merge(
+        digits_mlps.paths[:2], data=str(digits_mlps.calib_path), method_params={"gamma": "auto"}
+    ).report
     n = len(digits_mlps.train)
     held = rep["selection"]["heldout_samples"]
     assert held == round(0.2 * n)
@@ -77,8 +79,10 @@ def test_auto_recovers_a_linear_mix_and_reports_a_true_winner(digits_mlps, tmp_p
 
 def test_select_by_loss_uses_labels(digits_mlps):
     rep = merge(
-        digits_mlps.paths[:2], data=str(digits_mlps.calib_path),
-        method_params={"gamma": "auto"}, select_by="loss",
+        digits_mlps.paths[:2],
+        data=str(digits_mlps.calib_path),
+        method_params={"gamma": "auto"},
+        select_by="loss",
     ).report
     sel = rep["selection"]
     assert sel["select_by"] == "loss"

@@ -91,14 +91,14 @@ def test_batches_centred_on_the_running_shift_match_the_float64_reference():
     jc = JointCovariance(2, 4)
     for batch in xs:
         jc.add_batch([centre(x, jc.shift(k)) for k, x in enumerate(batch)])
-    rows = torch.cat(
-        [torch.cat([features_as_rows(x).double() for x in batch], 1) for batch in xs]
-    )
+    rows = torch.cat([torch.cat([features_as_rows(x).double() for x in batch], 1) for batch in xs])
     ref = torch.cov(rows.T, correction=0)
     assert jc.n == 4 * 6 * 25
     assert torch.allclose(jc.mean, rows.mean(0), rtol=1e-7)
     assert torch.allclose(jc.cov, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
-    assert torch.allclose(jc.block(1, 0), ref[4:, :4], rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert torch.allclose(
+        jc.block(1, 0), ref[4:, :4], rtol=1e-4, atol=1e-5 * float(ref.abs().max())
+    )
 
 
 def test_products_that_overflow_float32_are_recomputed_in_float64():

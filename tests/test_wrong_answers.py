@@ -19,7 +19,9 @@ from ccamerge.models.archs.vgg import vgg_config
 from ccamerge.models.registry import get_architecture
 from ccamerge.models.train import train_classifier
 
-ccmerge = importlib.import_module("ccamerge.runs.merge")  # the module (ccamerge.merge is the function)
+ccmerge = importlib.import_module(
+    "ccamerge.runs.merge"
+)  # the module (ccamerge.merge is the function)
 
 
 def strict_loads(text: str):
@@ -198,7 +200,10 @@ def test_inspect_and_eval_say_the_activation(tanh_mlps, digits_mlps):
             ("--weights", "1,inf"),
             "error: --weights expects comma-separated finite numbers, got '1,inf'",
         ),
-        (("--method", "zipit", "--alpha", "nan"), "error: --alpha expects a finite number, got 'nan'"),
+        (
+            ("--method", "zipit", "--alpha", "nan"),
+            "error: --alpha expects a finite number, got 'nan'",
+        ),
         (
             ("--method", "zipit", "--param", "alpha=nan"),
             "error: --param alpha expects a finite number, got 'nan' "

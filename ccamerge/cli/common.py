@@ -185,4 +185,3 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     if not all(math.isfinite(v) for v in values):
         raise OptionError(f"{option} expects comma-separated finite numbers, got {text!r}")
     return values
-

@@ -126,7 +126,9 @@ def keys_of(ctx: typer.Context) -> dict[str, Any]:
     for p in ctx.command.params:
         if p.name in _NOT_KEYS:
             continue
-        flags = [o[2:] for o in p.opts if o.startswith("--")] if p.param_type_name == "option" else []
+        flags = (
+            [o[2:] for o in p.opts if o.startswith("--")] if p.param_type_name == "option" else []
+        )
         for name in flags or [p.name.replace("_", "-")]:
             out[name] = p
     return out

@@ -44,7 +44,10 @@ def method_params(
     for name in methods:
         for p in method_class(name).parameters:
             declared.setdefault(p.name, (name, p))
-    out = {key: _value(declared, methods, key, v, where) for key, (where, v) in (from_file or {}).items()}
+    out = {
+        key: _value(declared, methods, key, v, where)
+        for key, (where, v) in (from_file or {}).items()
+    }
     sources: dict[str, str] = {}
     for source, key, text in _command_line(pairs or (), aliases):
         if key in sources:
@@ -70,7 +73,11 @@ def _command_line(
 
 
 def _value(
-    declared: Mapping[str, tuple[str, Param]], methods: Sequence[str], key: str, value: Any, source: str
+    declared: Mapping[str, tuple[str, Param]],
+    methods: Sequence[str],
+    key: str,
+    value: Any,
+    source: str,
 ) -> Any:
     """``value`` (command-line text, or a config file's value) as parameter ``key``."""
     if key not in declared:

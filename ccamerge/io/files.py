@@ -255,7 +255,9 @@ def _read_shards(index: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
         tensors = _read_checkpoint_file(shard)
         for name in (n for n, f in weight_map.items() if f == shard.name):
             if name not in tensors:
-                raise CheckpointError(f"checkpoint shard {shard} lacks {name}, which {index} puts there")
+                raise CheckpointError(
+                    f"checkpoint shard {shard} lacks {name}, which {index} puts there"
+                )
             sd[name] = tensors[name]
     return sd
 
@@ -492,7 +494,9 @@ def folder_output_files(folder: Path) -> list[str]:
     """The files a folder output may write: the model (one file, or shards with an index),
     the first input's config.json, and shards of an earlier write that are there."""
     fixed = ["model.safetensors", "model.safetensors.index.json", "config.json"]
-    earlier = sorted(p.name for p in folder.glob("model-*-of-*.safetensors")) if folder.is_dir() else []
+    earlier = (
+        sorted(p.name for p in folder.glob("model-*-of-*.safetensors")) if folder.is_dir() else []
+    )
     return fixed + earlier
 
 
@@ -606,7 +610,9 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse tensors with NaN or Inf values, naming the first one."""
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
-            raise NumericalError(f"{what}: tensor {name} has NaN or Inf values; nothing was written")
+            raise NumericalError(
+                f"{what}: tensor {name} has NaN or Inf values; nothing was written"
+            )
 
 
 def save_safetensors_atomic(
@@ -626,7 +632,9 @@ def safetensors_file(
     """The bytes of a safetensors file (:func:`safetensors_bytes`), non-finite tensors
     refused; metadata values that are not strings become JSON strings."""
     check_finite(tensors, what)
-    meta = {k: v if isinstance(v, str) else json_text(v, sort_keys=True) for k, v in metadata.items()}
+    meta = {
+        k: v if isinstance(v, str) else json_text(v, sort_keys=True) for k, v in metadata.items()
+    }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return safetensors_bytes(tensors, meta)
 
@@ -634,7 +642,9 @@ def safetensors_file(
 def check_stdout() -> None:
     """``-o -`` needs standard output to be a file or a pipe, not a terminal."""
     if sys.stdout.isatty():
-        raise OutputError("-o - writes binary data on standard output; redirect it to a file or pipe")
+        raise OutputError(
+            "-o - writes binary data on standard output; redirect it to a file or pipe"
+        )
 
 
 def write_stdout(chunks: Sequence[bytes | memoryview]) -> None:

@@ -159,7 +159,14 @@ class ZipIt(MergeMethod):
     auto_candidate = True
     parameters = (
         Param("alpha", float, 0.5, "repeated-matching discount", low=0.0, high=1.0),
-        Param("beta", float, 0.0, "same-model merge budget, a fraction of the units", low=0.0, high=1.0),
+        Param(
+            "beta",
+            float,
+            0.0,
+            "same-model merge budget, a fraction of the units",
+            low=0.0,
+            high=1.0,
+        ),
     )
 
     def align(self, ctx: AlignContext) -> Alignment:

@@ -119,6 +119,5 @@ def state_of(model: nn.Module, loaded: LoadedModels, reference: int) -> dict[str
 def _widened(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Floating tensors narrower than float32 (float16, bfloat16, float8) as float32."""
     return {
-        k: v.float() if v.is_floating_point() and v.element_size() < 4 else v
-        for k, v in sd.items()
+        k: v.float() if v.is_floating_point() and v.element_size() < 4 else v for k, v in sd.items()
     }

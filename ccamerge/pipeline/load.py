@@ -186,7 +186,9 @@ def find_model(
             continue
     text = str(first) if not hint else f"{path}: {first}"
     if hint:
-        text += "; for a network of your own, pass --model pkg.module:factory (docs/custom-models.md)"
+        text += (
+            "; for a network of your own, pass --model pkg.module:factory (docs/custom-models.md)"
+        )
     raise ArchitectureError(text) from None
 
 

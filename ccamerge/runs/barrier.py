@@ -212,7 +212,9 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     ts = grid(plan.steps)
     searched = sorted(k for k, v in plan.method_params.items() if v == "auto")
     if searched:
-        raise OptionError(f"barrier takes fixed method parameters, not 'auto' ({', '.join(searched)})")
+        raise OptionError(
+            f"barrier takes fixed method parameters, not 'auto' ({', '.join(searched)})"
+        )
     methods = make_methods(plan.methods, plan.method_params)
     bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
     needy = [m.name for m in methods if m.needs_data]

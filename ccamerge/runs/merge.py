@@ -70,7 +70,9 @@ class MergePlan:
     data: str | None = None
     eval_data: str | None = None
     arch: str | None = None
-    model: str | None = None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.models.custom)
+    model: str | None = (
+        None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.models.custom)
+    )
     model_args: dict[str, Any] = field(default_factory=dict)
     activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
     spec: str | None = None  # a spec file (JSON) that replaces the detected feature groups
