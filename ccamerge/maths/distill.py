@@ -164,6 +164,28 @@ def kl_per_sample(target: torch.Tensor, logits: torch.Tensor, temperature: float
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
+class _DistillationLoss(torch.autograd.Function):
+    """``sum_rows KL(softmax(t / T) || softmax(s / T)) * T^2`` for student logits ``s`` and
+    target logits ``t``. Its gradient with respect to ``s``, ``T (softmax(s / T) -
+    softmax(t / T))``, takes both softmaxes from the same computation, so a student
+    whose logits equal the targets gets an exactly zero gradient (autograd's log-softmax
+    backward leaves a round-off residue there, which Adam would scale up to full steps)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p = F.log_softmax(t / temperature, 1)
+        log_q = F.log_softmax(s / temperature, 1)
+        p = log_p.exp()
+        ctx.save_for_backward(p, log_q.exp())
+        ctx.temperature = temperature
+        return (p * (log_p - log_q)).sum() * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, q = ctx.saved_tensors
+        return grad * ctx.temperature * (q - p), None, None
+
+
 @torch.no_grad()
 def mean_logits(teachers: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor):
     """The teachers' weighted mean logits on ``x`` (teachers in eval mode, float32)."""
@@ -428,9 +450,9 @@ def _epoch(model: nn.Module, student: nn.Module, optimiser, run: _Run) -> float:
         run.steps += 1
         loss_sum += loss.detach().double()
         batches += 1
-    # each rank's loss is its slice's share times the number of ranks
-    sums = torch.stack([loss_sum.cpu(), torch.tensor(float(batches * distributed.world_size()))])
-    sums = sums.to(torch.float64).contiguous()
+    # a rank's loss is its slice's share of the batch's mean loss times the number of
+    # ranks: summed over the ranks, the loss sums and batch counts give the mean
+    sums = torch.stack([loss_sum.cpu(), torch.tensor(float(batches), dtype=torch.float64)])
     distributed.all_reduce_sum([sums])
     distributed.broadcast_(list(student.buffers()))  # rank 0's running statistics
     return float(sums[0] / sums[1])
@@ -445,6 +467,5 @@ def _loss(model: nn.Module, x: torch.Tensor, run: _Run) -> torch.Tensor:
     k = distributed.world_size()
     part = x.tensor_split(k)[distributed.rank()]
     target = mean_logits(run.teachers, run.weights, part)
-    T = settings.temperature
-    per_sample = kl_per_sample(target, model(part).float(), T)
-    return per_sample.sum() * (T * T) * k / x.shape[0]
+    total = _DistillationLoss.apply(model(part).float(), target, settings.temperature)
+    return total * (k / x.shape[0])
