@@ -34,6 +34,7 @@ def run(paths: list[str], out: str) -> None:
     report = distill(student, teachers, [0.5, 0.5], lambda: train.x.split(500), test.x, SETTINGS)
     if distributed.is_main():
         torch.save({"state": student.state_dict(), "report": report.to_dict()}, out)
+    distributed.synchronise()
     distributed.shutdown()
 
 

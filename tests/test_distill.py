@@ -339,3 +339,26 @@ def test_the_check_is_quiet_on_a_good_merge_and_on_identical_inputs(digits_mlps)
     check = check_merge(same, same.build(same.state_dicts[0]), digits_mlps.test, [0.5, 0.5], 128, "cpu")
     assert check.beaten_by == []
     assert [(m.agreement, m.kl) for m in (check.merged, *check.inputs)] == [(1.0, 0.0)] * 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distillation_on_cuda_matches_the_cpu(digits_mlps):
+    """The student trains on its own device; the same batches and augmentations (drawn
+    on the CPU) give the CPU's result to float32 rounding amplified by Adam."""
+    teachers = digits_mlps.models[:2]
+    settings = DistillSettings(epochs=2, lr=1e-3)
+    results = []
+    for device in ("cpu", "cuda"):
+        student = average(teachers).to(device)
+        on_device = [copy.deepcopy(t).to(device) for t in teachers]
+        report = distill(
+            student, on_device, [0.5, 0.5], lambda: [digits_mlps.train.x],
+            digits_mlps.test.x, settings,
+        )  # fmt: skip
+        assert next(student.parameters()).device.type == device
+        results.append((weights_of(student), report))
+    (cpu, cpu_report), (gpu, gpu_report) = results
+    scale = max(float(v.abs().max()) for v in cpu.values())
+    assert largest_difference(cpu, gpu) < 1e-3 * scale
+    assert gpu_report.final.kl == pytest.approx(cpu_report.final.kl, rel=1e-3)

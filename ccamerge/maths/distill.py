@@ -326,6 +326,13 @@ def _wrap(student: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(student, device_ids=ids)
 
 
+def _cuda_index(device: torch.device) -> list[int]:
+    """The CUDA device whose random state :func:`torch.random.fork_rng` keeps (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
+
+
 def _snapshot(student: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -379,9 +386,12 @@ def distill(
         generator=torch.Generator().manual_seed(settings.seed), device=device,
     )  # fmt: skip
     held = _Heldout(heldout, teachers, weights, batch_size, device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=_cuda_index(device)):
         torch.manual_seed(settings.seed)  # dropout and any other global randomness
         history, kept, stopped = _train(student, run, held, on_epoch)
+    # every rank leaves data-parallel training together (without this barrier, about one
+    # two-process gloo run in twenty aborted in a rank's teardown at exit)
+    distributed.synchronise()
     recomputed = settings.batchnorm == "train" and has_batchnorm(student)
     if recomputed:
         reset_batchnorm(student, cut_batches(batches(), batch_size), device)
