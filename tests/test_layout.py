@@ -82,6 +82,7 @@ def test_steps_import_only_earlier_steps_and_never_a_run():
         "refit",
         "evaluate",
         "select",
+        "check",
         "transforms",
         "write",
     ]

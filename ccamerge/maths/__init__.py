@@ -2,6 +2,7 @@
 
 Streaming covariances (``stats``), transforming tensors along their feature-group axes
 (``algebra``), BatchNorm reset and renormalisation (``bn``), REPAIR and the other remedies
-for dense alignment (``repair``). Modules here import only torch, numpy, scipy, the models'
+for dense alignment (``repair``), training a merge against its inputs' mean logits
+(``distill``). Modules here import only torch, numpy, scipy, the models'
 feature-group spec and the runtime.
 """

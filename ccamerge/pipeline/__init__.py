@@ -4,7 +4,8 @@
 
 ``select`` runs align and assemble for each candidate of ``--gamma auto`` /
 ``--method auto`` and scores it with evaluate; ``transforms`` is the saved
-transforms file (written after a merge, read by ``ccamerge apply``). A step
+transforms file (written after a merge, read by ``ccamerge apply``); ``check``
+compares the merge and each input with the ensemble on held-out data. A step
 imports only the steps before it; the runs (:mod:`ccamerge.runs.merge`,
 :mod:`ccamerge.runs.apply`, :mod:`ccamerge.runs.barrier`) and the benchmarks import
 the names below.
@@ -22,6 +23,7 @@ from .align import (
     make_methods,
 )
 from .assemble import BN_MODES, assemble, build_merged, fix_batchnorm, resolve_bn_mode, state_of
+from .check import KL_TOLERANCE, Agreement, MergeCheck, check_merge, check_outputs
 from .evaluate import (
     Score,
     check_labels,
@@ -67,13 +69,16 @@ from .transforms import SavedTransforms, check_fits, load_transforms, save_trans
 from .write import MergeResult, provenance, write_model
 
 __all__ = [
+    "Agreement",
     "BN_MODES",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_RIDGE",
     "GAMMA_GRID",
+    "KL_TOLERANCE",
     "MIN_HELDOUT",
     "LayerFit",
     "LoadedModels",
+    "MergeCheck",
     "MergeResult",
     "Progress",
     "REFIT_GAMMA",
@@ -93,6 +98,8 @@ __all__ = [
     "check_data_fits",
     "check_fits",
     "check_labels",
+    "check_merge",
+    "check_outputs",
     "check_refit_options",
     "choose_best_reference",
     "ensemble_logits",
