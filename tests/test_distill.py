@@ -321,7 +321,9 @@ def test_the_check_flags_an_unaligned_average(digits_mlps):
     merged = average([loaded.build(sd) for sd in loaded.state_dicts])
     check = check_merge(loaded, merged, digits_mlps.test, [0.5, 0.5], 128, "cpu")
     assert check.beaten_by == loaded.paths
-    assert all(m.kl < check.merged.kl and m.agreement > check.merged.agreement for m in check.inputs)
+    assert all(
+        m.kl < check.merged.kl and m.agreement > check.merged.agreement for m in check.inputs
+    )
     doc = check.to_dict()
     assert doc["beaten_by"] == loaded.paths and doc["num_samples"] == len(digits_mlps.test)
     assert doc["inputs"][0].keys() == {"name", "top1_agreement", "kl"}
@@ -336,7 +338,9 @@ def test_the_check_is_quiet_on_a_good_merge_and_on_identical_inputs(digits_mlps)
     )
     assert good.beaten_by == [] and all(m.kl > good.merged.kl for m in good.inputs)
     same = load_models([paths[0], paths[0]])
-    check = check_merge(same, same.build(same.state_dicts[0]), digits_mlps.test, [0.5, 0.5], 128, "cpu")
+    check = check_merge(
+        same, same.build(same.state_dicts[0]), digits_mlps.test, [0.5, 0.5], 128, "cpu"
+    )
     assert check.beaten_by == []
     assert [(m.agreement, m.kl) for m in (check.merged, *check.inputs)] == [(1.0, 0.0)] * 3
 

@@ -62,13 +62,19 @@ class DistillSettings:
 
     def __post_init__(self) -> None:
         if self.epochs != "auto" and not (_is_int(self.epochs) and self.epochs >= 1):
-            raise OptionError(f"distillation epochs must be 'auto' or at least 1, got {self.epochs!r}")
+            raise OptionError(
+                f"distillation epochs must be 'auto' or at least 1, got {self.epochs!r}"
+            )
         for name in ("patience", "max_epochs", "crop_padding"):
             value = getattr(self, name)
             if not (_is_int(value) and value >= 1):
-                raise OptionError(f"distillation {name} must be an integer of at least 1, got {value!r}")
+                raise OptionError(
+                    f"distillation {name} must be an integer of at least 1, got {value!r}"
+                )
         if not (_is_int(self.batch_size) and self.batch_size >= 2):
-            raise OptionError(f"distillation batch size must be at least 2, got {self.batch_size!r}")
+            raise OptionError(
+                f"distillation batch size must be at least 2, got {self.batch_size!r}"
+            )
         if not _is_int(self.seed):
             raise OptionError(f"distillation seed must be an integer, got {self.seed!r}")
         _check_real("learning rate", self.lr, positive=True)
@@ -76,9 +82,13 @@ class DistillSettings:
         _check_real("weight decay", self.weight_decay, positive=False)
         _check_real("warm-up", self.warmup, positive=False)
         if self.warmup >= 1:
-            raise OptionError(f"distillation warm-up is a fraction of the steps in [0, 1), got {self.warmup!r}")
+            raise OptionError(
+                f"distillation warm-up is a fraction of the steps in [0, 1), got {self.warmup!r}"
+            )
         if isinstance(self.augment, str) or not isinstance(self.augment, tuple):
-            raise OptionError(f"distillation augment must be a tuple of names, got {self.augment!r}")
+            raise OptionError(
+                f"distillation augment must be a tuple of names, got {self.augment!r}"
+            )
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown or len(set(self.augment)) != len(self.augment):
             raise OptionError(
@@ -135,7 +145,9 @@ class DistillReport:
     heldout_samples: int
     steps: int  # optimiser steps taken
     seconds: float
-    forward_equivalents: dict[str, float]  # work, in forward passes of one model over the training data
+    forward_equivalents: dict[
+        str, float
+    ]  # work, in forward passes of one model over the training data
 
     @property
     def epochs_run(self) -> int:
@@ -294,7 +306,9 @@ class _Heldout:
             sums[0] += float((logits.argmax(1) == target.argmax(1)).sum())
             sums[1] += float(kl_per_sample(target.double(), logits.double()).sum())
         distributed.all_reduce_sum([sums])
-        return EpochMetrics(epoch, float(sums[0]) / self.size, float(sums[1]) / self.size, train_loss)
+        return EpochMetrics(
+            epoch, float(sums[0]) / self.size, float(sums[1]) / self.size, train_loss
+        )
 
 
 def _better(a: EpochMetrics, b: EpochMetrics) -> bool:
