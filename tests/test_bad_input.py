@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import refused, run
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from ccamerge.cli import app
 from ccamerge.cli.common import set_debug
 from ccamerge.io import files as ccio
 from ccamerge.maths import stats as ccstats
@@ -29,7 +28,6 @@ from ccamerge.models.archs.mlp import MLP
 from ccamerge.models.registry import get_architecture, list_architectures
 from ccamerge.runtime.errors import CcaMergeError, CheckpointError
 
-runner = CliRunner()
 SIZES = [8, 16, 12, 3]  # tiny: every merge below takes milliseconds
 
 
@@ -43,23 +41,8 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def run(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def refused(res, code: int = 1) -> str:
-    """The run failed with ``code``, one line on stderr, nothing on stdout; that line."""
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.exit_code == code, (res.exit_code, res.stderr, res.exception)
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    assert res.stdout == ""
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 class Env:

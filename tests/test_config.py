@@ -6,21 +6,7 @@ import json
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
-from ccamerge.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def refused(res) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 1 and res.stdout == "" and len(lines) == 1, (res.exit_code, res.stderr)
-    return lines[0]
+from cli_run import refused, run
 
 
 @pytest.fixture

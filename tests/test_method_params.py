@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import refused, run
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import ccamerge
-from ccamerge.cli import app
 from ccamerge.cli.params import ALIASES, describe_default, method_params
 from ccamerge.methods import (
     AlignContext,
@@ -30,19 +29,7 @@ from ccamerge.models.registry import detect_architecture
 from ccamerge.pipeline import candidate_methods
 from ccamerge.runtime.errors import OptionError
 
-runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def refused(res) -> str:
-    """The one error line of a refused command (exit 1, nothing on stdout)."""
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 1 and res.stdout == "" and len(lines) == 1, (res.exit_code, res.stderr)
-    return lines[0]
 
 
 # --- every registered method ------------------------------------------------------------
