@@ -41,7 +41,10 @@ from common import top1 as acc  # noqa: E402
 
 from ccamerge.io.files import load_data  # noqa: E402
 from ccamerge.methods import AlignContext, make_method  # noqa: E402
-from ccamerge.pipeline import (  # noqa: E402  # noqa: E402  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
     Progress,
     build_merged,
     candidate_methods,
@@ -74,15 +77,15 @@ def run(arch: str, seeds: list[int], n_test: int) -> dict[str, Any]:
     N = len(seeds)
     w = [1.0 / N] * N
     logits = [predict_logits(loaded.build(sd), test, BS, "cpu") for sd in loaded.state_dicts]
-    split = split_heldout(calib, 0.2, 0)
+    split = split_heldout(Calibration(calib, BS, "cpu"), 0.2, 0)
     t0 = time.perf_counter()
-    full = gather_statistics(loaded, calib, BS, "cpu", Progress())
+    full = gather_statistics(loaded, Calibration(calib, BS, "cpu"), Progress())
     t_full = time.perf_counter() - t0
     t0 = time.perf_counter()
-    part = gather_statistics(loaded, split.stats, BS, "cpu", Progress())
+    part = gather_statistics(loaded, split.stats, Progress())
     t_part = time.perf_counter() - t0
     t0 = time.perf_counter()
-    held = split.heldout
+    held = split.heldout.data
     ens_held = ensemble_logits(
         [predict_logits(loaded.build(sd), held, BS, "cpu") for sd in loaded.state_dicts], w
     )
@@ -100,14 +103,22 @@ def run(arch: str, seeds: list[int], n_test: int) -> dict[str, Any]:
         }
         t0 = time.perf_counter()
         alignment = method.align(AlignContext(loaded.spec, loaded.state_dicts, 0, full))
-        _, model, _ = build_merged(loaded, alignment, w, 0, calib, full, bn_mode, True, BS, "cpu")
+        _, model, _ = build_merged(
+            loaded,
+            MergeRecipe(w, 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+            Calibration(calib, BS, "cpu"),
+            full,
+        )
         row["seconds_fixed_merge"] = time.perf_counter() - t0
         row["fixed_accuracy"] = acc(predict_logits(model, test, BS, "cpu"), test.y)
         if method in candidates:
             t0 = time.perf_counter()
             alignment = method.align(AlignContext(loaded.spec, loaded.state_dicts, 0, part))
             _, model, _ = build_merged(
-                loaded, alignment, w, 0, split.stats, part, bn_mode, True, BS, "cpu"
+                loaded,
+                MergeRecipe(w, 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+                split.stats,
+                part,
             )
             s, kl, agree, _ = score_outputs(
                 predict_logits(model, held, BS, "cpu"), ens_held, None, "agreement"

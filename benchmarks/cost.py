@@ -315,8 +315,8 @@ def worker(cfg: dict[str, Any], threads: int, device: str, batch_size: int) -> d
             marks["stats_peak"] = sampler.peak
 
     params = {"gamma": cfg.get("gamma", 0.1)} if cfg["method"] == "cca" else {}
-    plan = MergePlan(
-        checkpoints=ckpts,
+    plan = MergePlan.from_options(
+        ckpts,
         data=data,
         method=cfg["method"],
         method_params=params,

@@ -48,11 +48,12 @@ def worker(images: int, batch_size: int) -> None:
     """One rank: the statistics pass, alignment, the refit; then a RESULT line."""
     from ccamerge.methods import make_method
     from ccamerge.pipeline import (
-        DEFAULT_MAX_ROWS,
-        DEFAULT_RIDGE,
         REFIT_GAMMA,
+        Calibration,
+        MergeRecipe,
         Progress,
-        Timer,
+        RefitSettings,
+        RunContext,
         align_models,
         assemble_and_refit,
         gather_statistics,
@@ -67,30 +68,20 @@ def worker(images: int, batch_size: int) -> None:
     calib = read_calibration(str(CALIB), images, 0)
     distributed.synchronise()
     stats, stats_s, stats_peak = measured(
-        lambda: gather_statistics(loaded, calib, batch_size, device, Progress())
+        lambda: gather_statistics(loaded, Calibration(calib, batch_size, device), Progress())
     )
     alignment = align_models(make_method("cca", gamma=REFIT_GAMMA), loaded, 0, stats)
     del stats
-    warnings: list[str] = []
+    ctx = RunContext()
     distributed.synchronise()
+    recipe = MergeRecipe([0.5, 0.5], 0, device=device, alignment=alignment)
     refitted, refit_s, refit_peak = measured(
         lambda: assemble_and_refit(
-            loaded,
-            alignment,
-            [0.5, 0.5],
-            0,
-            calib,
-            batch_size,
-            device,
-            DEFAULT_RIDGE,
-            DEFAULT_MAX_ROWS,
-            Progress(),
-            Timer(),
-            warnings,
+            loaded, recipe, Calibration(calib, batch_size, device), RefitSettings(), ctx
         )
     )
     if refitted is None:
-        raise SystemExit(f"the refit did not run: {warnings}")
+        raise SystemExit(f"the refit did not run: {ctx.warnings}")
     row = {
         "rank": distributed.rank(),
         "statistics_seconds": stats_s,

@@ -54,7 +54,10 @@ from ccamerge.maths.repair import (  # noqa: E402
     stream_groups,
 )
 from ccamerge.methods import AlignContext, make_method  # noqa: E402
-from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
     Progress,
     build_merged,
     ensemble_logits,
@@ -145,11 +148,14 @@ def run(arch: str, seeds: list[int], n_test: int) -> dict[str, Any]:
     model0 = loaded.build(loaded.state_dicts[0])
     pre_spec, kept = preactivation_spec(loaded.spec, model0)
     t0 = time.perf_counter()
-    stats = {"post": gather_statistics(loaded, calib, BS, "cpu", Progress())}
+    stats = {"post": gather_statistics(loaded, Calibration(calib, BS, "cpu"), Progress())}
     t_post = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats["pre"] = gather_statistics(
-        dataclasses.replace(loaded, spec=pre_spec), calib, BS, "cpu", Progress(), norm_stats=False
+        dataclasses.replace(loaded, spec=pre_spec),
+        Calibration(calib, BS, "cpu"),
+        Progress(),
+        norm_stats=False,
     )
     t_pre = time.perf_counter() - t0
     streams = stream_groups(loaded.spec, model0)
@@ -170,7 +176,10 @@ def run(arch: str, seeds: list[int], n_test: int) -> dict[str, Any]:
         # "renorm" on a network without BN is the library's REPAIR: only where asked here
         bn_mode = "vector" if cfg["method"] == "permute" or not bn else "renorm"
         _, model, _ = build_merged(
-            loaded, alignment, weights, 0, calib, stats["post"], bn_mode, True, BS, "cpu"
+            loaded,
+            MergeRecipe(weights, 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+            Calibration(calib, BS, "cpu"),
+            stats["post"],
         )
         if cfg.get("repair"):
             targets = repair_targets(stats["pre"], alignment, weights)
@@ -264,7 +273,7 @@ def diagnose(arch: str, n_test: int) -> dict[str, Any]:
     does not, because the ReLUs between the maps do not commute with them."""
     loaded = load_models([str(Mdl.checkpoint(arch, s)) for s in (0, 1)])
     calib, test = data(arch, n_test)
-    stats = gather_statistics(loaded, calib, BS, "cpu", Progress())
+    stats = gather_statistics(loaded, Calibration(calib, BS, "cpu"), Progress())
     ctx = AlignContext(loaded.spec, loaded.state_dicts, 0, stats)
     model1 = acc(predict_logits(loaded.build(loaded.state_dicts[1]), test, BS, "cpu"), test.y)
     rows = []
@@ -273,7 +282,10 @@ def diagnose(arch: str, n_test: int) -> dict[str, Any]:
         alignment = make_method(name, **params).align(ctx)
         for bn_mode in ("vector", "renorm"):
             _, model, note = build_merged(
-                loaded, alignment, [0.0, 1.0], 0, calib, stats, bn_mode, True, BS, "cpu"
+                loaded,
+                MergeRecipe([0.0, 1.0], 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+                Calibration(calib, BS, "cpu"),
+                stats,
             )
             a = acc(predict_logits(model, test, BS, "cpu"), test.y)
             row = {"method": name, **params, "bn_mode": bn_mode, "note": note, "accuracy": a}
@@ -345,7 +357,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
         perm = permute_state_dict(sd, loaded.spec, random_permutations(loaded.spec, 1))
         pair = dataclasses.replace(loaded, paths=[p0, p0], state_dicts=[sd, perm])
         ref = predict_logits(loaded.build(sd), test, BS, "cpu")
-        stats = gather_statistics(pair, calib, BS, "cpu", Progress())
+        stats = gather_statistics(pair, Calibration(calib, BS, "cpu"), Progress())
         alignment = make_method("permute").align(
             AlignContext(pair.spec, pair.state_dicts, 0, stats)
         )
@@ -354,7 +366,10 @@ def bn_check(n_test: int) -> dict[str, Any]:
                 _with_eval_passes(passes)
                 t0 = time.perf_counter()
                 _, model, _ = build_merged(
-                    pair, alignment, [0.5, 0.5], 0, calib, stats, bn_mode, True, BS, "cpu"
+                    pair,
+                    MergeRecipe([0.5, 0.5], 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+                    Calibration(calib, BS, "cpu"),
+                    stats,
                 )
                 sec = time.perf_counter() - t0
                 lg = predict_logits(model, test, BS, "cpu")
@@ -374,7 +389,7 @@ def bn_check(n_test: int) -> dict[str, Any]:
     arch = "resnet20x1"
     loaded = load_models([str(Mdl.checkpoint(arch, s)) for s in (0, 1)])
     calib, test = data(arch, n_test)
-    stats = gather_statistics(loaded, calib, BS, "cpu", Progress())
+    stats = gather_statistics(loaded, Calibration(calib, BS, "cpu"), Progress())
     ctx = AlignContext(loaded.spec, loaded.state_dicts, 0, stats)
     for name, method, bn_mode in (
         ("permute", make_method("permute"), "vector"),
@@ -386,7 +401,10 @@ def bn_check(n_test: int) -> dict[str, Any]:
         for passes in (0, 1, 2):
             _with_eval_passes(passes)
             _, model, _ = build_merged(
-                loaded, alignment, [0.5, 0.5], 0, calib, stats, bn_mode, True, BS, "cpu"
+                loaded,
+                MergeRecipe([0.5, 0.5], 0, BatchNormSettings(bn_mode, True), "cpu", alignment),
+                Calibration(calib, BS, "cpu"),
+                stats,
             )
             row = {
                 "arch": arch,

@@ -51,9 +51,13 @@ import models as Mdl  # noqa: E402
 from ccamerge.io.files import Dataset, load_data  # noqa: E402
 from ccamerge.maths.stats import Statistics  # noqa: E402
 from ccamerge.methods import AlignContext, list_methods, make_method  # noqa: E402
-from ccamerge.pipeline import (  # noqa: E402  # noqa: E402
+from ccamerge.pipeline import (  # noqa: E402
     REFIT_GAMMA,
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
     Progress,
+    RefitSettings,
     build_merged,
     ensemble_logits,
     gather_statistics,
@@ -166,7 +170,7 @@ def nested_statistics(loaded, calib: Dataset, sizes, bs, device) -> tuple[dict, 
     for n in sorted(sizes):
         part = Dataset(calib.x[done:n], None, calib.path)
         t0 = time.perf_counter()
-        new = gather_statistics(loaded, part, bs, device, Progress())
+        new = gather_statistics(loaded, Calibration(part, bs, device), Progress())
         if acc is None:
             acc = new
         else:
@@ -328,22 +332,22 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 _, model, bn_done = build_merged(
                     loaded,
-                    alignments[key],
-                    weights,
-                    0,
-                    calib,
+                    MergeRecipe(
+                        weights, 0, BatchNormSettings(bn_mode, c["reset_bn"]), dev, alignments[key]
+                    ),
+                    Calibration(calib, args.batch_size, dev),
                     st,
-                    bn_mode,
-                    c["reset_bn"],
-                    args.batch_size,
-                    dev,
                 )
                 t_apply = time.perf_counter() - t0
                 t_refit, refit_summary = 0.0, None
                 if c.get("refit"):
                     t0 = time.perf_counter()
                     fitted = refit_merged(
-                        loaded, alignments[key], weights, model, calib, args.batch_size, dev
+                        loaded,
+                        MergeRecipe(weights, 0, device=dev, alignment=alignments[key]),
+                        model,
+                        Calibration(calib, args.batch_size, dev),
+                        RefitSettings(),
                     )
                     t_refit = time.perf_counter() - t0
                     bn_done = "written by the refit"

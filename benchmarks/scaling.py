@@ -68,7 +68,12 @@ def _time_methods(loaded, stats, methods) -> dict[str, float]:
 
 def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     from ccamerge.io.files import Dataset, load_data
-    from ccamerge.pipeline import Progress, gather_statistics, load_models
+    from ccamerge.pipeline import (
+        Calibration,
+        Progress,
+        gather_statistics,
+        load_models,
+    )
 
     sampler = RssSampler()
     sampler.start()
@@ -77,7 +82,7 @@ def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     calib = load_data(fmnist.write_npz("cifar")["calib"])
     calib = Dataset(calib.x[: cfg["images"]], None, calib.path)
     t0 = time.perf_counter()
-    stats = gather_statistics(loaded, calib, 250, device, Progress())
+    stats = gather_statistics(loaded, Calibration(calib, 250, device), Progress())
     t_stats = time.perf_counter() - t0
     align = _time_methods(loaded, stats, cfg["methods"])
     sampler.stopped = True
@@ -94,13 +99,13 @@ def width_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
 
 def models_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     from ccamerge.io.files import Dataset, load_data
-    from ccamerge.pipeline import Progress, gather_statistics, load_models
+    from ccamerge.pipeline import Calibration, Progress, gather_statistics, load_models
 
     loaded = load_models([str(Mdl.checkpoint("mlp", s)) for s in range(cfg["N"])])
     calib = load_data(fmnist.write_npz("flat")["calib"])
     calib = Dataset(calib.x[: cfg["images"]], None, calib.path)
     t0 = time.perf_counter()
-    stats = gather_statistics(loaded, calib, 500, device, Progress())
+    stats = gather_statistics(loaded, Calibration(calib, 500, device), Progress())
     t_stats = time.perf_counter() - t0
     align = _time_methods(loaded, stats, cfg["methods"])
     return {
@@ -116,7 +121,15 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     from ccamerge.io.files import Dataset, load_data
     from ccamerge.maths.bn import reset_batchnorm
     from ccamerge.methods import AlignContext, make_method
-    from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
+    from ccamerge.pipeline import (
+        BatchNormSettings,
+        Calibration,
+        MergeRecipe,
+        Progress,
+        build_merged,
+        gather_statistics,
+        load_models,
+    )
 
     sampler = RssSampler()
     sampler.start()
@@ -140,7 +153,7 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     t_bn = time.perf_counter() - t0
     rss0 = sampler.reset()
     t0 = time.perf_counter()
-    stats = gather_statistics(loaded, data, bs, device, Progress())
+    stats = gather_statistics(loaded, Calibration(data, bs, device), Progress())
     t_stats = time.perf_counter() - t0
     stats_growth = sampler.peak - rss0
     t0 = time.perf_counter()
@@ -150,7 +163,10 @@ def resnet50_worker(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     t_align = time.perf_counter() - t0
     t0 = time.perf_counter()
     state, model, bn_done = build_merged(
-        loaded, alignment, [0.5, 0.5], 0, data, stats, "renorm", True, bs, device
+        loaded,
+        MergeRecipe([0.5, 0.5], 0, BatchNormSettings("renorm", True), device, alignment),
+        Calibration(data, bs, device),
+        stats,
     )
     t_apply = time.perf_counter() - t0
     macs = mac_counts(loaded, x[:1], 2)

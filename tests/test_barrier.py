@@ -14,7 +14,16 @@ from typer.testing import CliRunner
 from ccamerge.cli import app
 from ccamerge.io.files import load_data
 from ccamerge.methods import AlignContext, list_methods, make_method
-from ccamerge.pipeline import Progress, evaluate, gather_statistics, load_models, predict_logits
+from ccamerge.pipeline import (
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
+    Progress,
+    evaluate,
+    gather_statistics,
+    load_models,
+    predict_logits,
+)
 from ccamerge.runs.barrier import (
     BarrierPlan,
     barrier,
@@ -44,8 +53,8 @@ def available(methods):
 
 @pytest.fixture(scope="module")
 def report(digits_mlps):
-    plan = BarrierPlan(
-        checkpoints=[str(p) for p in digits_mlps.paths[:2]],
+    plan = BarrierPlan.from_options(
+        digits_mlps.paths[:2],
         eval_data=str(digits_mlps.test_path),
         data=str(digits_mlps.calib_path),
         methods=available(METHODS),
@@ -57,8 +66,13 @@ def report(digits_mlps):
 @pytest.fixture(scope="module")
 def loaded_and_stats(digits_mlps):
     loaded = load_models([str(p) for p in digits_mlps.paths[:2]])
-    calib = load_data(digits_mlps.calib_path)
-    return loaded, calib, gather_statistics(loaded, calib, 256, "cpu", Progress())
+    calib = Calibration(load_data(digits_mlps.calib_path))
+    return loaded, calib, gather_statistics(loaded, calib, Progress())
+
+
+def recipe(mode: str = "renorm", reset: bool = True) -> MergeRecipe:
+    """The path's recipe before alignment (weights and reference are set per point)."""
+    return MergeRecipe([0.5, 0.5], 0, BatchNormSettings(mode, reset))
 
 
 def test_grid_is_evenly_spaced_with_exact_ends():
@@ -112,10 +126,10 @@ def test_endpoints_reproduce_the_checkpoints_exactly(report, digits_mlps):
 def test_path_formula_gives_the_endpoints_without_batchnorm(loaded_and_stats, digits_mlps, method):
     """The merge at weight 1 is the side's reference model (or a permutation of B)."""
     loaded, calib, stats = loaded_and_stats
-    sides = path_sides(make_method(method), loaded, stats)
+    sides = path_sides(make_method(method), loaded, stats, recipe())
     x = load_data(digits_mlps.test_path)
     for t, original in ((0.0, digits_mlps.models[0]), (1.0, digits_mlps.models[1])):
-        model, _ = path_model(loaded, sides, t, calib, stats, "renorm", True, 256, "cpu")
+        model, _ = path_model(loaded, sides, t, calib, stats)
         got, want = predict_logits(model, x), predict_logits(original, x)
         if getattr(make_method(method), "permutation_only", False) and t == 1.0:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -125,7 +139,7 @@ def test_path_formula_gives_the_endpoints_without_batchnorm(loaded_and_stats, di
 
 def test_dense_methods_align_each_half_to_its_nearer_model(loaded_and_stats, digits_mlps):
     loaded, _, stats = loaded_and_stats
-    first, second = path_sides(make_method("cca"), loaded, stats)
+    first, second = path_sides(make_method("cca"), loaded, stats, recipe())
     assert (first.reference, second.reference) == (0, 1)
     g = loaded.spec.groups[0].name
     eye = torch.eye(loaded.spec.groups[0].size, dtype=torch.float64)
@@ -133,7 +147,9 @@ def test_dense_methods_align_each_half_to_its_nearer_model(loaded_and_stats, dig
     assert torch.equal(second.alignment.groups[g].M[1], eye)
     # statistics gathered once serve both references: the same as gathering with B first
     swapped = load_models([str(p) for p in digits_mlps.paths[1::-1]])
-    stats_ba = gather_statistics(swapped, load_data(digits_mlps.calib_path), 256, "cpu", Progress())
+    stats_ba = gather_statistics(
+        swapped, Calibration(load_data(digits_mlps.calib_path)), Progress()
+    )
     direct = make_method("cca").align(AlignContext(swapped.spec, swapped.state_dicts, 0, stats_ba))
     torch.testing.assert_close(second.alignment.groups[g].M[0], direct.groups[g].M[1])
 
@@ -141,7 +157,7 @@ def test_dense_methods_align_each_half_to_its_nearer_model(loaded_and_stats, dig
 @needs("permute")
 def test_permutation_methods_need_one_alignment(loaded_and_stats):
     loaded, _, stats = loaded_and_stats
-    first, second = path_sides(make_method("permute"), loaded, stats)
+    first, second = path_sides(make_method("permute"), loaded, stats, recipe())
     assert first is second and first.reference == 0
 
 
@@ -179,7 +195,9 @@ def test_batchnorm_endpoints_are_the_checkpoints(tmp_path):
     np.savez(data, x=x.numpy(), y=y.numpy())
 
     rep = run_barrier(
-        BarrierPlan([str(p) for p in paths], str(data), data=str(data), methods=["cca"], steps=3)
+        BarrierPlan.from_options(
+            paths, eval_data=str(data), data=str(data), methods=["cca"], steps=3
+        )
     )
     loaded = load_models([str(p) for p in paths])
     ds = load_data(data)
@@ -189,15 +207,20 @@ def test_batchnorm_endpoints_are_the_checkpoints(tmp_path):
         assert (p["loss"], p["accuracy"]) == (s.loss, s.accuracy)
     assert "reset" in rep["batchnorm"]["cca"]
 
-    stats = gather_statistics(loaded, ds, 256, "cpu", Progress())
-    sides = path_sides(make_method("cca"), loaded, stats)
+    calib = Calibration(ds)
+    stats = gather_statistics(loaded, calib, Progress())
+
+    def at_zero(mode: str, reset: bool) -> torch.nn.Module:
+        sides = path_sides(make_method("cca"), loaded, stats, recipe(mode, reset))
+        return path_model(loaded, sides, 0.0, calib, stats)[0]
+
     want = predict_logits(loaded.build(loaded.state_dicts[0]), ds)
-    kept, _ = path_model(loaded, sides, 0.0, ds, stats, "renorm", False, 256, "cpu")
+    kept = at_zero("renorm", False)
     assert torch.equal(predict_logits(kept, ds), want)
     # recomputed statistics: a different function (renormalisation keeps it close)
-    reset, _ = path_model(loaded, sides, 0.0, ds, stats, "vector", True, 256, "cpu")
+    reset = at_zero("vector", True)
     assert not torch.allclose(predict_logits(reset, ds), want, atol=1e-2)
-    renorm, _ = path_model(loaded, sides, 0.0, ds, stats, "renorm", True, 256, "cpu")
+    renorm = at_zero("renorm", True)
     assert not torch.equal(predict_logits(renorm, ds), want)
 
 

@@ -25,7 +25,7 @@ from ccamerge.maths.distill import (
     mean_logits,
 )
 from ccamerge.models.registry import get_architecture
-from ccamerge.pipeline import check_merge, load_models, score_outputs
+from ccamerge.pipeline import Calibration, check_merge, load_models, score_outputs
 from ccamerge.runs.merge import merge
 from ccamerge.runtime.errors import DataError, OptionError
 
@@ -319,7 +319,7 @@ def test_two_processes_equal_one(tmp_path, digits_mlps):
 def test_the_check_flags_an_unaligned_average(digits_mlps):
     loaded = load_models([str(p) for p in digits_mlps.paths[:2]])
     merged = average([loaded.build(sd) for sd in loaded.state_dicts])
-    check = check_merge(loaded, merged, digits_mlps.test, [0.5, 0.5], 128, "cpu")
+    check = check_merge(loaded, merged, Calibration(digits_mlps.test, 128), [0.5, 0.5])
     assert check.beaten_by == loaded.paths
     assert all(
         m.kl < check.merged.kl and m.agreement > check.merged.agreement for m in check.inputs
@@ -333,14 +333,11 @@ def test_the_check_is_quiet_on_a_good_merge_and_on_identical_inputs(digits_mlps)
     paths = [str(p) for p in digits_mlps.paths[:2]]
     loaded = load_models(paths)
     result = merge(paths, data=str(digits_mlps.calib_path))
-    good = check_merge(
-        loaded, loaded.build(result.state_dict), digits_mlps.test, [0.5, 0.5], 128, "cpu"
-    )
+    test = Calibration(digits_mlps.test, 128)
+    good = check_merge(loaded, loaded.build(result.state_dict), test, [0.5, 0.5])
     assert good.beaten_by == [] and all(m.kl > good.merged.kl for m in good.inputs)
     same = load_models([paths[0], paths[0]])
-    check = check_merge(
-        same, same.build(same.state_dicts[0]), digits_mlps.test, [0.5, 0.5], 128, "cpu"
-    )
+    check = check_merge(same, same.build(same.state_dicts[0]), test, [0.5, 0.5])
     assert check.beaten_by == []
     assert [(m.agreement, m.kl) for m in (check.merged, *check.inputs)] == [(1.0, 0.0)] * 3
 

@@ -92,3 +92,48 @@ def test_steps_import_only_earlier_steps_and_never_a_run():
         later = {f"ccamerge.pipeline.{s}" for s in order[k:]} | {"ccamerge.pipeline"}
         assert not deps & later, f"{step} imports {deps & later}"
         assert not {d for d in deps if d.startswith(("ccamerge.runs", "ccamerge.cli"))}, step
+
+
+MAX_PARAMETERS = 6  # of a pipeline step's or a run's function: more travel as settings objects
+MAX_LINES = 120  # of any function in the package
+
+
+def functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Every function and method of the package, with its module's name."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.append((module_name(path), node))
+    return out
+
+
+def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """The parameters a caller passes (``self``/``cls`` and ``**options`` not counted)."""
+    a = node.args
+    names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def test_no_pipeline_or_run_function_takes_more_than_six_parameters():
+    wide = [
+        f"{module}.{node.name}: {len(parameters(node))}"
+        for module, node in functions()
+        if module.startswith(("ccamerge.pipeline", "ccamerge.runs"))
+        and len(parameters(node)) > MAX_PARAMETERS
+    ]
+    assert not wide, f"more than {MAX_PARAMETERS} parameters: {wide}"
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = [
+        f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for module, node in functions()
+        if node.end_lineno - node.lineno + 1 > MAX_LINES
+    ]
+    assert not long, long
+
+
+def test_the_limits_see_a_wide_function():
+    node = ast.parse("def f(self, a, b, /, c, *args, d, e=1, f=2, g=3, **kw): pass").body[0]
+    assert parameters(node) == ["a", "b", "c", "d", "e", "f", "g"]

@@ -1,4 +1,4 @@
-"""The sequential least-squares refit (ccamerge.pipeline.refit, docs/refit.md).
+"""The sequential least-squares refit (ccamerge.maths.refit, docs/refit.md).
 
 Networks are randomly initialised (BatchNorm buffers randomised too) and fed random
 inputs: every property tested here is exact algebra, no training is needed.
@@ -19,14 +19,14 @@ from ccamerge.maths.algebra import (
     random_permutations,
 )
 from ccamerge.maths.bn import reset_batchnorm
+from ccamerge.maths.refit import NormalEquations, RefitSettings, default_memory_budget, refit
+from ccamerge.maths.refit import memory as refit_memory
 from ccamerge.methods.base import Alignment, GroupAlignment, identity_alignment
 from ccamerge.models.archs.mlp import MLP
 from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.models.archs.vgg import vgg_config
 from ccamerge.models.registry import detect_architecture, get_architecture
 from ccamerge.models.spec import MergeSpec, SpecBuilder
-from ccamerge.pipeline import refit as refit_module
-from ccamerge.pipeline.refit import NormalEquations, default_memory_budget, refit
 from ccamerge.runtime.errors import RefitError
 
 
@@ -126,7 +126,7 @@ def test_permuted_copy_gives_back_the_original(arch, damaged):
         alignment,
         [0.5, 0.5],
         _batches(x, 48),
-        ridge=1e-9 if damaged else 1e-3,
+        settings=RefitSettings(ridge=1e-9 if damaged else 1e-3),
     )
     with torch.no_grad():
         error = float((merged(x) - original).abs().max())
@@ -195,7 +195,13 @@ def test_linear_network_mixed_copy_is_recovered(undone):
         gap = float((merged(x) - original).abs().max())
         assert gap < 1e-12 if len(undone) == 2 else gap > 0.05
     report = refit(
-        merged, [model, mixed], spec, alignment, [0.3, 0.7], _batches(x, 16), ridge=1e-14
+        merged,
+        [model, mixed],
+        spec,
+        alignment,
+        [0.3, 0.7],
+        _batches(x, 16),
+        RefitSettings(ridge=1e-14),
     )
     with torch.no_grad():
         assert (merged(x) - original).abs().max() < 1e-9
@@ -254,7 +260,9 @@ def test_batchnorm_write_back():
     alignment = identity_alignment(spec, 2)
     merged = _merged(models, spec, alignment, [0.5, 0.5])
     x = torch.randn(20, 2, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    report = refit(merged, models, spec, alignment, [0.5, 0.5], _batches(x, 6), ridge=0.0)
+    report = refit(
+        merged, models, spec, alignment, [0.5, 0.5], _batches(x, 6), RefitSettings(ridge=0.0)
+    )
     assert [(layer.name, layer.norm, layer.inputs) for layer in report.layers] == [("0", "1", 19)]
     # the plain least-squares fit of the mean output on the patches, computed directly
     patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
@@ -288,7 +296,7 @@ def test_stored_and_recompute_modes_agree():
             alignment,
             [0.5, 0.5],
             _batches(x, 10),
-            memory_budget=budget,
+            settings=RefitSettings(memory_budget=budget),
             on_layer=lambda *a: calls.append(a),
         )
         results.append((report, merged.state_dict()))
@@ -308,7 +316,9 @@ def test_residual_never_above_the_average():
         alignment = identity_alignment(spec, 2)
         merged = _merged(models, spec, alignment, [0.5, 0.5])
         x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(8))
-        report = refit(merged, models, spec, alignment, [0.5, 0.5], _batches(x, 32), ridge=0.1)
+        report = refit(
+            merged, models, spec, alignment, [0.5, 0.5], _batches(x, 32), RefitSettings(ridge=0.1)
+        )
         assert any(layer.residual_before > 0.01 for layer in report.layers)
         for layer in report.layers:
             assert layer.residual_after <= layer.residual_before, layer
@@ -426,8 +436,7 @@ def test_row_limit_fits_on_the_first_samples_of_every_chunk():
         alignment,
         [0.5, 0.5],
         _batches(x, chunk),
-        ridge=1e-9,
-        max_rows=max_rows,
+        settings=RefitSettings(ridge=1e-9, max_rows=max_rows),
     )
     sizes = [len(c) for c in torch.split(x, chunk)]
     with torch.no_grad():
@@ -464,9 +473,9 @@ def _layer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 def test_memory_budget_is_half_the_free_memory_of_the_device(monkeypatch):
     """Stored activations live on the merge's device: a CUDA device's budget is half its
     free GPU memory (not the RAM), a CPU's half the available RAM."""
-    monkeypatch.setattr(refit_module, "available_memory", lambda: 10 * 2**30)
+    monkeypatch.setattr(refit_memory, "available_memory", lambda: 10 * 2**30)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
     assert default_memory_budget(torch.device("cpu")) == 5 * 2**30
     assert default_memory_budget(torch.device("cuda", 0)) == 3 * 2**29
-    monkeypatch.setattr(refit_module, "available_memory", lambda: None)
+    monkeypatch.setattr(refit_memory, "available_memory", lambda: None)
     assert default_memory_budget(torch.device("cpu")) is None

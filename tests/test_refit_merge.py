@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import ccamerge
 from ccamerge.cli import app
 from ccamerge.io.files import read_metadata
+from ccamerge.maths.refit import fit as refit_fit
 from ccamerge.pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, REFIT_GAMMA, load_transforms
-from ccamerge.pipeline import refit as refit_module
 from ccamerge.runtime.errors import OptionError, RefitError
 
 runner = CliRunner()
@@ -146,7 +146,7 @@ def test_refit_error_falls_back_to_the_merge_without_it(
     plain, fallback = tmp_path / "plain.safetensors", tmp_path / "fallback.safetensors"
     common = [*paths, "-d", data, "--gamma", gamma, "--batch-size", "128"]
     merge_json(*common, "--no-refit", "-o", plain)
-    monkeypatch.setattr(refit_module, "_plan", _raise_refit_error)
+    monkeypatch.setattr(refit_fit, "make_plan", _raise_refit_error)
     doc = merge_json(*common, "-o", fallback)
     assert "refit skipped: Net.forward cannot be traced (test)" in doc["warnings"]
     assert "refit" not in doc

@@ -26,6 +26,7 @@ from ccamerge.maths.algebra import (
     permute_state_dict,
     random_permutations,
 )
+from ccamerge.maths.refit import RefitSettings, refit
 from ccamerge.methods import make_method
 from ccamerge.methods.base import Alignment, GroupAlignment
 from ccamerge.models.custom import load_factory
@@ -33,6 +34,10 @@ from ccamerge.models.discover import discover
 from ccamerge.models.registry import get_architecture
 from ccamerge.models.spec import MergeSpec
 from ccamerge.pipeline import (
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
+    ModelSource,
     Progress,
     align_models,
     build_merged,
@@ -40,7 +45,6 @@ from ccamerge.pipeline import (
     load_models,
     refit_merged,
 )
-from ccamerge.pipeline.refit import refit
 
 MAKE_NET = f"{Path(__file__).parent / 'custom_nets.py'}:make_net"
 CUSTOM_ARGS = {"width": 6, "hidden": 7, "depth": 2}
@@ -148,8 +152,8 @@ def _load(name: str, config: dict[str, Any] | None, root: Path):
         paths.append(str(root / f"m{seed}.pt"))
         torch.save(randomise(model, seed).float().state_dict(), paths[-1])
     if name == "custom":
-        return load_models(paths, model=MAKE_NET, model_args=CUSTOM_ARGS, input_shape=shape), shape
-    return load_models(paths, arch=name), shape
+        return load_models(paths, ModelSource(model=MAKE_NET, model_args=CUSTOM_ARGS), shape), shape
+    return load_models(paths, ModelSource(arch=name)), shape
 
 
 @pytest.mark.parametrize("name, config", CASES)
@@ -161,17 +165,19 @@ def test_pipeline_refit_end_to_end(name, config, tmp_path):
     BatchNorms reset."""
     loaded, shape = _load(name, config, tmp_path)
     x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(4))
-    calib = Dataset(x, None)
-    stats = gather_statistics(loaded, calib, 64, "cpu", Progress(), norm_stats=False)
+    calib = Calibration(Dataset(x, None), 64)
+    stats = gather_statistics(loaded, calib, Progress(), norm_stats=False)
     alignment = align_models(make_method("cca"), loaded, 0, stats)
 
     def assemble(reset_bn: bool) -> nn.Module:
-        return build_merged(
-            loaded, alignment, WEIGHTS, 0, calib, stats, "vector", reset_bn, 64, "cpu"
-        )[1]
+        bn = BatchNormSettings("vector", reset_bn)
+        return build_merged(loaded, MergeRecipe(WEIGHTS, 0, bn, alignment=alignment), calib, stats)[
+            1
+        ]
 
     plain, model = assemble(True), assemble(False)
-    report = refit_merged(loaded, alignment, WEIGHTS, model, calib, 64, "cpu")
+    recipe = MergeRecipe(WEIGHTS, 0, alignment=alignment)
+    report = refit_merged(loaded, recipe, model, calib, RefitSettings())
     assert [layer.name for layer in report.layers] == _layers(model)
     assert not [w for w in report.warnings if "samples for" not in w], report.warnings
     for layer in report.layers:

@@ -20,7 +20,15 @@ from ccamerge.methods import AlignContext, make_method
 from ccamerge.models.archs.mlp import MLP
 from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
 from ccamerge.models.registry import get_architecture
-from ccamerge.pipeline import Progress, build_merged, gather_statistics, load_models
+from ccamerge.pipeline import (
+    BatchNormSettings,
+    Calibration,
+    MergeRecipe,
+    Progress,
+    build_merged,
+    gather_statistics,
+    load_models,
+)
 
 
 def _save(tmp_path, models):
@@ -47,7 +55,10 @@ def _pre_stats(loaded, data):
     model = loaded.build(loaded.state_dicts[0])
     pre_spec, kept = preactivation_spec(loaded.spec, model)
     pre = gather_statistics(
-        dataclasses.replace(loaded, spec=pre_spec), data, 100, "cpu", Progress(), norm_stats=False
+        dataclasses.replace(loaded, spec=pre_spec),
+        Calibration(data, 100, "cpu"),
+        Progress(),
+        norm_stats=False,
     )
     return pre_spec, kept, pre
 
@@ -75,16 +86,21 @@ def test_preactivation_points_mlp_and_resnet(tmp_path):
 def test_repair_meets_targets(tmp_path):
     loaded, data = _mlps(tmp_path)
     pre_spec, _, pre = _pre_stats(loaded, data)
-    post = gather_statistics(loaded, data, 100, "cpu", Progress())
+    post = gather_statistics(loaded, Calibration(data, 100, "cpu"), Progress())
     w = [0.5, 0.5]
     alignment = make_method("cca", gamma=0.1).align(
         AlignContext(loaded.spec, loaded.state_dicts, 0, post)
     )
-    _, model, _ = build_merged(loaded, alignment, w, 0, data, post, "renorm", True, 100, "cpu")
+    _, model, _ = build_merged(
+        loaded,
+        MergeRecipe(w, 0, BatchNormSettings("renorm", True), "cpu", alignment),
+        Calibration(data, 100, "cpu"),
+        post,
+    )
     targets = repair_targets(pre, alignment, w)
     assert repair_linear(model, loaded.spec, targets, list(data.batches(100))) == 2
     merged = dataclasses.replace(loaded, spec=pre_spec, state_dicts=[model.state_dict()])
-    got = gather_statistics(merged, data, 100, "cpu", Progress(), norm_stats=False)
+    got = gather_statistics(merged, Calibration(data, 100, "cpu"), Progress(), norm_stats=False)
     for g in pre_spec.groups:
         jc = got.groups[g.name]
         mean, std = targets[g.name]
@@ -98,10 +114,15 @@ def test_repair_keeps_a_permuted_copy_exact(tmp_path):
     perm = permute_state_dict(sd, loaded.spec, random_permutations(loaded.spec, 3))
     pair = dataclasses.replace(loaded, paths=loaded.paths * 2, state_dicts=[sd, perm])
     _, _, pre = _pre_stats(pair, data)
-    post = gather_statistics(pair, data, 100, "cpu", Progress())
+    post = gather_statistics(pair, Calibration(data, 100, "cpu"), Progress())
     alignment = make_method("permute").align(AlignContext(pair.spec, pair.state_dicts, 0, post))
     w = [0.5, 0.5]
-    _, model, _ = build_merged(pair, alignment, w, 0, data, post, "vector", True, 100, "cpu")
+    _, model, _ = build_merged(
+        pair,
+        MergeRecipe(w, 0, BatchNormSettings("vector", True), "cpu", alignment),
+        Calibration(data, 100, "cpu"),
+        post,
+    )
     repair_linear(model, pair.spec, repair_targets(pre, alignment, w), list(data.batches(100)))
     with torch.no_grad():
         want = loaded.build(sd)(data.x)
@@ -110,7 +131,7 @@ def test_repair_keeps_a_permuted_copy_exact(tmp_path):
 
 def test_average_shared_space_keeps_inverses_and_identity(tmp_path):
     loaded, data = _mlps(tmp_path)
-    post = gather_statistics(loaded, data, 100, "cpu", Progress())
+    post = gather_statistics(loaded, Calibration(data, 100, "cpu"), Progress())
     ctx = AlignContext(loaded.spec, loaded.state_dicts, 0, post)
     alignment = make_method("cca", gamma=0.1).align(ctx)
     moved = average_shared_space(alignment, [0.5, 0.5])
@@ -128,14 +149,24 @@ def test_average_shared_space_keeps_inverses_and_identity(tmp_path):
 
 def test_build_merged_repairs_networks_without_batchnorm(tmp_path):
     loaded, data = _mlps(tmp_path)
-    post = gather_statistics(loaded, data, 100, "cpu", Progress())
+    post = gather_statistics(loaded, Calibration(data, 100, "cpu"), Progress())
     alignment = make_method("cca", gamma=0.1).align(
         AlignContext(loaded.spec, loaded.state_dicts, 0, post)
     )
     w = [0.5, 0.5]
-    _, plain, note = build_merged(loaded, alignment, w, 0, data, post, "vector", True, 100, "cpu")
+    _, plain, note = build_merged(
+        loaded,
+        MergeRecipe(w, 0, BatchNormSettings("vector", True), "cpu", alignment),
+        Calibration(data, 100, "cpu"),
+        post,
+    )
     assert note == "none (no BatchNorm)"
-    _, fixed, note = build_merged(loaded, alignment, w, 0, data, post, "renorm", True, 100, "cpu")
+    _, fixed, note = build_merged(
+        loaded,
+        MergeRecipe(w, 0, BatchNormSettings("renorm", True), "cpu", alignment),
+        Calibration(data, 100, "cpu"),
+        post,
+    )
     assert "REPAIR" in note
     _, _, pre = _pre_stats(loaded, data)
     repair_linear(plain, loaded.spec, repair_targets(pre, alignment, w), list(data.batches(100)))

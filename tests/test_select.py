@@ -6,7 +6,7 @@ import torch
 
 from ccamerge.io.files import Dataset
 from ccamerge.models.registry import detect_architecture
-from ccamerge.pipeline import GAMMA_GRID, split_heldout
+from ccamerge.pipeline import GAMMA_GRID, Calibration, split_heldout
 from ccamerge.runs.merge import merge
 
 
@@ -36,12 +36,12 @@ def scaled_permuted_copy(sd, seed=0):
 
 def test_heldout_split_is_disjoint_and_seeded():
     data = Dataset(torch.arange(1000.0)[:, None], torch.zeros(1000, dtype=torch.int64))
-    a = split_heldout(data, 0.2, seed=3)
-    b = split_heldout(data, 0.2, seed=3)
+    a = split_heldout(Calibration(data), 0.2, seed=3)
+    b = split_heldout(Calibration(data), 0.2, seed=3)
     assert torch.equal(a.heldout_index, b.heldout_index)
     held, stats = set(a.heldout_index.tolist()), set(a.stats_index.tolist())
     assert not held & stats and len(held | stats) == 1000 and len(held) == 200
-    assert set(a.heldout.x[:, 0].long().tolist()) == held  # the data follows the indices
+    assert set(a.heldout.data.x[:, 0].long().tolist()) == held  # the data follows the indices
 
 
 def test_statistics_never_see_the_heldout_part(digits_mlps):

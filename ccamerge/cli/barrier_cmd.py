@@ -87,8 +87,8 @@ def barrier(
     plot_path, csv_out = check_outputs(outputs, inputs, force)
     aliases = {"--gamma": gamma, "--ridge": ridge}
     params = method_params(names, param, aliases, config and config.params)
-    plan = BarrierPlan(
-        checkpoints=[str(checkpoint_a), str(checkpoint_b)],
+    plan = BarrierPlan.from_options(
+        [checkpoint_a, checkpoint_b],
         eval_data=str(eval_data),
         data=str(data) if data else None,
         methods=names,

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from ..io.files import json_text
-from ..pipeline import Progress
 from ..runtime import distributed
+from ..runtime.context import Progress
 from ..runtime.errors import CcaMergeError, OptionError
 from ..runtime.interrupts import INTERRUPTED, Terminated, stop_signals_raise
 

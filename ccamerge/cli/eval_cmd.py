@@ -6,6 +6,7 @@ import typer
 
 from ..models.assumptions import check_settings, describe
 from ..pipeline import (
+    ModelSource,
     check_batch_size,
     evaluate_all,
     load_models,
@@ -37,8 +38,9 @@ def eval_(
     """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
     device = resolve_device(device)
     check_batch_size(batch_size)
-    stated = {"activation": activation}
-    loaded = load_models([str(c) for c in checkpoints], arch, stated=stated)
+    source = ModelSource(arch=arch, activation=activation)
+    stated = source.stated
+    loaded = load_models([str(c) for c in checkpoints], source)
     dataset = read_eval_data(str(data), loaded)
     evaluation = evaluate_all(loaded, None, dataset, batch_size, device)
     if not ensemble:

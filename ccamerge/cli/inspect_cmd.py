@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from ..models.custom import parse_input_shape, parse_model_args
+from ..pipeline import ModelSource
 from ..runs.inspection import inspect_checkpoint
 from ..runs.report import render_inspection
 from .app import app
@@ -33,15 +34,13 @@ def inspect(
     json_out: Json = False,
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
+    source = ModelSource(arch, model, parse_model_args(model_args), activation=activation)
     info = inspect_checkpoint(
         str(checkpoint),
-        arch,
-        model,
-        parse_model_args(model_args),
+        source,
         parse_input_shape(input_shape),
         str(spec_out) if spec_out else None,
         force,
-        activation,
     )
     if json_out:
         print_json(info)

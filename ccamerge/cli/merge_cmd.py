@@ -127,8 +127,8 @@ def merge(
     aliases = {"--gamma": gamma, "--ridge": ridge, "--alpha": alpha, "--beta": beta}
     aliases["--max-iter"] = max_iter
     params = method_params(methods_of(method), param, aliases, config and config.params)
-    plan = MergePlan(
-        checkpoints=[str(c) for c in checkpoints],
+    plan = MergePlan.from_options(
+        checkpoints,
         output=output if output and not to_stdout else None,
         data=str(data) if data else None,
         eval_data=str(eval_data) if eval_data else None,
@@ -159,7 +159,7 @@ def merge(
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if to_stdout:
         result.report["output"] = STREAM
-        metadata = provenance(result.report, plan.data, plan.seed)
+        metadata = provenance(result.report, plan.data)
         write_stdout(safetensors_file(result.state_dict, metadata, "output -"))
     if not quiet:
         render_merge_report(result.report, console)

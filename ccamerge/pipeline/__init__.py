@@ -13,8 +13,11 @@ the names below.
 
 from __future__ import annotations
 
+from ..maths.refit import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, LayerFit, RefitReport, RefitSettings
 from ..methods.cca import GAMMA_GRID, REFIT_GAMMA
+from ..runtime.context import Progress, RunContext, Timer
 from .align import (
+    AlignSettings,
     align_models,
     auto_methods,
     candidate_methods,
@@ -22,7 +25,17 @@ from .align import (
     label,
     make_methods,
 )
-from .assemble import BN_MODES, assemble, build_merged, fix_batchnorm, resolve_bn_mode, state_of
+from .assemble import (
+    BN_MODES,
+    BatchNormSettings,
+    MergeRecipe,
+    assemble,
+    build_merged,
+    fix_batchnorm,
+    needs_norm_statistics,
+    resolve_bn_mode,
+    state_of,
+)
 from .check import KL_TOLERANCE, Agreement, MergeCheck, check_merge, check_outputs
 from .evaluate import (
     Score,
@@ -35,9 +48,10 @@ from .evaluate import (
     score_logits,
 )
 from .load import (
+    Calibration,
+    DataSettings,
     LoadedModels,
-    Progress,
-    Timer,
+    ModelSource,
     check_batch_size,
     check_data_fits,
     load_models,
@@ -47,51 +61,51 @@ from .load import (
     read_eval_data,
     resolve_device,
 )
-from .refit import (
-    DEFAULT_MAX_ROWS,
-    DEFAULT_RIDGE,
-    LayerFit,
-    RefitReport,
-    Refitted,
-    assemble_and_refit,
-    check_refit_options,
-    refit_merged,
-    refit_or_fix_batchnorm,
+from .refit import Refitted, assemble_and_refit, refit_merged, refit_or_fix_batchnorm
+from .select import MIN_HELDOUT, Scored, Split, score_outputs, select, split_heldout
+from .statistics import gather_statistics, sample_warnings, statistics_mode
+from .transforms import (
+    SavedTransforms,
+    check_fits,
+    load_transforms,
+    recorded_settings,
+    save_transforms,
 )
-from .select import MIN_HELDOUT, Split, score_outputs, select, split_heldout
-from .statistics import (
-    gather_statistics,
-    needs_norm_statistics,
-    sample_warnings,
-    statistics_mode,
-)
-from .transforms import SavedTransforms, check_fits, load_transforms, save_transforms
 from .write import MergeResult, provenance, write_model
 
 __all__ = [
     "Agreement",
+    "AlignSettings",
     "BN_MODES",
+    "BatchNormSettings",
+    "Calibration",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_RIDGE",
+    "DataSettings",
     "GAMMA_GRID",
     "KL_TOLERANCE",
-    "MIN_HELDOUT",
     "LayerFit",
     "LoadedModels",
+    "MIN_HELDOUT",
     "MergeCheck",
+    "MergeRecipe",
     "MergeResult",
+    "ModelSource",
     "Progress",
     "REFIT_GAMMA",
     "RefitReport",
+    "RefitSettings",
     "Refitted",
+    "RunContext",
     "SavedTransforms",
+    "Scored",
     "Score",
     "Split",
     "Timer",
     "align_models",
-    "auto_methods",
     "assemble",
     "assemble_and_refit",
+    "auto_methods",
     "build_merged",
     "candidate_methods",
     "check_batch_size",
@@ -100,7 +114,6 @@ __all__ = [
     "check_labels",
     "check_merge",
     "check_outputs",
-    "check_refit_options",
     "choose_best_reference",
     "ensemble_logits",
     "evaluate",
@@ -119,6 +132,7 @@ __all__ = [
     "provenance",
     "read_calibration",
     "read_eval_data",
+    "recorded_settings",
     "refit_merged",
     "refit_or_fix_batchnorm",
     "resolve_bn_mode",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..maths.stats import Statistics
@@ -21,6 +22,25 @@ from ..methods.base import AUTO
 from ..models.spec import MergeSpec
 from ..runtime.errors import OptionError
 from .load import LoadedModels
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """How the models are aligned: the ``method`` and its ``params`` (values ``'auto'``
+    searched, :func:`candidate_methods`), how a search scores its candidates (``select_by``,
+    on a held-out ``heldout_fraction`` of the calibration data), and how the statistics
+    are gathered (``stats_mode``; ``memory_limit`` bytes, default half the free RAM)."""
+
+    method: str = "cca"
+    params: dict[str, Any] = field(default_factory=dict)
+    select_by: str = "agreement"
+    heldout_fraction: float = 0.2
+    stats_mode: str = "auto"
+    memory_limit: int | None = None
+
+    def candidates(self, refit: bool) -> list[MergeMethod]:
+        """The concrete methods to try (one unless something is ``'auto'``)."""
+        return candidate_methods(self.method, self.params, refit)
 
 
 def auto_methods() -> list[str]:

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..io.files import (
-    Dataset,
-)
 from ..maths.algebra import merge_state_dicts
 from ..maths.bn import has_batchnorm, renorm_targets, renormalise_batchnorm, reset_batchnorm
 from ..maths.repair import repair_merged
@@ -22,9 +21,24 @@ from ..methods import (
     MergeMethod,
 )
 from ..runtime.errors import OptionError
-from .load import LoadedModels
+from .load import Calibration, LoadedModels
 
 BN_MODES = ("auto", "vector", "renorm")
+
+
+@dataclass(frozen=True)
+class BatchNormSettings:
+    """What a merge without the refit does to BatchNorm: ``reset`` the running statistics on
+    calibration data (False: keep the averaged ones), with ``mode`` "vector" (a plain reset),
+    "renorm" (renormalised to the aligned targets first; REPAIR without BatchNorm) or
+    "auto" (vector for permutation methods, renorm for the others)."""
+
+    mode: str = "auto"
+    reset: bool = True
+
+    def for_method(self, method: MergeMethod) -> BatchNormSettings:
+        """These settings with ``auto`` resolved for ``method``."""
+        return dataclasses.replace(self, mode=resolve_bn_mode(self.mode, method))
 
 
 def resolve_bn_mode(bn_mode: str, method: MergeMethod) -> str:
@@ -35,76 +49,95 @@ def resolve_bn_mode(bn_mode: str, method: MergeMethod) -> str:
     return "vector" if method.permutation_only else "renorm"
 
 
+@dataclass(frozen=True)
+class MergeRecipe:
+    """What to assemble: the merge ``weights``, the ``reference`` (the model the others are
+    aligned to; its tensor dtypes are the result's), the BatchNorm handling of a merge
+    without the refit, the device, and each model's transforms (``alignment``) once they
+    are known."""
+
+    weights: Sequence[float]
+    reference: int
+    batchnorm: BatchNormSettings = BatchNormSettings()
+    device: str = "cpu"  # where the merged model is built
+    alignment: Alignment | None = None
+
+    def aligned(self, alignment: Alignment, method: MergeMethod) -> MergeRecipe:
+        """This recipe with ``method``'s ``alignment`` (and BatchNorm mode)."""
+        return dataclasses.replace(
+            self, alignment=alignment, batchnorm=self.batchnorm.for_method(method)
+        )
+
+    @property
+    def transforms(self) -> Alignment:
+        if self.alignment is None:
+            raise ValueError("the recipe has no alignment yet")
+        return self.alignment
+
+
 def build_merged(
     loaded: LoadedModels,
-    alignment: Alignment,
-    weights: Sequence[float],
-    reference: int,
-    calib: Dataset | None,
+    recipe: MergeRecipe,
+    calib: Calibration | None,
     stats: Statistics | None,
-    bn_mode: str,
-    reset_bn: bool,
-    batch_size: int,
-    device: str,
 ) -> tuple[dict[str, torch.Tensor], nn.Module, str]:
-    """Transform and average, then fix BatchNorm (``bn_mode`` "renorm" on a network without
-    BatchNorm: REPAIR, :mod:`ccamerge.maths.repair`). Returns (state dict, model, what was done)."""
-    model = assemble(loaded, alignment, weights, reference, device)
-    bn_done = fix_batchnorm(
-        model, loaded, alignment, weights, calib, stats, bn_mode, reset_bn, batch_size, device
-    )
-    return state_of(model, loaded, reference), model, bn_done
+    """Transform and average, then fix BatchNorm ("renorm" on a network without BatchNorm:
+    REPAIR, :mod:`ccamerge.maths.repair`). Returns (state dict, model, what was done)."""
+    model = assemble(loaded, recipe)
+    bn_done = fix_batchnorm(model, loaded, recipe, calib, stats)
+    return state_of(model, loaded, recipe.reference), model, bn_done
 
 
-def assemble(
-    loaded: LoadedModels,
-    alignment: Alignment,
-    weights: Sequence[float],
-    reference: int,
-    device: str,
-) -> nn.Module:
+def assemble(loaded: LoadedModels, recipe: MergeRecipe) -> nn.Module:
     """The merged network: every tensor transformed along its grouped axes and averaged,
     BatchNorm running statistics averaged like any tensor."""
+    alignment = recipe.transforms
     Ms, Us = zip(*(alignment.model_transforms(k) for k in range(len(loaded.state_dicts))))
     wide = [_widened(sd) for sd in loaded.state_dicts]  # one rounding, at the very end
-    merged = merge_state_dicts(wide, loaded.spec, Ms, Us, weights, reference)
-    return loaded.build(merged, device)
+    merged = merge_state_dicts(wide, loaded.spec, Ms, Us, recipe.weights, recipe.reference)
+    return loaded.build(merged, recipe.device)
 
 
 def fix_batchnorm(
     model: nn.Module,
     loaded: LoadedModels,
-    alignment: Alignment,
-    weights: Sequence[float],
-    calib: Dataset | None,
+    recipe: MergeRecipe,
+    calib: Calibration | None,
     stats: Statistics | None,
-    bn_mode: str,
-    reset_bn: bool,
-    batch_size: int,
-    device: str,
 ) -> str:
     """Reset or renormalise the BatchNorms of the assembled ``model`` in place (without
     BatchNorm, "renorm": REPAIR); returns what was done."""
+    bn, weights = recipe.batchnorm, recipe.weights
     if not has_batchnorm(model):
         bn_done = "none (no BatchNorm)"
-        if bn_mode == "renorm" and reset_bn and calib is not None:
-            n = repair_merged(model, loaded, alignment, weights, calib, batch_size, device)
+        if bn.mode == "renorm" and bn.reset and calib is not None:
+            n = repair_merged(
+                model, loaded, recipe.transforms, weights, calib.data, calib.batch_size,
+                calib.device,
+            )  # fmt: skip
             if n:
                 bn_done = f"no BatchNorm: {n} layers renormalised to aligned targets (REPAIR)"
         return bn_done
-    if not reset_bn:
+    if not bn.reset:
         return "kept merged running statistics (--no-reset-bn)"
     if calib is None:
         return "not reset: no calibration data"
-    if bn_mode == "renorm" and stats is not None and stats.norms:
+    if bn.mode == "renorm" and stats is not None and stats.norms:
         targets = {}
         for g in loaded.spec.groups:
-            for bn in g.norms:
-                targets[bn] = renorm_targets(stats.norms[bn], alignment.groups[g.name].M, weights)
-        n = renormalise_batchnorm(model, targets, calib.batches(batch_size), device)
+            for name in g.norms:
+                M = recipe.transforms.groups[g.name].M
+                targets[name] = renorm_targets(stats.norms[name], M, weights)
+        n = renormalise_batchnorm(model, targets, calib.batches(), calib.device)
         return f"renormalised to aligned targets and reset on {n} samples"
-    n = reset_batchnorm(model, calib.batches(batch_size), device)
+    n = reset_batchnorm(model, calib.batches(), calib.device)
     return f"running statistics reset on {n} samples"
+
+
+def needs_norm_statistics(loaded: LoadedModels, bn: BatchNormSettings) -> bool:
+    """Whether fixing BatchNorm needs the statistics of the models' BatchNorm outputs (the
+    renormalisation targets)."""
+    return bn.reset and bn.mode == "renorm" and any(g.norms for g in loaded.spec.groups)
 
 
 def state_of(model: nn.Module, loaded: LoadedModels, reference: int) -> dict[str, torch.Tensor]:

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.files import Dataset
 from .evaluate import ensemble_logits, predict_logits
-from .load import LoadedModels
+from .load import Calibration, LoadedModels
 from .select import score_outputs
 
 KL_TOLERANCE = 1e-6  # nats: below this, a difference in KL is round-off, not a better model
@@ -86,18 +85,17 @@ def check_outputs(
 def check_merge(
     loaded: LoadedModels,
     merged_model: nn.Module,
-    heldout: Dataset,
+    heldout: Calibration,
     weights: Sequence[float],
-    batch_size: int,
-    device: str,
     tolerance: float = KL_TOLERANCE,
 ) -> MergeCheck:
     """The check of ``merged_model`` against ``loaded``'s models (named by their paths) on
     ``heldout`` (its labels, if any, are not used). Under distribution each rank runs its
     share of the batches and every rank gets the same result."""
+    data, batch_size, device = heldout.data, heldout.batch_size, heldout.device
     inputs = [
-        predict_logits(loaded.build(sd, device), heldout, batch_size, device)
+        predict_logits(loaded.build(sd, device), data, batch_size, device)
         for sd in loaded.state_dicts
     ]
-    merged = predict_logits(merged_model, heldout, batch_size, device)
+    merged = predict_logits(merged_model, data, batch_size, device)
     return check_outputs(merged, inputs, loaded.paths, weights, tolerance)

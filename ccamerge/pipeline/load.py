@@ -1,13 +1,13 @@
 """Step 1, load: read the checkpoints and check them against one architecture, read the
 data and check it fits the model's input; the options every run shares (device,
-weights, reference), progress callbacks and phase timings."""
+weights, reference), and the settings objects of what a run reads: where the models
+come from (:class:`ModelSource`), where the data comes from (:class:`DataSettings`) and
+the calibration data as every later step reads it (:class:`Calibration`)."""
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,14 +23,62 @@ from ..runtime import distributed
 from ..runtime.errors import ArchitectureError, CheckpointError, DataError, OptionError
 
 
-class Progress:
-    """Progress callbacks; the CLI passes a rich implementation. Default: silent."""
+@dataclass(frozen=True)
+class ModelSource:
+    """How the checkpoints become models: a registry architecture (``arch``; None: detected),
+    or a user's factory (``model``: ``pkg.module:fn`` or ``file.py:fn``, called with
+    ``model_args``, :mod:`ccamerge.models.custom`), a spec file replacing the feature groups,
+    and what checkpoints do not record (``activation``, :mod:`ccamerge.models.assumptions`)."""
 
-    def start(self, task: str, total: int) -> None: ...
+    arch: str | None = None
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    spec: str | None = None
+    activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
 
-    def advance(self, n: int) -> None: ...
+    @property
+    def stated(self) -> dict[str, str | None]:
+        """The settings the user stated, as :mod:`ccamerge.models.assumptions` reads them."""
+        return {"activation": self.activation}
 
-    def stop(self) -> None: ...
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a run's data comes from and how it is batched: the calibration file
+    (``calibration``; a seeded random subset of ``num_samples`` when given), the labelled
+    evaluation file, the batch size and the device."""
+
+    calibration: str | None = None
+    evaluation: str | None = None
+    num_samples: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+
+    def read_calibration(self) -> Calibration | None:
+        """The calibration data, batched for this device (None without a file)."""
+        data = read_calibration(self.calibration, self.num_samples, self.seed)
+        return None if data is None else Calibration(data, self.batch_size, self.device)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples as every step reads them: in batches of ``batch_size`` on
+    ``device``."""
+
+    data: Dataset
+    batch_size: int = 256
+    device: str = "cpu"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        return self.data.batches(self.batch_size)
+
+    def with_data(self, data: Dataset) -> Calibration:
+        """The same batching for other samples (a part of these)."""
+        return Calibration(data, self.batch_size, self.device)
 
 
 @dataclass
@@ -64,20 +112,17 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 def load_models(
     paths: Sequence[str],
-    arch: str | None = None,
-    model: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    spec_file: str | None = None,
+    source: ModelSource | None = None,
     input_shape: Sequence[int] | None = None,
-    stated: dict[str, str | None] | None = None,
 ) -> LoadedModels:
     """Read every checkpoint, detect the architecture from the first, check the rest fit.
 
-    ``model`` (a factory, see :mod:`ccamerge.models.custom`) replaces detection; its feature
-    groups are discovered on samples of ``input_shape``. ``spec_file`` replaces the groups.
-    ``stated``: settings a checkpoint does not record (``{"activation": "tanh"}``,
-    :mod:`ccamerge.models.assumptions`).
+    ``source.model`` (a factory, see :mod:`ccamerge.models.custom`) replaces detection; its
+    feature groups are discovered on samples of ``input_shape``. ``source.spec`` replaces
+    the groups.
     """
+    source = source or ModelSource()
+    arch, model, model_args, spec_file = source.arch, source.model, source.model_args, source.spec
     if not paths:
         raise OptionError("no checkpoints given")
     if model is not None and arch is not None:
@@ -102,7 +147,7 @@ def load_models(
                 f"{path}: ignored {len(ignored)} tensor(s) beside the {detected.name} model: "
                 f"{_few(ignored)}"
             )
-    detected = state_settings(detected, stated or {})
+    detected = state_settings(detected, source.stated)
     spec, spec_notes = resolve_spec(detected, spec_file)
     notes += spec_notes
     ref = sds[0]
@@ -260,19 +305,6 @@ def resolve_device(device: str) -> str:
     elif device != "cpu":
         raise OptionError(f"unknown device {device!r} (use cpu or cuda)")
     return distributed.setup(device)
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def parse_reference(reference: int | str, n: int) -> int | None:

@@ -18,7 +18,7 @@ forward pass over the held-out part; the ensemble's outputs are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,9 @@ from ..maths.stats import Statistics
 from ..methods import Alignment, MergeMethod
 from ..runtime.errors import DataError, OptionError
 from .align import align_models, label
-from .assemble import build_merged
+from .assemble import MergeRecipe, build_merged
 from .evaluate import ensemble_logits, predict_logits
-from .load import LoadedModels
+from .load import Calibration, LoadedModels
 
 SELECT_BY = ("agreement", "loss")
 MIN_HELDOUT = 64  # samples in each part of the split
@@ -42,16 +42,17 @@ MIN_HELDOUT = 64  # samples in each part of the split
 class Split:
     """``stats`` feeds the statistics and BN reset; ``heldout`` only scores."""
 
-    stats: Dataset
-    heldout: Dataset
+    stats: Calibration
+    heldout: Calibration
     stats_index: torch.Tensor
     heldout_index: torch.Tensor
 
 
 def split_heldout(
-    data: Dataset, fraction: float = 0.2, seed: int = 0, minimum: int = MIN_HELDOUT
+    calib: Calibration, fraction: float = 0.2, seed: int = 0, minimum: int = MIN_HELDOUT
 ) -> Split:
     """A seeded random split; the held-out part has ``max(minimum, fraction * n)`` samples."""
+    data = calib.data
     n = len(data)
     n_held = max(minimum, int(round(fraction * n)))
     if n - n_held < minimum:
@@ -62,8 +63,10 @@ def split_heldout(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
     held, rest = order[:n_held].sort().values, order[n_held:].sort().values
 
-    def take(idx: torch.Tensor) -> Dataset:
-        return Dataset(data.x[idx], None if data.y is None else data.y[idx], data.path)
+    def take(idx: torch.Tensor) -> Calibration:
+        return calib.with_data(
+            Dataset(data.x[idx], None if data.y is None else data.y[idx], data.path)
+        )
 
     return Split(take(rest), take(held), rest, held)
 
@@ -110,44 +113,31 @@ def select(
     stats: Statistics | None,
     candidates: Sequence[MergeMethod],
     split: Split,
-    weights: Sequence[float],
-    reference: int,
-    bn_mode_of: Callable[[MergeMethod], str],
-    reset_bn: bool,
-    batch_size: int,
-    device: str,
+    recipe: MergeRecipe,
     select_by: str = "agreement",
 ) -> tuple[Scored, list[Scored], dict[str, torch.Tensor], torch.nn.Module, str]:
-    """Score every candidate on the held-out part; returns the winner, all scores (in
-    candidate order) and the winner's merged state dict, model and BN note."""
+    """Score every candidate, merged by ``recipe`` with its alignment, on the held-out
+    part; returns the winner, all scores (in candidate order) and the winner's merged state
+    dict, model and BN note."""
     if select_by not in SELECT_BY:
         raise OptionError(f"--select-by must be one of {', '.join(SELECT_BY)}")
     held = split.heldout
+    batch_size, device = held.batch_size, held.device
     ens = ensemble_logits(
         [
-            predict_logits(loaded.build(sd, device), held, batch_size, device)
+            predict_logits(loaded.build(sd, device), held.data, batch_size, device)
             for sd in loaded.state_dicts
         ],
-        list(weights),
+        list(recipe.weights),
     )
     scored: list[Scored] = []
     best: tuple[float, int, Any] | None = None
     for method in candidates:
-        alignment = align_models(method, loaded, reference, stats)
-        state, model, bn_done = build_merged(
-            loaded,
-            alignment,
-            weights,
-            reference,
-            split.stats,
-            stats,
-            bn_mode_of(method),
-            reset_bn,
-            batch_size,
-            device,
-        )
+        alignment = align_models(method, loaded, recipe.reference, stats)
+        merge = recipe.aligned(alignment, method)
+        state, model, bn_done = build_merged(loaded, merge, split.stats, stats)
         s, kl, agree, loss = score_outputs(
-            predict_logits(model, held, batch_size, device), ens, held.y, select_by
+            predict_logits(model, held.data, batch_size, device), ens, held.data.y, select_by
         )
         scored.append(Scored(method, alignment, s, kl, agree, loss))
         if best is None or s < best[0]:

@@ -8,9 +8,6 @@ from typing import Any
 
 import torch
 
-from ..io.files import (
-    Dataset,
-)
 from ..maths.stats import (
     STATS_MODES,
     Statistics,
@@ -22,40 +19,33 @@ from ..methods import (
     MergeMethod,
 )
 from ..models.spec import MergeSpec
+from ..runtime.context import Progress
 from ..runtime.errors import OptionError
-from .load import LoadedModels, Progress
+from .load import Calibration, LoadedModels
 
 
 def gather_statistics(
     loaded: LoadedModels,
-    calib: Dataset,
-    batch_size: int,
-    device: str,
+    calib: Calibration,
     progress: Progress,
     norm_stats: bool = True,
     **options: Any,
 ) -> Statistics:
     """Statistics of every model on ``calib``; ``options`` go to :func:`collect_statistics`."""
-    models = [loaded.build(sd, device) for sd in loaded.state_dicts]
+    models = [loaded.build(sd, calib.device) for sd in loaded.state_dicts]
     progress.start("statistics", len(calib))
     try:
         return collect_statistics(
             models,
             loaded.spec,
-            calib.batches(batch_size),
-            device,
+            calib.batches(),
+            calib.device,
             norm_stats=norm_stats,
             on_batch=progress.advance,
             **options,
         )
     finally:
         progress.stop()
-
-
-def needs_norm_statistics(loaded: LoadedModels, bn_mode: str, reset_bn: bool) -> bool:
-    """Whether fixing BatchNorm needs the statistics of the models' BatchNorm outputs (the
-    renormalisation targets)."""
-    return reset_bn and bn_mode == "renorm" and any(g.norms for g in loaded.spec.groups)
 
 
 def sample_warnings(spec: MergeSpec, stats: Statistics) -> list[str]:

@@ -46,10 +46,12 @@ from ..io.files import (
     save_safetensors_atomic,
     sha256,
 )
+from ..maths.refit import RefitSettings
 from ..methods import Alignment, GroupAlignment
 from ..runtime.errors import ArchitectureError, CheckpointError, OptionError, SpecError
 from ..version import __version__
-from .load import LoadedModels
+from .align import AlignSettings
+from .load import DataSettings, LoadedModels
 
 FORMAT = "ccamerge-transforms"
 FORMAT_VERSION = 1
@@ -58,6 +60,20 @@ FORMAT_VERSION = 1
 def tensor_name(group: str, kind: str, k: int) -> str:
     """``{group}.{M|U}.{k}``"""
     return f"{group}.{kind}.{k}"
+
+
+def recorded_settings(
+    data: DataSettings, align: AlignSettings, refit: RefitSettings
+) -> dict[str, Any]:
+    """The calibration and refit settings a transforms file records (``apply`` reads them)."""
+    return {
+        "data": data.calibration,
+        "num_samples": data.num_samples,
+        "seed": data.seed,
+        "batch_size": data.batch_size,
+        "heldout_fraction": align.heldout_fraction,
+        "refit": refit.record(),
+    }
 
 
 def save_transforms(

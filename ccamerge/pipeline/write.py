@@ -11,6 +11,7 @@ from torch import nn
 
 from ..io.files import OUTPUT_SUFFIXES, check_output_path, save_checkpoint_atomic
 from ..methods import Alignment
+from .load import DataSettings
 
 
 @dataclass
@@ -21,9 +22,9 @@ class MergeResult:
     report: dict[str, Any]
 
 
-def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str, Any]:
-    """The output file's metadata: how it was made (``data``: the calibration file); the
-    refit's settings when the merge was refitted."""
+def provenance(report: dict[str, Any], data: DataSettings) -> dict[str, Any]:
+    """The output file's metadata: how it was made (``data``: where the calibration data
+    came from); the refit's settings when the merge was refitted."""
     metadata = {
         "format": "pt",
         "ccamerge_version": report["ccamerge_version"],
@@ -34,8 +35,8 @@ def provenance(report: dict[str, Any], data: str | None, seed: int) -> dict[str,
         "reference": report["reference"],
         "weights": report["weights"],
         "num_samples": report["num_samples"],
-        "calibration_data": Path(data).name if data else None,
-        "seed": seed,
+        "calibration_data": Path(data.calibration).name if data.calibration else None,
+        "seed": data.seed,
         "batchnorm": report["batchnorm"],
     }
     if "refit" in report:

@@ -41,23 +41,29 @@ reported too when 1/2 is on the grid (odd ``steps``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from ..io.files import Dataset, write_atomic
+from ..io.files import write_atomic
 from ..maths.bn import has_batchnorm
 from ..maths.stats import Statistics
-from ..methods import Alignment, MergeMethod, list_methods
+from ..methods import MergeMethod, list_methods
 from ..models.assumptions import check_settings, describe
 from ..pipeline import (
+    BatchNormSettings,
+    Calibration,
+    DataSettings,
     LoadedModels,
+    MergeRecipe,
+    ModelSource,
     Progress,
-    Timer,
+    RunContext,
     align_models,
     build_merged,
     check_batch_size,
@@ -67,14 +73,13 @@ from ..pipeline import (
     load_models,
     make_methods,
     predict_logits,
-    read_calibration,
     read_eval_data,
-    resolve_bn_mode,
     resolve_device,
     sample_warnings,
     score_logits,
 )
 from ..runtime.errors import OptionError
+from .options import plan_from_options
 from .report import BarrierReport, describe_architecture
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
@@ -92,34 +97,37 @@ def default_methods() -> list[str]:
 
 @dataclass
 class BarrierPlan:
-    """Everything ``ccamerge barrier`` was asked to do.
+    """Everything ``ccamerge barrier`` was asked to do, in its settings objects
+    (:meth:`from_options` builds it from flat options; ``data.evaluation`` is required).
 
     ``method_params`` go to every method that takes them (``gamma`` to
     ``cca``, ...); a parameter that no listed method takes is an error.
     """
 
     checkpoints: list[str]
-    eval_data: str
-    data: str | None = None
+    data: DataSettings = field(default_factory=DataSettings)
     methods: list[str] = field(default_factory=default_methods)
     steps: int = 11
     method_params: dict[str, Any] = field(default_factory=dict)
-    arch: str | None = None
-    num_samples: int | None = None
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "cpu"
-    reset_bn: bool = True
-    bn_mode: str = "auto"
-    activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
+    source: ModelSource = field(default_factory=ModelSource)
+    batchnorm: BatchNormSettings = field(default_factory=BatchNormSettings)
 
+    OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {
+        "arch": ("source", "arch"),
+        "activation": ("source", "activation"),
+        "data": ("data", "calibration"),
+        "eval_data": ("data", "evaluation"),
+        "num_samples": ("data", "num_samples"),
+        "seed": ("data", "seed"),
+        "batch_size": ("data", "batch_size"),
+        "device": ("data", "device"),
+        "bn_mode": ("batchnorm", "mode"),
+        "reset_bn": ("batchnorm", "reset"),
+    }
 
-@dataclass
-class PathSide:
-    """One half of a method's path: the alignment and the reference it was made for."""
-
-    alignment: Alignment
-    reference: int
+    @classmethod
+    def from_options(cls, checkpoints: Sequence[str], **options: Any) -> BarrierPlan:
+        return plan_from_options(cls, checkpoints=[str(c) for c in checkpoints], **options)
 
 
 def grid(steps: int) -> list[float]:
@@ -146,16 +154,18 @@ def barrier(
 
 
 def path_sides(
-    method: MergeMethod, loaded: LoadedModels, stats: Statistics | None
-) -> tuple[PathSide, PathSide]:
-    """The alignments for ``t <= 1/2`` and ``t > 1/2``.
+    method: MergeMethod, loaded: LoadedModels, stats: Statistics | None, base: MergeRecipe
+) -> tuple[MergeRecipe, MergeRecipe]:
+    """The recipes (``base`` with each side's reference and alignment) for ``t <= 1/2`` and
+    ``t > 1/2``.
 
     One alignment (A reference) for permutation methods; for the others a
     second one with B as the reference, so that weight 1 on either model
     gives back its own tensors."""
 
-    def side(ref: int) -> PathSide:
-        return PathSide(align_models(method, loaded, ref, stats), ref)
+    def side(ref: int) -> MergeRecipe:
+        aligned = align_models(method, loaded, ref, stats)
+        return dataclasses.replace(base, reference=ref).aligned(aligned, method)
 
     first = side(0)
     if method.permutation_only:
@@ -165,29 +175,15 @@ def path_sides(
 
 def path_model(
     loaded: LoadedModels,
-    sides: tuple[PathSide, PathSide],
+    sides: tuple[MergeRecipe, MergeRecipe],
     t: float,
-    calib: Dataset | None,
+    calib: Calibration | None,
     stats: Statistics | None,
-    bn_mode: str,
-    reset_bn: bool,
-    batch_size: int,
-    device: str,
 ) -> tuple[nn.Module, str]:
     """The merged model at ``t`` (weights ``(1 - t, t)``) and what was done to BatchNorm."""
     side = sides[0] if t <= 0.5 else sides[1]
-    _, model, bn_done = build_merged(
-        loaded,
-        side.alignment,
-        [1.0 - t, t],
-        side.reference,
-        calib,
-        stats,
-        bn_mode,
-        reset_bn,
-        batch_size,
-        device,
-    )
+    recipe = dataclasses.replace(side, weights=[1.0 - t, t])
+    _, model, bn_done = build_merged(loaded, recipe, calib, stats)
     return model, bn_done
 
 
@@ -203,12 +199,13 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     ``batchnorm`` (method -> what was done at interior points),
     ``num_samples``, ``eval_samples``, ``warnings``, ``timings``.
     """
-    progress = progress or Progress()
-    timer = Timer()
-    device = resolve_device(plan.device)
+    ctx = RunContext(progress or Progress())
+    data = dataclasses.replace(plan.data, device=resolve_device(plan.data.device))
     if len(plan.checkpoints) != 2:
         raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
-    check_batch_size(plan.batch_size)
+    if data.evaluation is None:
+        raise OptionError("barrier needs labelled evaluation data (--eval-data)")
+    check_batch_size(data.batch_size)
     ts = grid(plan.steps)
     searched = sorted(k for k, v in plan.method_params.items() if v == "auto")
     if searched:
@@ -216,77 +213,66 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
             f"barrier takes fixed method parameters, not 'auto' ({', '.join(searched)})"
         )
     methods = make_methods(plan.methods, plan.method_params)
-    bn_modes = {m.name: resolve_bn_mode(plan.bn_mode, m) for m in methods}
+    renorm = any(plan.batchnorm.for_method(m).mode == "renorm" for m in methods)
     needy = [m.name for m in methods if m.needs_data]
-    if needy and plan.data is None:
+    if needy and data.calibration is None:
         raise OptionError(f"method(s) {', '.join(needy)} need calibration data (--data)")
 
-    with timer.phase("load"):
-        stated = {"activation": plan.activation}
-        loaded = load_models(plan.checkpoints, plan.arch, stated=stated)
-        calib = read_calibration(plan.data, plan.num_samples, plan.seed)
+    with ctx.timer.phase("load"):
+        loaded = load_models(plan.checkpoints, plan.source)
+        calib = data.read_calibration()
         if calib is not None:
-            check_data_fits(calib, loaded, "calibration data")
-        eval_data = read_eval_data(plan.eval_data, loaded)
+            check_data_fits(calib.data, loaded, "calibration data")
+        eval_data = read_eval_data(data.evaluation, loaded)
 
-    warnings = check_settings(loaded, eval_data, stated, plan.batch_size, device)
-    with timer.phase("evaluate"):
-        evaluation = evaluate_all(loaded, None, eval_data, plan.batch_size, device)
+    stated = plan.source.stated
+    ctx.warn(*check_settings(loaded, eval_data, stated, data.batch_size, data.device))
+    with ctx.timer.phase("evaluate"):
+        evaluation = evaluate_all(loaded, None, eval_data, data.batch_size, data.device)
     ends = [{"loss": m["loss"], "accuracy": m["accuracy"]} for m in evaluation["models"]]
     with_bn = has_batchnorm(loaded.build(loaded.state_dicts[0]))
-    if with_bn and calib is None and plan.reset_bn:
-        warnings.append("no calibration data: BatchNorm running statistics were not reset")
+    if with_bn and calib is None and plan.batchnorm.reset:
+        ctx.warn("no calibration data: BatchNorm running statistics were not reset")
 
     stats = None
-    if calib is not None and (needy or (with_bn and "renorm" in bn_modes.values())):
-        with timer.phase("statistics"):
-            renorm = "renorm" in bn_modes.values() and plan.reset_bn
-            stats = gather_statistics(
-                loaded, calib, plan.batch_size, device, progress, norm_stats=renorm
-            )
-        warnings += sample_warnings(loaded.spec, stats)
+    if calib is not None and (needy or (with_bn and renorm)):
+        with ctx.timer.phase("statistics"):
+            norm_stats = renorm and plan.batchnorm.reset
+            stats = gather_statistics(loaded, calib, ctx.progress, norm_stats=norm_stats)
+        ctx.warn(*sample_warnings(loaded.spec, stats))
 
+    base = MergeRecipe([0.5, 0.5], 0, plan.batchnorm, data.device)
     curves: dict[str, list[dict[str, float]]] = {}
     bn_done: dict[str, str] = {}
-    progress.start("interpolation", len(methods) * len(ts))
+    ctx.progress.start("interpolation", len(methods) * len(ts))
     try:
         for method in methods:
-            with timer.phase("alignment"):
-                sides = path_sides(method, loaded, stats)
+            with ctx.timer.phase("alignment"):
+                sides = path_sides(method, loaded, stats, base)
             points = []
             for i, t in enumerate(ts):
                 if i in (0, len(ts) - 1):
                     score = ends[0 if i == 0 else 1]
                 else:
-                    with timer.phase("interpolate"):
-                        model, bn_done[method.name] = path_model(
-                            loaded,
-                            sides,
-                            t,
-                            calib,
-                            stats,
-                            bn_modes[method.name],
-                            plan.reset_bn,
-                            plan.batch_size,
-                            device,
-                        )
-                    with timer.phase("evaluate"):
-                        logits = predict_logits(model, eval_data, plan.batch_size, device)
+                    with ctx.timer.phase("interpolate"):
+                        model, bn_done[method.name] = path_model(loaded, sides, t, calib, stats)
+                    with ctx.timer.phase("evaluate"):
+                        logits = predict_logits(model, eval_data, data.batch_size, data.device)
                         score = score_logits(logits, eval_data.y).to_dict()
                 points.append({"t": t, "loss": score["loss"], "accuracy": score["accuracy"]})
-                progress.advance(1)
+                ctx.progress.advance(1)
             curves[method.name] = points
     finally:
-        progress.stop()
+        ctx.progress.stop()
 
     if 0.5 not in ts:
-        warnings.append(
+        ctx.warn(
             f"t = 1/2 is not on the grid of {plan.steps} steps (use an odd --steps); "
             "loss_mid and accuracy_mid are null"
         )
     return BarrierReport(
         checkpoints=list(plan.checkpoints),
-        eval_data=plan.eval_data,
+        eval_data=data.evaluation,
         architecture=describe_architecture(loaded.detected),
         assumptions=describe(loaded.detected, stated),
         methods={m.name: m.params() for m in methods},
@@ -301,8 +287,8 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         batchnorm=bn_done,
         num_samples=len(calib) if calib is not None else 0,
         eval_samples=len(eval_data),
-        warnings=warnings,
-        timings=timer.timings,
+        warnings=ctx.warnings,
+        timings=ctx.timer.timings,
     ).to_dict()
 
 

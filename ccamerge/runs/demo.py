@@ -18,7 +18,7 @@ import torch
 from ..io.files import check_outputs, save_checkpoint_atomic, write_atomic
 from ..models.archs.mlp import MLP
 from ..models.train import digits, train_classifier
-from ..pipeline import Progress
+from ..runtime.context import Progress
 from ..runtime.errors import OutputError
 from .merge import MergePlan, run_merge
 
@@ -78,8 +78,8 @@ def run_demo(
 
     results = {}
     for method in ("average", "cca"):
-        plan = MergePlan(
-            checkpoints=paths,
+        plan = MergePlan.from_options(
+            paths,
             data=str(calib_path),
             eval_data=str(test_path),
             method=method,

@@ -14,18 +14,15 @@ from typing import Any
 from ..io.files import check_output_path
 from ..models.assumptions import describe
 from ..models.custom import save_spec, untransformed_of
-from ..pipeline import load_models
+from ..pipeline import ModelSource, load_models
 
 
 def inspect_checkpoint(
     path: str,
-    arch: str | None = None,
-    factory: str | None = None,
-    model_args: dict[str, Any] | None = None,
+    source: ModelSource | None = None,
     input_shape: tuple[int, ...] | None = None,
     spec_out: str | None = None,
     force: bool = False,
-    activation: str | None = None,
 ) -> dict[str, Any]:
     """Describe ``path``.
 
@@ -39,15 +36,16 @@ def inspect_checkpoint(
     per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
     role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
-    With ``factory`` (``--model``, see :mod:`ccamerge.models.custom`) the groups are discovered
+    With ``source.model`` (``--model``, see :mod:`ccamerge.models.custom`) the groups are discovered
     on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
     discovery left alone and why. ``spec_out`` writes the groups as a spec file (an
     existing one only with ``force``).
     """
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
-    stated = {"activation": activation}
-    loaded = load_models([path], arch, factory, model_args, input_shape=input_shape, stated=stated)
+    source = source or ModelSource()
+    stated = source.stated
+    loaded = load_models([path], source, input_shape)
     untransformed = untransformed_of(loaded.detected)
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)

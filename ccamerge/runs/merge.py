@@ -14,28 +14,34 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..io.files import OUTPUT_SUFFIXES, check_outputs
+from ..io.files import OUTPUT_SUFFIXES, Dataset, check_outputs
 from ..maths.bn import has_batchnorm
-from ..methods import list_methods, make_method, method_parameters
+from ..methods import MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
 from ..models.custom import save_spec
 from ..pipeline import (
-    DEFAULT_MAX_ROWS,
-    DEFAULT_RIDGE,
     MIN_HELDOUT,
+    AlignSettings,
+    BatchNormSettings,
+    Calibration,
+    DataSettings,
+    LoadedModels,
+    MergeRecipe,
     MergeResult,
+    ModelSource,
     Progress,
-    Timer,
+    RefitSettings,
+    RunContext,
+    Scored,
+    Split,
     align_models,
-    candidate_methods,
     check_batch_size,
     check_data_fits,
     check_labels,
-    check_refit_options,
     choose_best_reference,
     evaluate_all,
     gather_statistics,
@@ -45,8 +51,8 @@ from ..pipeline import (
     normalise_weights,
     parse_reference,
     provenance,
-    read_calibration,
     read_eval_data,
+    recorded_settings,
     refit_or_fix_batchnorm,
     resolve_bn_mode,
     resolve_device,
@@ -58,231 +64,268 @@ from ..pipeline import (
     write_model,
 )
 from ..runtime.errors import OptionError
+from .options import plan_from_options
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
 @dataclass
 class MergePlan:
-    """Everything ``ccamerge merge`` was asked to do."""
+    """Everything ``ccamerge merge`` was asked to do, in its settings objects;
+    :meth:`from_options` builds it from the flat options (:data:`MergePlan.OPTIONS`)."""
 
     checkpoints: list[str]
     output: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    arch: str | None = None
-    model: str | None = (
-        None  # a user's factory: pkg.module:fn or file.py:fn (ccamerge.models.custom)
-    )
-    model_args: dict[str, Any] = field(default_factory=dict)
-    activation: str | None = None  # an MLP's activation; None: ReLU, assumed and checked
-    spec: str | None = None  # a spec file (JSON) that replaces the detected feature groups
-    spec_out: str | None = None  # write the feature groups used to this JSON file
-    method: str = "cca"
-    method_params: dict[str, Any] = field(default_factory=dict)
+    source: ModelSource = field(default_factory=ModelSource)
+    data: DataSettings = field(default_factory=DataSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
+    batchnorm: BatchNormSettings = field(default_factory=BatchNormSettings)
+    refit: RefitSettings = field(default_factory=RefitSettings)
     weights: list[float] | None = None
     reference: int | str = 0  # an index, "first" or "best"
-    num_samples: int | None = None
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "cpu"
-    reset_bn: bool = True
-    bn_mode: str = "auto"
     force: bool = False
-    select_by: str = "agreement"
-    heldout_fraction: float = 0.2
     save_transforms: str | None = None
-    stats_mode: str = "auto"  # auto, joint or pairwise (see statistics_mode)
-    memory_limit: int | None = None  # bytes for statistics; default half the available RAM
-    refit: bool = True  # refit the merge layer by layer (docs/refit.md); False: the paper's merge
-    refit_ridge: float = DEFAULT_RIDGE
-    refit_max_rows: int = DEFAULT_MAX_ROWS  # rows of one layer's fit at most (0: no limit)
+    spec_out: str | None = None  # write the feature groups used to this JSON file
+
+    # flat option -> (settings field, its field): the CLI's flags and merge()'s keywords
+    OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {
+        "arch": ("source", "arch"),
+        "model": ("source", "model"),
+        "model_args": ("source", "model_args"),
+        "spec": ("source", "spec"),
+        "activation": ("source", "activation"),
+        "data": ("data", "calibration"),
+        "eval_data": ("data", "evaluation"),
+        "num_samples": ("data", "num_samples"),
+        "seed": ("data", "seed"),
+        "batch_size": ("data", "batch_size"),
+        "device": ("data", "device"),
+        "method": ("align", "method"),
+        "method_params": ("align", "params"),
+        "select_by": ("align", "select_by"),
+        "heldout_fraction": ("align", "heldout_fraction"),
+        "stats_mode": ("align", "stats_mode"),
+        "memory_limit": ("align", "memory_limit"),
+        "bn_mode": ("batchnorm", "mode"),
+        "reset_bn": ("batchnorm", "reset"),
+        "refit": ("refit", "enabled"),
+        "refit_ridge": ("refit", "ridge"),
+        "refit_max_rows": ("refit", "max_rows"),
+    }
+
+    @classmethod
+    def from_options(cls, checkpoints: Sequence[str], **options: Any) -> MergePlan:
+        return plan_from_options(cls, checkpoints=[str(c) for c in checkpoints], **options)
 
 
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
-    progress = progress or Progress()
-    timer = Timer()
-    device = resolve_device(plan.device)
-    check_refit_options(plan.refit_ridge, plan.refit_max_rows)
-    candidates = candidate_methods(plan.method, plan.method_params, plan.refit)
+    """Load, gather statistics, align (or select), assemble and refit, evaluate, write.
+    ``plan.data.device`` "cuda" becomes this process's GPU under torchrun."""
+    ctx = RunContext(progress or Progress())
+    data = dataclasses.replace(plan.data, device=resolve_device(plan.data.device))
+    plan = dataclasses.replace(plan, data=data)
+    candidates = check_plan(plan)
     method, auto = candidates[0], len(candidates) > 1
-    bn_modes = {resolve_bn_mode(plan.bn_mode, m) for m in candidates}
-    bn_mode = "renorm" if "renorm" in bn_modes else bn_modes.pop()
-    check_batch_size(plan.batch_size)
-    inputs = run_inputs(plan)
-    output_files = output_options(plan)
-    out_path, transforms_path, spec_path = check_outputs(output_files, inputs, plan.force)
+    bn_modes = {resolve_bn_mode(plan.batchnorm.mode, m) for m in candidates}
+    renorm = "renorm" in bn_modes
+    inputs, output_files = run_inputs(plan), output_options(plan)
+    outputs = check_outputs(output_files, inputs, plan.force)
     n = len(plan.checkpoints)
-    reference = parse_reference(plan.reference, n)
     weights = normalise_weights(plan.weights, n)
-    if plan.data is None and (auto or any(m.needs_data for m in candidates)):
-        free = " or ".join(m for m in list_methods() if not make_method(m).needs_data)
-        raise OptionError(
-            f"method {plan.method!r} needs calibration data: pass model-ready inputs with "
-            "--data FILE (.npz, .npy, .pt, .safetensors; '-' reads standard input), or merge "
-            f"without data with --method {free}"
-        )
-
-    with timer.phase("load"):
-        calib = read_calibration(plan.data, plan.num_samples, plan.seed)
-        shape = tuple(calib.x.shape[1:]) if calib is not None else None
-        stated = {"activation": plan.activation}
-        loaded = load_models(
-            plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape, stated
-        )
-        if calib is not None:
-            check_data_fits(calib, loaded, "calibration data")
-        eval_data = read_eval_data(plan.eval_data, loaded)
-        if eval_data is not None:
-            with torch.no_grad():  # labels out of range: say so now, not after the merge
-                outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
-            check_labels(eval_data, outputs)
-        if reference is None:
-            reference, reference_choice = choose_best_reference(
-                loaded, eval_data, calib, plan.batch_size, device
-            )
-        else:
-            reference_choice = {"rule": "first" if str(plan.reference) == "first" else "index"}
-
-    warnings: list[str] = list(loaded.warnings)
-    for data, what in ((calib, "calibration data"), (eval_data, "evaluation data")):
-        note = data.scale_warning(what) if data is not None else None
-        warnings += [note] if note else []
-    labelled = eval_data if eval_data is not None else calib
-    warnings += check_settings(loaded, labelled, stated, plan.batch_size, device)
-    refit = plan.refit and calib is not None
-    if plan.refit and calib is None:
-        warnings.append("refit skipped: no calibration data (--data)")
-    if refit and not plan.reset_bn:
-        warnings.append(
-            "--no-reset-bn has no effect with the refit, which writes the BatchNorm statistics "
-            "itself (--no-refit keeps the averaged ones)"
-        )
+    with ctx.timer.phase("load"):
+        loaded, calib, eval_data = load_inputs(plan.checkpoints, plan.source, data)
+        reference, reference_choice = choose_reference(plan, loaded, calib, eval_data)
+    warn_about_inputs(ctx, plan, loaded, calib, eval_data)
+    refit = dataclasses.replace(plan.refit, enabled=plan.refit.enabled and calib is not None)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
-        fixed = {
-            k: v
-            for k, v in plan.method_params.items()
-            if v != "auto" and k in method_parameters(method.name)
-        }
-        method, auto = make_method(method.name, **fixed), False
-        warnings.append(
+        method, auto = fixed_candidate(method, plan.align.params), False
+        ctx.warn(
             f"automatic selection needs at least {2 * MIN_HELDOUT} calibration samples "
             f"(got {len(calib)}); merged with {label(method)} instead"
         )
     stats = None
-    split = split_heldout(calib, plan.heldout_fraction, plan.seed) if auto and calib else None
-    if split is not None:
+    split = None
+    if auto and calib:
+        split = split_heldout(calib, plan.align.heldout_fraction, data.seed)
         calib = split.stats  # the held-out part never feeds statistics or BN reset
     # the plain merges that selection scores fix BatchNorm; a refitted merge does not
-    bn_fixed = not refit or split is not None
-    if calib is not None and (method.needs_data or (bn_mode == "renorm" and bn_fixed)):
+    bn_fixed = not refit.enabled or split is not None
+    if calib is not None and (method.needs_data or (renorm and bn_fixed)):
         pairwise, notes = statistics_mode(
-            plan.stats_mode, loaded.spec, n, candidates, plan.memory_limit
+            plan.align.stats_mode, loaded.spec, n, candidates, plan.align.memory_limit
         )
-        warnings += notes
-        with timer.phase("statistics"):
+        ctx.warn(*notes)
+        with ctx.timer.phase("statistics"):
             stats = gather_statistics(
                 loaded,
                 calib,
-                plan.batch_size,
-                device,
-                progress,
+                ctx.progress,
                 pairwise=pairwise,
                 reference=reference,
                 # the renormalisation targets' statistics
-                norm_stats=bn_mode == "renorm" and plan.reset_bn and bn_fixed,
+                norm_stats=renorm and plan.batchnorm.reset and bn_fixed,
             )
-        warnings += sample_warnings(loaded.spec, stats)
+        ctx.warn(*sample_warnings(loaded.spec, stats))
 
+    recipe = MergeRecipe(weights, reference, plan.batchnorm, data.device)
     selection = None
     if split is not None:
-        with timer.phase("selection"):
+        with ctx.timer.phase("selection"):
             winner, scored, state, model, bn_done = select(
-                loaded,
-                stats,
-                candidates,
-                split,
-                weights,
-                reference,
-                lambda m: resolve_bn_mode(plan.bn_mode, m),
-                plan.reset_bn,
-                plan.batch_size,
-                device,
-                plan.select_by,
+                loaded, stats, candidates, split, recipe, plan.align.select_by
             )
         method, alignment = winner.method, winner.alignment
-        bn_mode = resolve_bn_mode(plan.bn_mode, method)
-        selection = {
-            "select_by": plan.select_by,
-            "heldout_samples": len(split.heldout),
-            "candidates": [c.to_dict() for c in scored],
-            "winner": label(method),
-        }
+        selection = selection_section(plan.align, split, scored, method)
     else:
-        with timer.phase("alignment"):
+        with ctx.timer.phase("alignment"):
             alignment = align_models(method, loaded, reference, stats)
+    recipe = recipe.aligned(alignment, method)
     refitted = None
-    if split is None or refit:  # else: the selection's winner as it was scored
+    if split is None or refit.enabled:  # else: the selection's winner as it was scored
         state, model, bn_done, refitted = refit_or_fix_batchnorm(
-            loaded, alignment, weights, reference, calib, stats, bn_mode, plan.reset_bn,
-            plan.batch_size, device, refit, plan.refit_ridge, plan.refit_max_rows, progress,
-            timer, warnings,
-        )  # fmt: skip
-    if calib is None and has_batchnorm(model) and plan.reset_bn:
-        warnings.append("no calibration data: BatchNorm running statistics were not reset")
+            loaded, recipe, calib, stats, refit, ctx
+        )
+    if calib is None and has_batchnorm(model) and plan.batchnorm.reset:
+        ctx.warn("no calibration data: BatchNorm running statistics were not reset")
 
     evaluation = None
     if eval_data is not None:
-        with timer.phase("evaluate"):
-            evaluation = evaluate_all(loaded, model, eval_data, plan.batch_size, device)
+        with ctx.timer.phase("evaluate"):
+            evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, data.device)
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
-        assumptions=describe(loaded.detected, stated),
+        assumptions=describe(loaded.detected, plan.source.stated),
         method=method.name,
         params=method.params(),
         inputs=describe_inputs(plan.checkpoints),
         reference=reference,
         reference_choice=reference_choice,
         weights=weights,
-        output=str(out_path) if out_path else None,
+        output=str(outputs[0]) if outputs[0] else None,
         num_samples=stats.num_samples if stats else len(calib) if refitted else 0,
         batchnorm=bn_done,
-        bn_mode=bn_mode,
+        bn_mode=recipe.batchnorm.mode,
         groups=group_report(loaded.spec, alignment, reference),
-        warnings=warnings,
-        timings=timer.timings,
+        warnings=ctx.warnings,
+        timings=ctx.timer.timings,
         selection=selection,
         refit=refitted.section() if refitted else None,
         evaluation=evaluation,
     ).to_dict()
-
-    with timer.phase("write"):
-        check_outputs(output_files, inputs, plan.force)  # again: minutes passed
-        if out_path is not None:
-            metadata = provenance(report, plan.data, plan.seed)
-            write_model(state, plan.output, inputs, plan.force, metadata)
-        if transforms_path is not None:
-            save_transforms(transforms_path, alignment, loaded, report, calibration_of(plan))
-        if spec_path is not None:  # last, so that a failed merge writes nothing
-            save_spec(spec_path, loaded.spec, warnings=loaded.warnings)
-    return MergeResult(state, model, alignment, report)
+    result = MergeResult(state, model, alignment, report)
+    with ctx.timer.phase("write"):
+        write_outputs(plan, loaded, result)
+    return result
 
 
-def calibration_of(plan: MergePlan) -> dict[str, Any]:
-    """The calibration and refit settings a transforms file records."""
-    keys = ("data", "num_samples", "seed", "batch_size", "heldout_fraction")
-    out = {k: getattr(plan, k) for k in keys}
-    out["refit"] = {
-        "enabled": plan.refit,
-        "ridge": plan.refit_ridge,
-        "max_rows": plan.refit_max_rows,
+def check_plan(plan: MergePlan) -> list[MergeMethod]:
+    """The candidate methods, after checking the options that need no file."""
+    plan.refit.check()
+    check_batch_size(plan.data.batch_size)
+    candidates = plan.align.candidates(plan.refit.enabled)
+    needy = len(candidates) > 1 or any(m.needs_data for m in candidates)
+    if plan.data.calibration is None and needy:
+        free = " or ".join(m for m in list_methods() if not make_method(m).needs_data)
+        raise OptionError(
+            f"method {plan.align.method!r} needs calibration data: pass model-ready inputs "
+            "with --data FILE (.npz, .npy, .pt, .safetensors; '-' reads standard input), or "
+            f"merge without data with --method {free}"
+        )
+    return candidates
+
+
+def choose_reference(
+    plan: MergePlan, loaded: LoadedModels, calib: Calibration | None, eval_data: Dataset | None
+) -> tuple[int, dict[str, Any]]:
+    """The reference model's index and how it was chosen (``--reference best``: on data)."""
+    reference = parse_reference(plan.reference, len(plan.checkpoints))
+    if reference is not None:
+        return reference, {"rule": "first" if str(plan.reference) == "first" else "index"}
+    calib_data = calib.data if calib else None
+    data = plan.data
+    return choose_best_reference(loaded, eval_data, calib_data, data.batch_size, data.device)
+
+
+def warn_about_inputs(
+    ctx: RunContext,
+    plan: MergePlan,
+    loaded: LoadedModels,
+    calib: Calibration | None,
+    eval_data: Dataset | None,
+) -> None:
+    """The warnings the inputs give before any merging: discovery's, data scale, the
+    settings checkpoints do not record, options that have no effect."""
+    ctx.warn(*loaded.warnings)
+    calib_data = calib.data if calib is not None else None
+    for dataset, what in ((calib_data, "calibration data"), (eval_data, "evaluation data")):
+        ctx.warn(dataset.scale_warning(what) if dataset is not None else "")
+    labelled = eval_data if eval_data is not None else calib_data
+    data = plan.data
+    ctx.warn(*check_settings(loaded, labelled, plan.source.stated, data.batch_size, data.device))
+    if plan.refit.enabled and calib is None:
+        ctx.warn("refit skipped: no calibration data (--data)")
+    if plan.refit.enabled and calib is not None and not plan.batchnorm.reset:
+        ctx.warn(
+            "--no-reset-bn has no effect with the refit, which writes the BatchNorm statistics "
+            "itself (--no-refit keeps the averaged ones)"
+        )
+
+
+def fixed_candidate(method: MergeMethod, params: dict[str, Any]) -> MergeMethod:
+    """``method`` with its ``'auto'`` parameters at their defaults (too few samples to search)."""
+    fixed = {k: v for k, v in params.items() if v != "auto" and k in method_parameters(method.name)}
+    return make_method(method.name, **fixed)
+
+
+def selection_section(
+    align: AlignSettings, split: Split, scored: list[Scored], winner: MergeMethod
+) -> dict[str, Any]:
+    """The report's "selection" section: every candidate's score and the winner."""
+    return {
+        "select_by": align.select_by,
+        "heldout_samples": len(split.heldout),
+        "candidates": [c.to_dict() for c in scored],
+        "winner": label(winner),
     }
-    return out
+
+
+def write_outputs(plan: MergePlan, loaded: LoadedModels, result: MergeResult) -> None:
+    """The merged file, the transforms file and the spec file, each where asked; the
+    output paths checked again first (minutes passed since the first check)."""
+    inputs = run_inputs(plan)
+    out_path, transforms_path, spec_path = check_outputs(output_options(plan), inputs, plan.force)
+    if out_path is not None:
+        metadata = provenance(result.report, plan.data)
+        write_model(result.state_dict, plan.output, inputs, plan.force, metadata)
+    if transforms_path is not None:
+        recorded = recorded_settings(plan.data, plan.align, plan.refit)
+        save_transforms(transforms_path, result.alignment, loaded, result.report, recorded)
+    if spec_path is not None:  # last, so that a failed merge writes nothing
+        save_spec(spec_path, loaded.spec, warnings=loaded.warnings)
+
+
+def load_inputs(
+    checkpoints: Sequence[str], source: ModelSource, data: DataSettings
+) -> tuple[LoadedModels, Calibration | None, Dataset | None]:
+    """Step 1 as a merge takes it: the calibration data first (its sample shape feeds
+    feature-group discovery), the models, the evaluation data; each checked against the
+    others."""
+    calib = data.read_calibration()
+    shape = tuple(calib.data.x.shape[1:]) if calib is not None else None
+    loaded = load_models(checkpoints, source, shape)
+    if calib is not None:
+        check_data_fits(calib.data, loaded, "calibration data")
+    eval_data = read_eval_data(data.evaluation, loaded)
+    if eval_data is not None:
+        with torch.no_grad():  # labels out of range: say so now, not after the merge
+            outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
+        check_labels(eval_data, outputs)
+    return loaded, calib, eval_data
 
 
 def run_inputs(plan: MergePlan) -> list[str]:
     """Every file the merge reads: no output may land on one of them."""
-    named = [*plan.checkpoints, plan.data, plan.eval_data, plan.spec]
+    named = [*plan.checkpoints, plan.data.calibration, plan.data.evaluation, plan.source.spec]
     return [p for p in named if p is not None]
 
 
@@ -298,9 +341,5 @@ def output_options(plan: MergePlan) -> list[tuple[str, str | None, tuple[str, ..
 def merge(checkpoints: Sequence[str], **options: Any) -> MergeResult:
     """Python entry point: ``merge(["a.pt", "b.pt"], data="calib.npz", output="m.safetensors")``.
 
-    Keyword options are the fields of :class:`MergePlan`."""
-    names = {f.name for f in dataclasses.fields(MergePlan)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise OptionError(f"unknown option(s) {', '.join(unknown)}")
-    return run_merge(MergePlan(checkpoints=[str(c) for c in checkpoints], **options))
+    Keyword options are those of :data:`MergePlan.OPTIONS` and the plan's plain fields."""
+    return run_merge(MergePlan.from_options(checkpoints, **options))

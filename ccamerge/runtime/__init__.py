@@ -1,3 +1,4 @@
 """What every layer may use: the error hierarchy (``errors``), signals turned into
-exceptions (``interrupts``), and running under torchrun (``distributed``).
+exceptions (``interrupts``), running under torchrun (``distributed``), and a run's
+progress callbacks, phase timer and warnings (``context``).
 """

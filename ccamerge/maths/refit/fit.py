@@ -1,0 +1,299 @@
+"""The refit itself: every step of the plan in order, the report of what was fitted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ...methods.base import Alignment
+from ...models.spec import MergeSpec
+from ...runtime import distributed
+from ...runtime.errors import OptionError, RefitError
+from ..bn import reset_batchnorm
+from .equations import Moments, NormalEquations, current_weights, rows, write_weights
+from .interpret import Chunk
+from .memory import choose_mode, default_memory_budget, first_and_count
+from .plan import Fit, Norm, Opaque, Step, make_plan
+
+DEFAULT_RIDGE = 1e-3
+# rows (samples x output positions) a layer is fitted on at most. Measured (2000 images,
+# two models; docs/benchmarks.md): 2^18 rows as accurate as every row (ResNet20 x1: up to
+# 2M rows a layer) at a third of the time, and 2^16 as accurate as 2^18 (ResNet20 x1
+# 83.2 / 83.2 %, VGG11q 87.8 / 87.9 %) with the refit about 40 % faster
+DEFAULT_MAX_ROWS = 1 << 16
+MODES = ("stored", "recompute")
+
+
+# ---------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class LayerFit:
+    """One refitted layer. Residuals are ``||W x - t||^2 / ||t||^2`` on the calibration
+    data, before (the averaged weights on the merged inputs) and after the fit."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    norm: str | None  # the BatchNorm folded into the fit
+    residual_sum: bool  # the target is read at a residual sum
+    inputs: int  # p: input values per sample, with the constant of a fitted bias
+    samples: int  # rows of the fit (samples x output positions)
+    residual_before: float | None
+    residual_after: float | None
+    seconds: float
+
+
+@dataclass
+class RefitReport:
+    mode: str  # "stored" or "recompute"
+    memory_budget: int | None  # bytes that decided the mode (None: free memory unknown)
+    ridge: float
+    max_rows: int  # the row limit of one layer's fit (0: none)
+    layers: list[LayerFit] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # the whole refit
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+
+
+def _target_maps(
+    fit: Fit, alignment: Alignment, weights: Sequence[float], device: torch.device
+) -> list[tuple[float, torch.Tensor | None]]:
+    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity)."""
+    if fit.group is None:
+        return [(w, None) for w in weights]
+    if fit.group not in alignment.groups:
+        raise RefitError(f"the alignment has no transforms for group {fit.group}")
+    Ms = alignment.groups[fit.group].M
+    return [(w, Ms[k].to(device)) for k, w in enumerate(weights)]
+
+
+def _check_endpoints(merged: nn.Module, endpoints: Sequence[nn.Module]) -> None:
+    shapes = {k: v.shape for k, v in merged.state_dict().items()}
+    kinds = {name: type(m) for name, m in merged.named_modules()}
+    for k, model in enumerate(endpoints):
+        if {n: v.shape for n, v in model.state_dict().items()} != shapes or {
+            name: type(m) for name, m in model.named_modules()
+        } != kinds:
+            raise RefitError(f"model {k} does not have the merged network's modules and shapes")
+
+
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Every module in eval mode; the previous modes restored afterwards."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+@dataclass(frozen=True)
+class RefitSettings:
+    """The refit as a run asks for it: whether it runs, the ridge towards the averaged
+    weights, the row limit of one layer's fit (0: none) and the memory budget that decides
+    between the stored and the recomputing mode (bytes; None: half the free memory)."""
+
+    enabled: bool = True
+    ridge: float = DEFAULT_RIDGE
+    max_rows: int = DEFAULT_MAX_ROWS
+    memory_budget: int | None = None
+
+    def check(self) -> RefitSettings:
+        """Itself, after checking the ridge (finite, >= 0) and the row limit (an integer >= 0)."""
+        ridge, max_rows = self.ridge, self.max_rows
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise OptionError(f"the refit ridge must be finite and non-negative, got {ridge}")
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
+            raise OptionError(f"the refit's row limit must be an integer >= 0, got {max_rows}")
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """What a transforms file records (``apply`` repeats it)."""
+        return {"enabled": self.enabled, "ridge": self.ridge, "max_rows": self.max_rows}
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> RefitSettings:
+        """The settings :meth:`record` wrote (missing values: the defaults; a record
+        without ``enabled``: no refit)."""
+        ridge, max_rows = recorded.get("ridge"), recorded.get("max_rows")
+        return cls(
+            enabled=bool(recorded.get("enabled")),
+            ridge=DEFAULT_RIDGE if ridge is None else ridge,
+            max_rows=DEFAULT_MAX_ROWS if max_rows is None else max_rows,
+        ).check()
+
+
+def _check_options(
+    endpoints: Sequence[nn.Module], weights: Sequence[float], settings: RefitSettings
+) -> None:
+    if not endpoints or len(weights) != len(endpoints):
+        raise OptionError(f"{len(weights)} merge weights given for {len(endpoints)} models")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise OptionError("merge weights must be finite, non-negative and not all zero")
+    settings.check()
+
+
+@torch.no_grad()
+def refit(
+    merged: nn.Module,
+    endpoints: Sequence[nn.Module],
+    spec: MergeSpec,
+    alignment: Alignment,
+    weights: Sequence[float],
+    batches: Callable[[], Iterable[torch.Tensor]],
+    settings: RefitSettings = RefitSettings(),
+    on_layer: Callable[[str, int, int], None] | None = None,
+) -> RefitReport:
+    """Refit ``merged`` in place (weights and BatchNorm buffers) to the endpoints.
+
+    ``endpoints`` are the unmerged models (left untouched), ``alignment`` maps their
+    units into the merged network's, ``weights`` are the merge weights, and
+    ``batches()`` yields the calibration inputs afresh on every call. ``settings.memory_budget``
+    (bytes; default :func:`default_memory_budget`: half the free memory of the device)
+    decides between keeping every chunk's activations ("stored") and recomputing them
+    per layer ("recompute").
+    ``on_layer(name, i, total)`` is called after the i-th of ``total`` layers (i from 1).
+    A layer whose calibration rows (samples x output positions) exceed ``max_rows`` is
+    fitted on the rows of the first samples of every chunk, about ``max_rows`` in all
+    (0: no limit); every sample still runs through the network and feeds the BatchNorm
+    statistics. Raises :class:`RefitError` when the network cannot be traced or the endpoints
+    differ from it."""
+    _check_options(endpoints, weights, settings)
+    ridge, max_rows, memory_budget = settings.ridge, settings.max_rows, settings.memory_budget
+    _check_endpoints(merged, endpoints)
+    plan = make_plan(merged, spec)
+    device = next((p.device for p in merged.parameters()), torch.device("cpu"))
+    maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
+    start = time.perf_counter()
+    if memory_budget is None:
+        memory_budget = default_memory_budget(device)
+    report = RefitReport("stored", memory_budget, ridge, max_rows, warnings=list(plan.warnings))
+    first, samples = first_and_count(batches)
+    with _eval_mode([merged, *endpoints]):
+        report.mode = choose_mode(
+            plan, merged, first, samples, len(endpoints), memory_budget, device
+        )
+
+        def chunk(x: torch.Tensor, wanted: Iterable[Fit]) -> Chunk:
+            return Chunk(plan, merged, endpoints, maps, x.to(device), wanted, max_rows / samples)
+
+        if report.mode == "stored":
+            stored = [chunk(x, plan.fits) for x in distributed.shard(batches())]
+
+        def chunks(step: Step) -> Iterable[Chunk]:
+            if report.mode == "stored":
+                return stored
+            wanted = [step] if isinstance(step, Fit) else []
+            return (chunk(x, wanted) for x in distributed.shard(batches()))
+
+        folded_bias: dict[fx.Node, torch.Tensor] = {}
+        fits = plan.fits
+        for step in plan.steps:
+            if isinstance(step, Opaque):
+                reset_batchnorm(step.module, _inputs(step, chunks(step)), device, sharded=True)
+                continue
+            if isinstance(step, Norm):
+                _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
+                continue
+            bias = _fit_layer(step, chunks(step), ridge, report)
+            if bias is not None and step.norm is not None:
+                folded_bias[step.norm] = bias
+            if on_layer is not None:
+                on_layer(step.name, fits.index(step) + 1, len(fits))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _inputs(step: Step, chunks: Iterable[Chunk]) -> Iterator[torch.Tensor]:
+    """``step``'s merged inputs, chunk by chunk."""
+    for chunk in chunks:
+        chunk.advance(step)
+        yield chunk.input_of(step)
+
+
+def _fit_layer(
+    fit: Fit, chunks: Iterable[Chunk], ridge: float, report: RefitReport
+) -> torch.Tensor | None:
+    """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
+    start = time.perf_counter()
+    layer = fit.module
+    outputs = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    inputs = layer.weight[0].numel() + int(fit.has_bias)
+    eq = NormalEquations(inputs, outputs, device=layer.weight.device)
+    for chunk in chunks:
+        chunk.advance(fit)
+        for X, T in rows(fit, chunk.input_of(fit), chunk.target_of(fit)):
+            eq.add(X, T)
+    eq.reduce_across_ranks()
+    W0T = current_weights(fit, eq)
+    WT = eq.solve(W0T, ridge)
+    if WT is None:
+        report.warnings.append(
+            f"layer {fit.name} keeps its averaged weights: the least-squares solve was not "
+            "finite (non-finite activations, or a singular Gram matrix with ridge 0)"
+        )
+        return None
+    p = W0T.shape[0]
+    if eq.samples < p:
+        report.warnings.append(
+            f"layer {fit.name}: {eq.samples} samples for {p} inputs; the ridge towards the "
+            "averaged weights decides what the data does not"
+        )
+    bias = write_weights(fit, WT)
+    report.layers.append(
+        LayerFit(
+            name=fit.name,
+            kind="conv" if isinstance(fit.module, nn.Conv2d) else "linear",
+            norm=str(fit.norm.target) if fit.norm is not None else None,
+            residual_sum=fit.other is not None,
+            inputs=p,
+            samples=eq.samples,
+            residual_before=eq.residual(W0T),
+            residual_after=eq.residual(WT),
+            seconds=time.perf_counter() - start,
+        )
+    )
+    return bias
+
+
+def _measure_norm(
+    norm: Norm, chunks: Iterable[Chunk], bias: torch.Tensor | None, report: RefitReport
+) -> None:
+    """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
+    of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
+    bn = norm.module
+    moments = Moments(bn.num_features, bn.running_mean.device)
+    for x in _inputs(norm, chunks):
+        moments.add(x)
+    moments.reduce_across_ranks()
+    if moments.n < 2:
+        report.warnings.append(
+            f"BatchNorm {norm.name}: one value per channel, its running variance is set to 0"
+        )
+    var = moments.variance
+    bn.running_mean.copy_(moments.mean)
+    bn.running_var.copy_(var)
+    if bias is not None:
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.copy_(bias + moments.mean)
+
+
+# ---------------------------------------------------------------------------
+# the pipeline step

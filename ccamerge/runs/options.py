@@ -1,0 +1,36 @@
+"""Plans from flat options: the CLI's flags and the library's keywords name each setting
+once (``refit_ridge``, ``bn_mode``, ``batch_size``); a plan holds them in its settings
+objects (``plan.refit.ridge``, ``plan.batchnorm.mode``, ``plan.data.batch_size``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from ..runtime.errors import OptionError
+
+Plan = TypeVar("Plan")
+
+
+def plan_from_options(cls: type[Plan], **options: Any) -> Plan:
+    """``cls`` built from flat ``options``: a key of ``cls.OPTIONS`` (flat name ->
+    ``(settings field, its field)``) goes to that settings object, any other key must be a
+    plain field of ``cls``. Unknown keys are an :class:`OptionError`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    table: dict[str, tuple[str, str]] = cls.OPTIONS  # type: ignore[attr-defined]
+    parts = {part for part, _ in table.values()}
+    grouped: dict[str, dict[str, Any]] = {part: {} for part in parts}
+    plain: dict[str, Any] = {}
+    unknown = []
+    for key, value in options.items():
+        if key in table:
+            part, name = table[key]
+            grouped[part][name] = value
+        elif key in fields and key not in parts:
+            plain[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(sorted(unknown))}")
+    settings = {part: fields[part].default_factory(**kw) for part, kw in grouped.items()}  # type: ignore[misc]
+    return cls(**plain, **settings)
