@@ -79,7 +79,7 @@ from ..pipeline import (
     score_logits,
 )
 from ..runtime.errors import OptionError
-from .options import plan_from_options
+from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
 from .report import BarrierReport, describe_architecture
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
@@ -96,7 +96,7 @@ def default_methods() -> list[str]:
 
 
 @dataclass
-class BarrierPlan:
+class BarrierPlan(FromOptions):
     """Everything ``ccamerge barrier`` was asked to do, in its settings objects
     (:meth:`from_options` builds it from flat options; ``data.evaluation`` is required).
 
@@ -113,21 +113,11 @@ class BarrierPlan:
     batchnorm: BatchNormSettings = field(default_factory=BatchNormSettings)
 
     OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {
-        "arch": ("source", "arch"),
-        "activation": ("source", "activation"),
-        "data": ("data", "calibration"),
-        "eval_data": ("data", "evaluation"),
-        "num_samples": ("data", "num_samples"),
-        "seed": ("data", "seed"),
-        "batch_size": ("data", "batch_size"),
-        "device": ("data", "device"),
-        "bn_mode": ("batchnorm", "mode"),
-        "reset_bn": ("batchnorm", "reset"),
+        "arch": SOURCE_OPTIONS["arch"],
+        "activation": SOURCE_OPTIONS["activation"],
+        **DATA_OPTIONS,
+        **BATCHNORM_OPTIONS,
     }
-
-    @classmethod
-    def from_options(cls, checkpoints: Sequence[str], **options: Any) -> BarrierPlan:
-        return plan_from_options(cls, checkpoints=[str(c) for c in checkpoints], **options)
 
 
 def grid(steps: int) -> list[float]:

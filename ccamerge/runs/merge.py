@@ -64,12 +64,12 @@ from ..pipeline import (
     write_model,
 )
 from ..runtime.errors import OptionError
-from .options import plan_from_options
+from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
 @dataclass
-class MergePlan:
+class MergePlan(FromOptions):
     """Everything ``ccamerge merge`` was asked to do, in its settings objects;
     :meth:`from_options` builds it from the flat options (:data:`MergePlan.OPTIONS`)."""
 
@@ -88,33 +88,19 @@ class MergePlan:
 
     # flat option -> (settings field, its field): the CLI's flags and merge()'s keywords
     OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {
-        "arch": ("source", "arch"),
-        "model": ("source", "model"),
-        "model_args": ("source", "model_args"),
-        "spec": ("source", "spec"),
-        "activation": ("source", "activation"),
-        "data": ("data", "calibration"),
-        "eval_data": ("data", "evaluation"),
-        "num_samples": ("data", "num_samples"),
-        "seed": ("data", "seed"),
-        "batch_size": ("data", "batch_size"),
-        "device": ("data", "device"),
+        **SOURCE_OPTIONS,
+        **DATA_OPTIONS,
         "method": ("align", "method"),
         "method_params": ("align", "params"),
         "select_by": ("align", "select_by"),
         "heldout_fraction": ("align", "heldout_fraction"),
         "stats_mode": ("align", "stats_mode"),
         "memory_limit": ("align", "memory_limit"),
-        "bn_mode": ("batchnorm", "mode"),
-        "reset_bn": ("batchnorm", "reset"),
+        **BATCHNORM_OPTIONS,
         "refit": ("refit", "enabled"),
         "refit_ridge": ("refit", "ridge"),
         "refit_max_rows": ("refit", "max_rows"),
     }
-
-    @classmethod
-    def from_options(cls, checkpoints: Sequence[str], **options: Any) -> MergePlan:
-        return plan_from_options(cls, checkpoints=[str(c) for c in checkpoints], **options)
 
 
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:

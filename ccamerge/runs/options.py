@@ -5,11 +5,40 @@ objects (``plan.refit.ridge``, ``plan.batchnorm.mode``, ``plan.data.batch_size``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
 
 from ..runtime.errors import OptionError
 
 Plan = TypeVar("Plan")
+
+# flat option -> (settings field of the plan, field of that object), per settings object
+SOURCE_OPTIONS = {
+    "arch": ("source", "arch"),
+    "model": ("source", "model"),
+    "model_args": ("source", "model_args"),
+    "spec": ("source", "spec"),
+    "activation": ("source", "activation"),
+}
+DATA_OPTIONS = {
+    "data": ("data", "calibration"),
+    "eval_data": ("data", "evaluation"),
+    "num_samples": ("data", "num_samples"),
+    "seed": ("data", "seed"),
+    "batch_size": ("data", "batch_size"),
+    "device": ("data", "device"),
+}
+BATCHNORM_OPTIONS = {"bn_mode": ("batchnorm", "mode"), "reset_bn": ("batchnorm", "reset")}
+
+
+class FromOptions:
+    """A plan built from flat options through its ``OPTIONS`` table."""
+
+    OPTIONS: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    @classmethod
+    def from_options(cls: type[Plan], checkpoints: Sequence[Any], **options: Any) -> Plan:
+        return plan_from_options(cls, checkpoints=[str(c) for c in checkpoints], **options)
 
 
 def plan_from_options(cls: type[Plan], **options: Any) -> Plan:
