@@ -60,7 +60,8 @@ def test_merge_json_and_output_file(digits_mlps, tmp_path):
         "evaluation",
     ):
         assert key in doc
-    assert doc["method"] == "cca" and doc["num_samples"] == len(digits_mlps.train)
+    assert doc["method"] == "cca"
+    assert doc["num_samples"] + doc["check"]["num_samples"] == len(digits_mlps.train)
     assert {"name", "size", "mean_correlation", "min_correlation"} <= set(doc["groups"][0])
     assert {"models", "ensemble", "merged"} <= set(doc["evaluation"])
     # the file loads into the architecture and reproduces the merged accuracy
@@ -80,7 +81,7 @@ def test_merge_json_and_output_file(digits_mlps, tmp_path):
     inputs = json.loads(meta["inputs"])
     assert [i["sha256"] for i in inputs] == [sha256(p) for p in digits_mlps.paths[:2]]
     assert json.loads(meta["architecture"])["name"] == "mlp"
-    assert int(meta["num_samples"]) == len(digits_mlps.train)
+    assert int(meta["num_samples"]) == doc["num_samples"]
     assert meta["ccamerge_version"]
 
 

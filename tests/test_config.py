@@ -41,14 +41,15 @@ def test_a_toml_file_gives_the_merge_of_the_same_flags(toml, tmp_path):
 def test_flags_on_the_command_line_win_over_the_file(toml):
     path, _ = toml
     doc = json.loads(run("merge", "--config", path, "--json", "-q").stdout)
-    assert doc["params"]["gamma"] == 0.3 and doc["num_samples"] == 600 and "refit" not in doc
+    assert doc["params"]["gamma"] == 0.3 and "refit" not in doc
+    assert doc["num_samples"] + doc["check"]["num_samples"] == 600
     res = run("merge", "--config", path, "-n", 500, "--refit", "--param", "ridge=absolute",
               "--gamma", 2, "--json", "-q")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     # parameters merge key by key: the file's are kept unless the command line sets them
     assert doc["params"] == {"gamma": 2.0, "ridge": "absolute"}
-    assert doc["num_samples"] == 500 and "refit" in doc
+    assert doc["num_samples"] + doc["check"]["num_samples"] == 500 and "refit" in doc
 
 
 def test_alias_keys_and_dashes_or_underscores(digits_mlps, tmp_path):
@@ -87,7 +88,10 @@ def test_yaml_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("bogus = 1\n", "unknown key 'bogus' (valid: activation, alpha, arch, batch-size, beta, "),
+        (
+            "bogus = 1\n",
+            "unknown key 'bogus' (valid: activation, alpha, arch, augment, batch-size, beta, ",
+        ),
         ('num-samples = "many"\n', "num-samples = 'many': Input should be a valid integer"),
         ("num-samples = [1, 2]\n", "num-samples expects a single value, got [1, 2]"),
         ("refit = 1\n", "refit expects true or false, got 1"),

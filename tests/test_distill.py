@@ -26,7 +26,6 @@ from ccamerge.maths.distill import (
 )
 from ccamerge.models.registry import get_architecture
 from ccamerge.pipeline import Calibration, check_merge, load_models, score_outputs
-from ccamerge.runs.merge import merge
 from ccamerge.runtime.errors import DataError, OptionError
 
 WORKER = Path(__file__).parent / "distill_worker.py"
@@ -327,18 +326,33 @@ def test_the_check_flags_an_unaligned_average(digits_mlps):
     doc = check.to_dict()
     assert doc["beaten_by"] == loaded.paths and doc["num_samples"] == len(digits_mlps.test)
     assert doc["inputs"][0].keys() == {"name", "top1_agreement", "kl"}
+    best = max(check.inputs, key=lambda m: m.agreement)
+    assert best.name in check.warning() and "--distill auto" in check.warning()
 
 
-def test_the_check_is_quiet_on_a_good_merge_and_on_identical_inputs(digits_mlps):
+class Ensemble(torch.nn.Module):
+    """The models' mean logits: the merge the check compares everything with."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(m(x) for m in self.models) / len(self.models)
+
+
+def test_the_check_is_quiet_on_a_perfect_merge_and_on_identical_inputs(digits_mlps):
     paths = [str(p) for p in digits_mlps.paths[:2]]
     loaded = load_models(paths)
-    result = merge(paths, data=str(digits_mlps.calib_path))
     test = Calibration(digits_mlps.test, 128)
-    good = check_merge(loaded, loaded.build(result.state_dict), test, [0.5, 0.5])
-    assert good.beaten_by == [] and all(m.kl > good.merged.kl for m in good.inputs)
+    ensemble = Ensemble([loaded.build(sd) for sd in loaded.state_dicts])
+    perfect = check_merge(loaded, ensemble, test, [0.5, 0.5])
+    assert perfect.merged.agreement == 1.0 and perfect.merged.kl < 1e-12
+    assert perfect.beaten_by == [] and perfect.warning() is None
+    assert all(m.agreement < 1.0 for m in perfect.inputs)  # the inputs disagree somewhere
     same = load_models([paths[0], paths[0]])
     check = check_merge(same, same.build(same.state_dicts[0]), test, [0.5, 0.5])
-    assert check.beaten_by == []
+    assert check.beaten_by == [] and check.warning() is None
     assert [(m.agreement, m.kl) for m in (check.merged, *check.inputs)] == [(1.0, 0.0)] * 3
 
 

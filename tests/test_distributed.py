@@ -112,7 +112,7 @@ def test_mlp_two_processes_equal_one(tmp_path, digits_mlps):
     assert transforms < 1e-10
     assert weights < 3e-7  # float64 round-off can move a float32 value by one unit
     report = json.loads(run.stdout)  # one document: rank 1 printed nothing
-    assert report["num_samples"] == len(digits_mlps.train)
+    assert report["num_samples"] + report["check"]["num_samples"] == len(digits_mlps.train)
     assert run.stderr.count("Feature groups") == 1
 
 
@@ -158,7 +158,7 @@ def test_resnet_refit_two_processes_equal_one(resnet_refit, digits_convnets):
     layers = [m for m in nets.models[0].modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert report["refit"]["mode"] == "stored"
     assert len(report["refit"]["layers"]) == len(layers)
-    assert report["num_samples"] == len(digits_convnets.train)
+    assert report["num_samples"] + report["check"]["num_samples"] == len(digits_convnets.train)
     compare_resnet_merges(one, two, refit=True)
 
 
@@ -186,7 +186,8 @@ def test_apply_two_processes_equal_one(resnet_refit, digits_convnets):
         docs.append(json.loads(result if name == "one" else result.stdout))
         outputs.append(load_file(output))
     assert [d["refit"]["mode"] for d in docs] == ["stored", "stored"]
-    assert docs[0]["num_samples"] == docs[1]["num_samples"] == len(digits_convnets.train)
+    assert docs[0]["num_samples"] == docs[1]["num_samples"]
+    assert docs[0]["num_samples"] + docs[0]["check"]["num_samples"] == len(digits_convnets.train)
     weights = largest_relative_difference(*outputs, skip="running_")
     bn = largest_relative_difference(*outputs)
     scores = largest_score_difference(docs[0]["evaluation"], docs[1]["evaluation"])

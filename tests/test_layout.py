@@ -80,6 +80,7 @@ def test_steps_import_only_earlier_steps_and_never_a_run():
         "align",
         "assemble",
         "refit",
+        "distill",
         "evaluate",
         "select",
         "check",

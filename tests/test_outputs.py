@@ -206,7 +206,8 @@ def test_stdin_data_formats(env, fmt):
         buffer.write(save({"x": torch.as_tensor(env.x)}))
     res = merge_from_stdin(env, "--gamma", "0.1", "--json", "-q", stdin=buffer.getvalue())
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["num_samples"] == len(env.x)
+    doc = json.loads(res.stdout)
+    assert doc["num_samples"] + doc["check"]["num_samples"] == len(env.x)
 
 
 def test_demo_replaces_files_only_with_force(tmp_path):

@@ -49,9 +49,9 @@ def test_refit_is_the_default_with_a_fixed_gamma(digits_mlps, tmp_path):
     assert [layer["name"] for layer in refit["layers"]] == ["layers.0", "layers.1", "layers.2"]
     for layer in refit["layers"]:
         assert layer["residual_after"] <= layer["residual_before"]
-        assert layer["samples"] == len(digits_mlps.train) and layer["kind"] == "linear"
+        assert layer["samples"] == doc["num_samples"] and layer["kind"] == "linear"
     assert "refit" in doc["timings"] and "statistics" in doc["timings"]
-    assert doc["num_samples"] == len(digits_mlps.train)
+    assert doc["num_samples"] + doc["check"]["num_samples"] == len(digits_mlps.train)
     assert "REPAIR" not in doc["batchnorm"]
     meta = read_metadata(out)
     assert json.loads(meta["refit"]) == {"ridge": DEFAULT_RIDGE, "max_rows": DEFAULT_MAX_ROWS}
@@ -171,7 +171,10 @@ def _checkout(commit: str, into: Path) -> Path:
 
 def test_no_refit_equals_the_merge_before_the_refit(digits_mlps, digits_convnets, tmp_path):
     """`--no-refit` writes the bytes that the code before the refit wrote, for its default
-    policy (MLP: gamma chosen on held-out data, REPAIR) and a BatchNorm ResNet (renorm)."""
+    policy (MLP: gamma chosen on held-out data, REPAIR) and a BatchNorm ResNet (renorm);
+    with `--no-check`, which fits on every calibration sample as that code did (with a
+    selection the check reuses its held-out part, so the MLP's bytes are the same either
+    way)."""
     old = _checkout(BEFORE_REFIT, tmp_path / "before")
     resnet = digits_convnets.nets["resnet_cifar"].paths
     jobs = {
@@ -195,5 +198,8 @@ def test_no_refit_equals_the_merge_before_the_refit(digits_mlps, digits_convnets
                    check=True, cwd=tmp_path, timeout=600)  # fmt: skip
     for name, (paths, data, opts) in jobs.items():
         new = tmp_path / f"new-{name}.safetensors"
-        ccamerge.merge(paths, data=data, output=str(new), batch_size=128, refit=False, **opts)
+        ccamerge.merge(
+            paths, data=data, output=str(new), batch_size=128, refit=False, check=name == "mlp",
+            **opts,
+        )  # fmt: skip
         assert new.read_bytes() == (tmp_path / f"old-{name}.safetensors").read_bytes(), name

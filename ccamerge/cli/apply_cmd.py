@@ -14,6 +14,7 @@ from .options import (
     ConfigFile,
     Data,
     Device,
+    DistillData,
     EvalData,
     Force,
     Json,
@@ -57,6 +58,7 @@ def apply(
     refit: Refit = None,
     refit_ridge: RefitRidge = None,
     refit_max_rows: RefitMaxRows = None,
+    distill_data: DistillData = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -80,6 +82,7 @@ def apply(
         refit=refit,
         refit_ridge=refit_ridge,
         refit_max_rows=refit_max_rows,
+        distill_data=str(distill_data) if distill_data else None,
     )
     result = run_apply(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:

@@ -169,6 +169,10 @@ class BarProgress(Progress):
         if self._bar is not None:
             self._bar.advance(self._task, n)
 
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()

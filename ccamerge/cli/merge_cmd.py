@@ -5,9 +5,15 @@ from pathlib import Path
 import typer
 
 from ..io.files import STREAM, check_stdout, safetensors_file, write_stdout
-from ..methods import list_methods
 from ..models.custom import parse_model_args
-from ..pipeline import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, provenance
+from ..pipeline import (
+    CHECK_FRACTION,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_RIDGE,
+    parse_augment,
+    parse_epochs,
+    provenance,
+)
 from ..runs.merge import MergePlan, run_merge
 from ..runs.report import render_merge_report
 from ..runtime.errors import OptionError
@@ -17,30 +23,41 @@ from .options import (
     Activation,
     Alpha,
     Arch,
+    Augment,
     BatchSize,
     Beta,
     BnMode,
+    Check,
+    CheckFraction,
     ConfigFile,
     Data,
     Device,
+    Distill,
+    DistillData,
     EvalData,
     Force,
     Gamma,
     Json,
     MaxIter,
+    Method,
     Model,
     ModelArgs,
     NumSamples,
     Output,
     Params,
     Quiet,
+    Reference,
     Refit,
     RefitMaxRows,
     RefitRidge,
     ResetBn,
     Ridge,
+    SaveTransforms,
     Seed,
+    SelectBy,
+    SpecFile,
     SpecOut,
+    StatsMode,
     Weights,
 )
 from .params import method_params, methods_of
@@ -56,50 +73,24 @@ def merge(
     ),
     data: Data = None,
     output: Output = None,
-    method: str = typer.Option(
-        "cca",
-        "--method",
-        "-m",
-        help=f"{', '.join(list_methods())} or auto (default cca); see docs/methods.md.",
-    ),
+    method: Method = "cca",
     gamma: Gamma = None,
-    select_by: str = typer.Option(
-        "agreement",
-        "--select-by",
-        help="Criterion of --gamma auto / --method auto: agreement (with the ensemble, no "
-        "labels needed) or loss (cross-entropy on held-out calibration labels).",
-    ),
+    select_by: SelectBy = "agreement",
     ridge: Ridge = None,
     weights: Weights = None,
-    reference: str = typer.Option(
-        "first",
-        "--reference",
-        help="Reference model: first, best (highest --eval-data accuracy, else lowest "
-        "calibration loss) or an index.",
-    ),
+    reference: Reference = "first",
     param: Params = None,
     alpha: Alpha = None,
     beta: Beta = None,
     max_iter: MaxIter = None,
-    save_transforms: Path | None = typer.Option(
-        None,
-        "--save-transforms",
-        help="Also write every M_k and U_k to this .safetensors file (for `ccamerge apply`).",
-    ),
-    stats_mode: str = typer.Option(
-        "auto",
-        "--stats",
-        help="Statistics: joint (all N models), pairwise (reference x model, less memory) or "
-        "auto (pairwise when joint would not fit in half the available RAM).",
-    ),
+    save_transforms: SaveTransforms = None,
+    stats_mode: StatsMode = "auto",
     eval_data: EvalData = None,
     arch: Arch = None,
     model: Model = None,
     model_args: ModelArgs = None,
     activation: Activation = None,
-    spec: Path | None = typer.Option(
-        None, "--spec", help="Feature groups from a JSON spec file (see --spec-out)."
-    ),
+    spec: SpecFile = None,
     spec_out: SpecOut = None,
     num_samples: NumSamples = None,
     batch_size: BatchSize = 256,
@@ -110,6 +101,11 @@ def merge(
     refit: Refit = True,
     refit_ridge: RefitRidge = DEFAULT_RIDGE,
     refit_max_rows: RefitMaxRows = DEFAULT_MAX_ROWS,
+    distill: Distill = None,
+    distill_data: DistillData = None,
+    augment: Augment = None,
+    check: Check = True,
+    check_fraction: CheckFraction = CHECK_FRACTION,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -155,6 +151,11 @@ def merge(
         refit=bool(refit),
         refit_ridge=float(refit_ridge),
         refit_max_rows=int(refit_max_rows),
+        distill=parse_epochs(distill),
+        distill_data=str(distill_data) if distill_data else None,
+        augment=parse_augment(augment),
+        check=check,
+        check_fraction=check_fraction,
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if to_stdout:

@@ -162,3 +162,92 @@ RefitMaxRows = Annotated[
         f"Default {DEFAULT_MAX_ROWS}.",
     ),
 ]
+
+Distill = Annotated[
+    str | None,
+    typer.Option(
+        "--distill",
+        metavar="EPOCHS|auto",
+        help="After the refit, train the merge end to end against the inputs' mean logits: a "
+        "number of epochs, or auto (while the agreement on the held-out samples improves; "
+        "docs/distill.md). Off by default.",
+    ),
+]
+DistillData = Annotated[
+    Path | None,
+    typer.Option(
+        "--distill-data",
+        readable=False,
+        help="Unlabelled inputs to distil on instead of the calibration samples: a data file "
+        "(.npy is memory-mapped, any size) or a folder of data files, read in turn.",
+    ),
+]
+Augment = Annotated[
+    str | None,
+    typer.Option(
+        "--augment",
+        metavar="flip,crop",
+        help="Image augmentations while distilling (off by default: a flip is not valid for "
+        "every kind of image).",
+    ),
+]
+Check = Annotated[
+    bool,
+    typer.Option(
+        "--check/--no-check",
+        help="Hold out a part of the calibration samples and compare the merge and each input "
+        "with the inputs' ensemble there (no labels needed); --no-check fits on all of them.",
+    ),
+]
+CheckFraction = Annotated[
+    float,
+    typer.Option(
+        "--check-fraction",
+        help="Fraction of the calibration samples the check holds out (at least 64).",
+    ),
+]
+
+Method = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        "-m",
+        help="The merge method: one of the registered methods (cca, average, permute, "
+        "weight-matching, zipit and any a plug-in adds; docs/methods.md) or auto. Default cca.",
+    ),
+]
+SelectBy = Annotated[
+    str,
+    typer.Option(
+        "--select-by",
+        help="Criterion of --gamma auto / --method auto: agreement (with the ensemble, no "
+        "labels needed) or loss (cross-entropy on held-out calibration labels).",
+    ),
+]
+Reference = Annotated[
+    str,
+    typer.Option(
+        "--reference",
+        help="Reference model: first, best (highest --eval-data accuracy, else lowest "
+        "calibration loss) or an index.",
+    ),
+]
+SaveTransforms = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-transforms",
+        help="Also write every M_k and U_k to this .safetensors file (for `ccamerge apply`).",
+    ),
+]
+StatsMode = Annotated[
+    str,
+    typer.Option(
+        "--stats",
+        help="Statistics: joint (all N models), pairwise (reference x model, less memory) or "
+        "auto (pairwise when joint would not fit in half the available RAM).",
+    ),
+]
+SpecFile = Annotated[
+    Path | None,
+    typer.Option("--spec", help="Feature groups from a JSON spec file (see --spec-out)."),
+]

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,6 +346,72 @@ def load_data(path: str | os.PathLike, require_labels: bool = False) -> Dataset:
             f"(expected one of {', '.join(DATA_SUFFIXES)})"
         )
     return _as_dataset(x, y, path, require_labels)
+
+
+STREAM_ROWS = 4096  # samples a streamed source yields at a time
+
+
+@dataclass
+class DataStream:
+    """Unlabelled inputs read afresh, chunk by chunk, on every pass (``chunks()``): a
+    ``.npy`` file memory-mapped (any size: only one chunk is in memory), a folder of data
+    files read one after the other (sorted by name), or any other data file read whole.
+    Every chunk is checked (finite, one sample shape) and given as float32."""
+
+    path: str
+    files: list[Path]
+    samples: int
+    sample_shape: tuple[int, ...]
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        for file in self.files:
+            for x in _file_chunks(file):
+                if tuple(x.shape[1:]) != self.sample_shape:
+                    raise DataError(
+                        f"data {file}: samples of shape {tuple(x.shape[1:])}, expected "
+                        f"{self.sample_shape} as in {self.files[0]}"
+                    )
+                if not torch.isfinite(x).all():
+                    raise DataError(f"data {file}: inputs contain NaN or Inf")
+                yield x
+
+
+def open_stream(path: str | os.PathLike) -> DataStream:
+    """A :class:`DataStream` over ``path`` (a data file or a folder of them), after one pass
+    that counts the samples and checks every chunk."""
+    if str(path) == STREAM:
+        raise DataError("streamed data cannot come from standard input; give a file or folder")
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(f for f in root.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"data folder {root} holds no data files ({', '.join(DATA_SUFFIXES)})")
+    else:
+        _check_readable(root, "data file", DataError)
+        files = [root]
+    first = next(_file_chunks(files[0]))
+    stream = DataStream(str(root), files, 0, tuple(first.shape[1:]))
+    stream.samples = sum(x.shape[0] for x in stream.chunks())
+    return stream
+
+
+def _file_chunks(path: Path) -> Iterator[torch.Tensor]:
+    """One file's inputs in chunks of :data:`STREAM_ROWS` samples (a ``.npy`` memory-mapped)."""
+    if path.suffix != ".npy":
+        x = load_data(path).x
+        yield from x.split(STREAM_ROWS)
+        return
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # untrusted bytes
+        raise DataError(f"data file {path} is not a valid .npy ({_first_line(e)})") from None
+    if array.ndim < 2 or array.shape[0] == 0:
+        raise DataError(f"data file {path}: inputs of shape {array.shape}; expected (samples, ...)")
+    for i in range(0, array.shape[0], STREAM_ROWS):
+        chunk = np.asarray(array[i : i + STREAM_ROWS])
+        if not (np.issubdtype(chunk.dtype, np.floating) or np.issubdtype(chunk.dtype, np.integer)):
+            raise DataError(f"data file {path}: inputs have unsupported dtype {chunk.dtype}")
+        yield torch.from_numpy(chunk.astype(np.float32))
 
 
 def _load_stdin_data(require_labels: bool) -> Dataset:

@@ -20,6 +20,7 @@ ranks. See docs/distill.md.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -435,8 +436,26 @@ def _train(
         raise NumericalError("the student's held-out outputs are not finite before distillation")
     if on_epoch:
         on_epoch(0, settings.epoch_limit, history[0])
-    best, best_state = history[0], _snapshot(student)
     model = _wrap(student, run.device)
+    try:
+        return _epochs(model, student, run, held, on_epoch, history)
+    finally:
+        # the data-parallel wrapper is freed now, while its process group is alive: freed at
+        # interpreter exit, after the group, its reducer aborted about one two-process run in eight
+        del model
+        gc.collect()
+
+
+def _epochs(
+    model: nn.Module,
+    student: nn.Module,
+    run: _Run,
+    held: _Heldout,
+    on_epoch,
+    history: list[EpochMetrics],
+) -> tuple[list[EpochMetrics], int, str]:
+    settings = run.settings
+    best, best_state = history[0], _snapshot(student)
     optimiser = torch.optim.Adam(
         student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )

@@ -36,7 +36,16 @@ from .assemble import (
     resolve_bn_mode,
     state_of,
 )
-from .check import KL_TOLERANCE, Agreement, MergeCheck, check_merge, check_outputs
+from .check import (
+    CHECK_FRACTION,
+    Agreement,
+    CheckSettings,
+    MergeCheck,
+    check_merge,
+    check_outputs,
+    hold_out,
+)
+from .distill import Distillation, DistillJob, distill_merged, parse_augment, parse_epochs
 from .evaluate import (
     Score,
     check_labels,
@@ -77,13 +86,16 @@ __all__ = [
     "Agreement",
     "AlignSettings",
     "BN_MODES",
+    "CHECK_FRACTION",
     "BatchNormSettings",
+    "CheckSettings",
+    "DistillJob",
+    "Distillation",
     "Calibration",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_RIDGE",
     "DataSettings",
     "GAMMA_GRID",
-    "KL_TOLERANCE",
     "LayerFit",
     "LoadedModels",
     "MIN_HELDOUT",
@@ -113,6 +125,10 @@ __all__ = [
     "check_fits",
     "check_labels",
     "check_merge",
+    "distill_merged",
+    "hold_out",
+    "parse_augment",
+    "parse_epochs",
     "check_outputs",
     "choose_best_reference",
     "ensemble_logits",

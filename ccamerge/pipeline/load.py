@@ -46,10 +46,12 @@ class ModelSource:
 class DataSettings:
     """Where a run's data comes from and how it is batched: the calibration file
     (``calibration``; a seeded random subset of ``num_samples`` when given), the labelled
-    evaluation file, the batch size and the device."""
+    evaluation file, the unlabelled distillation data (a file or folder, streamed), the
+    batch size and the device."""
 
     calibration: str | None = None
     evaluation: str | None = None
+    distillation: str | None = None
     num_samples: int | None = None
     seed: int = 0
     batch_size: int = 256

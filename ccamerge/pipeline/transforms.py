@@ -15,10 +15,11 @@ checkpoints do not record, e.g. an MLP's activation, as the merge reported them:
 ``quality`` (group -> per-model quality), ``inputs`` (file names and
 sha256), the calibration settings of the refit or BatchNorm reset
 (``calibration_data``, ``num_samples``, ``seed``, ``batch_size``, and
-``heldout_split`` when automatic selection kept part of the data out of it),
-and the refit settings asked for (``refit``: ``enabled``, ``ridge``,
+``heldout_split`` when the check or automatic selection kept part of the data out
+of it), the refit settings asked for (``refit``: ``enabled``, ``ridge``,
 ``max_rows``; a file without them was written before the refit existed and
-is applied without it).
+is applied without it), and the distillation's (``distill``: every setting and the
+data it trained on; None without ``--distill``).
 
 :func:`run_apply` reads the file, checks that it fits the checkpoints
 (architecture and config, group names and sizes, number of models, matrix
@@ -50,7 +51,6 @@ from ..maths.refit import RefitSettings
 from ..methods import Alignment, GroupAlignment
 from ..runtime.errors import ArchitectureError, CheckpointError, OptionError, SpecError
 from ..version import __version__
-from .align import AlignSettings
 from .load import DataSettings, LoadedModels
 
 FORMAT = "ccamerge-transforms"
@@ -63,16 +63,22 @@ def tensor_name(group: str, kind: str, k: int) -> str:
 
 
 def recorded_settings(
-    data: DataSettings, align: AlignSettings, refit: RefitSettings
+    data: DataSettings,
+    heldout_fraction: float | None,
+    refit: RefitSettings,
+    distill: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The calibration and refit settings a transforms file records (``apply`` reads them)."""
+    """What a transforms file records of the calibration (``heldout_fraction``: of the
+    samples held out of the merge, None: none), the refit and the distillation (its
+    report's ``settings`` and data, None without it); ``apply`` reads them."""
     return {
         "data": data.calibration,
         "num_samples": data.num_samples,
         "seed": data.seed,
         "batch_size": data.batch_size,
-        "heldout_fraction": align.heldout_fraction,
+        "heldout_fraction": heldout_fraction,
         "refit": refit.record(),
+        "distill": distill,
     }
 
 
@@ -111,11 +117,12 @@ def save_transforms(
         "num_samples": calibration["num_samples"],
         "seed": calibration["seed"],
         "batch_size": calibration["batch_size"],
-        # automatic selection holds part of the calibration data out of the BN reset
+        # the check or automatic selection holds part of the calibration data out
         "heldout_split": {"fraction": calibration["heldout_fraction"], "seed": calibration["seed"]}
-        if "selection" in report
+        if calibration["heldout_fraction"] is not None
         else None,
         "refit": calibration["refit"],
+        "distill": calibration["distill"],
     }
     save_safetensors_atomic(tensors, path, metadata)
 

@@ -24,7 +24,8 @@ class MergeResult:
 
 def provenance(report: dict[str, Any], data: DataSettings) -> dict[str, Any]:
     """The output file's metadata: how it was made (``data``: where the calibration data
-    came from); the refit's settings when the merge was refitted."""
+    came from); the refit's settings when the merge was refitted, the distillation's
+    (and the data it trained on) when it was distilled."""
     metadata = {
         "format": "pt",
         "ccamerge_version": report["ccamerge_version"],
@@ -41,6 +42,9 @@ def provenance(report: dict[str, Any], data: DataSettings) -> dict[str, Any]:
     }
     if "refit" in report:
         metadata["refit"] = {k: report["refit"][k] for k in ("ridge", "max_rows")}
+    if "distill" in report:
+        distill = report["distill"]
+        metadata["distill"] = {"settings": distill["settings"], "data": distill["data"]}
     return metadata
 
 

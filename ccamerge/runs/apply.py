@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.files import OUTPUT_SUFFIXES, check_output_path, sha256
+from ..io.files import OUTPUT_SUFFIXES, DataStream, check_output_path, sha256
+from ..maths.distill import DistillSettings
 from ..models.assumptions import check_settings, describe, recorded_settings
 from ..pipeline import (
     BN_MODES,
     BatchNormSettings,
+    Calibration,
     DataSettings,
+    DistillJob,
     MergeRecipe,
     MergeResult,
     ModelSource,
@@ -35,6 +38,7 @@ from ..pipeline import (
     write_model,
 )
 from ..runtime.errors import ArchitectureError, OptionError
+from .merge import distill_and_check, open_distill_data
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
@@ -43,7 +47,8 @@ class ApplyPlan:
     """Everything ``ccamerge apply`` was asked to do. ``weights``, ``bn_mode``,
     ``num_samples``, ``seed``, ``batch_size`` and the refit settings (``refit``,
     ``refit_ridge``, ``refit_max_rows``) default to those recorded in the transforms
-    file (a file without refit settings: no refit)."""
+    file (a file without refit settings: no refit); the held-out split of the check or
+    of selection and a distillation are repeated as recorded (with ``data``)."""
 
     transforms: str
     checkpoints: list[str]
@@ -61,13 +66,15 @@ class ApplyPlan:
     refit: bool | None = None
     refit_ridge: float | None = None
     refit_max_rows: int | None = None
+    distill_data: str | None = None  # the data a distilled merge trained on, if not calibration
 
 
 def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     """Merge ``plan.checkpoints`` with saved transforms (no alignment statistics)."""
     ctx = RunContext(progress or Progress())
     device = resolve_device(plan.device)
-    inputs = [p for p in (plan.transforms, *plan.checkpoints, plan.data, plan.eval_data) if p]
+    named = (plan.transforms, *plan.checkpoints, plan.data, plan.eval_data, plan.distill_data)
+    inputs = [p for p in named if p]
     out_path = None
     if plan.output:
         out_path = check_output_path(plan.output, inputs, plan.force, suffixes=OUTPUT_SUFFIXES)
@@ -86,13 +93,15 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
             ) from None
         ctx.warn(*check_fits(saved, loaded))
         data = data_settings(plan, meta, device)
-        calib = data.read_calibration()
+        calib, heldout = data.read_calibration(), None
         if calib is not None:
             check_data_fits(calib.data, loaded, "calibration data")
             split = meta.get("heldout_split")
             if split:
-                calib = split_heldout(calib, split["fraction"], split["seed"]).stats
+                held = split_heldout(calib, split["fraction"], split["seed"])
+                calib, heldout = held.stats, held.heldout
         eval_data = read_eval_data(plan.eval_data, loaded)
+        stream = open_distill_data(plan.distill_data, loaded)
     n, reference = len(loaded.paths), saved.reference
     weights = normalise_weights(plan.weights or meta.get("weights"), n)
     bn_mode = plan.bn_mode if plan.bn_mode not in (None, "auto") else meta.get("bn_mode")
@@ -120,6 +129,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
             else "the REPAIR renormalisation of the merged layers was not redone"
         )
         ctx.warn(f"no calibration data (--data): {undone}")
+    job = recorded_distillation(ctx, meta.get("distill"), calib, heldout, stream)
+    distilled, check, trained = distill_and_check(ctx, loaded, recipe, model, heldout, job)
+    state = trained or state
     evaluation = None
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
@@ -150,6 +162,8 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         warnings=ctx.warnings,
         timings=ctx.timer.timings,
         refit=refitted.section() if refitted else None,
+        distill=distilled,
+        check=check.to_dict() if check else None,
         evaluation=evaluation,
     ).to_dict()
     if out_path is not None:
@@ -168,7 +182,14 @@ def data_settings(plan: ApplyPlan, recorded: dict[str, Any], device: str) -> Dat
     num_samples = plan.num_samples if plan.num_samples is not None else recorded.get("num_samples")
     seed = plan.seed if plan.seed is not None else int(recorded.get("seed") or 0)
     batch_size = check_batch_size(int(plan.batch_size or recorded.get("batch_size") or 256))
-    return DataSettings(plan.data, plan.eval_data, num_samples, seed, batch_size, device)
+    return DataSettings(
+        calibration=plan.data,
+        evaluation=plan.eval_data,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
 
 
 def refit_settings(plan: ApplyPlan, recorded: dict[str, Any]) -> RefitSettings:
@@ -177,3 +198,30 @@ def refit_settings(plan: ApplyPlan, recorded: dict[str, Any]) -> RefitSettings:
     return RefitSettings.from_record(
         {**recorded, **{k: v for k, v in given.items() if v is not None}}
     )
+
+
+def recorded_distillation(
+    ctx: RunContext,
+    recorded: dict[str, Any] | None,
+    calib: Calibration | None,
+    heldout: Calibration | None,
+    stream: DataStream | None,
+) -> DistillJob | None:
+    """The distillation the merge ran, to repeat (None: there was none, or it cannot be
+    repeated without calibration data, said in a warning)."""
+    if recorded is None:
+        if stream is not None:
+            raise OptionError("--distill-data: the transforms record no distillation to repeat")
+        return None
+    if calib is None or heldout is None:
+        ctx.warn(
+            "the merge was distilled; without its calibration data (--data) the distillation "
+            "is not repeated"
+        )
+        return None
+    if recorded["data"] != "calibration" and stream is None:
+        raise OptionError(
+            f"the merge was distilled on {recorded['data']}: give it again with --distill-data"
+        )
+    settings = {**recorded["settings"], "augment": tuple(recorded["settings"]["augment"])}
+    return DistillJob.of(calib, heldout, stream, DistillSettings(**settings))

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from ..io.files import OUTPUT_SUFFIXES, Dataset, check_outputs
+from ..io.files import OUTPUT_SUFFIXES, Dataset, DataStream, check_outputs, open_stream
 from ..maths.bn import has_batchnorm
 from ..methods import MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
@@ -28,8 +29,12 @@ from ..pipeline import (
     AlignSettings,
     BatchNormSettings,
     Calibration,
+    CheckSettings,
     DataSettings,
+    Distillation,
+    DistillJob,
     LoadedModels,
+    MergeCheck,
     MergeRecipe,
     MergeResult,
     ModelSource,
@@ -42,10 +47,13 @@ from ..pipeline import (
     check_batch_size,
     check_data_fits,
     check_labels,
+    check_merge,
     choose_best_reference,
+    distill_merged,
     evaluate_all,
     gather_statistics,
     group_report,
+    hold_out,
     label,
     load_models,
     normalise_weights,
@@ -60,10 +68,11 @@ from ..pipeline import (
     save_transforms,
     select,
     split_heldout,
+    state_of,
     statistics_mode,
     write_model,
 )
-from ..runtime.errors import OptionError
+from ..runtime.errors import DataError, OptionError
 from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
 from .report import MergeReport, describe_architecture, describe_inputs
 
@@ -80,6 +89,8 @@ class MergePlan(FromOptions):
     align: AlignSettings = field(default_factory=AlignSettings)
     batchnorm: BatchNormSettings = field(default_factory=BatchNormSettings)
     refit: RefitSettings = field(default_factory=RefitSettings)
+    distill: Distillation = field(default_factory=Distillation)
+    check: CheckSettings = field(default_factory=CheckSettings)
     weights: list[float] | None = None
     reference: int | str = 0  # an index, "first" or "best"
     force: bool = False
@@ -100,6 +111,11 @@ class MergePlan(FromOptions):
         "refit": ("refit", "enabled"),
         "refit_ridge": ("refit", "ridge"),
         "refit_max_rows": ("refit", "max_rows"),
+        "distill": ("distill", "epochs"),
+        "augment": ("distill", "augment"),
+        "distill_settings": ("distill", "settings"),
+        "check": ("check", "enabled"),
+        "check_fraction": ("check", "fraction"),
     }
 
 
@@ -120,6 +136,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     with ctx.timer.phase("load"):
         loaded, calib, eval_data = load_inputs(plan.checkpoints, plan.source, data)
         reference, reference_choice = choose_reference(plan, loaded, calib, eval_data)
+        stream = open_distill_data(data.distillation, loaded)
     warn_about_inputs(ctx, plan, loaded, calib, eval_data)
     refit = dataclasses.replace(plan.refit, enabled=plan.refit.enabled and calib is not None)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
@@ -129,10 +146,12 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             f"(got {len(calib)}); merged with {label(method)} instead"
         )
     stats = None
-    split = None
-    if auto and calib:
-        split = split_heldout(calib, plan.align.heldout_fraction, data.seed)
-        calib = split.stats  # the held-out part never feeds statistics or BN reset
+    calib, split, heldout = held_out_parts(ctx, plan, calib, auto)
+    if plan.distill.enabled and heldout is None:
+        raise DataError(
+            "--distill scores every epoch on the check's held-out calibration samples: give "
+            f"at least {2 * MIN_HELDOUT} calibration samples and keep the check (--check)"
+        )
     # the plain merges that selection scores fix BatchNorm; a refitted merge does not
     bn_fixed = not refit.enabled or split is not None
     if calib is not None and (method.needs_data or (renorm and bn_fixed)):
@@ -172,7 +191,11 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         )
     if calib is None and has_batchnorm(model) and plan.batchnorm.reset:
         ctx.warn("no calibration data: BatchNorm running statistics were not reset")
-
+    job = None
+    if plan.distill.enabled:
+        job = DistillJob.of(calib, heldout, stream, plan.distill.resolved(data.seed))
+    distilled, check, trained = distill_and_check(ctx, loaded, recipe, model, heldout, job)
+    state = trained or state
     evaluation = None
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
@@ -196,6 +219,8 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         timings=ctx.timer.timings,
         selection=selection,
         refit=refitted.section() if refitted else None,
+        distill=distilled,
+        check=check.to_dict() if check else None,
         evaluation=evaluation,
     ).to_dict()
     result = MergeResult(state, model, alignment, report)
@@ -204,9 +229,43 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     return result
 
 
+def distill_and_check(
+    ctx: RunContext,
+    loaded: LoadedModels,
+    recipe: MergeRecipe,
+    model: nn.Module,
+    heldout: Calibration | None,
+    job: DistillJob | None,
+) -> tuple[dict[str, Any] | None, MergeCheck | None, dict[str, torch.Tensor] | None]:
+    """The last steps of a merge and of ``apply``: distil ``model`` in place (with a
+    ``job``), then check it on the held-out samples (with ``heldout``). Returns the report's
+    "distill" section, the check, and the distilled state dict (None: not distilled)."""
+    distilled = trained = None
+    if job is not None:
+        distilled = distill_merged(loaded, recipe, model, job, ctx).to_dict() | job.source
+        trained = state_of(model, loaded, recipe.reference)  # the model scores what is written
+    check = None
+    if heldout is not None:
+        with ctx.timer.phase("check"):
+            check = check_merge(loaded, model, heldout, recipe.weights)
+        ctx.warn(check.warning())
+    return distilled, check, trained
+
+
 def check_plan(plan: MergePlan) -> list[MergeMethod]:
     """The candidate methods, after checking the options that need no file."""
     plan.refit.check()
+    plan.check.check()
+    if plan.distill.enabled:
+        plan.distill.resolved(plan.data.seed)  # every setting checked before any work
+        if not plan.check.enabled:
+            raise OptionError(
+                "--distill scores its epochs on the check's held-out samples: drop --no-check"
+            )
+        if plan.data.calibration is None:
+            raise OptionError("--distill needs calibration data (--data)")
+    elif plan.data.distillation is not None or plan.distill.augment:
+        raise OptionError("--distill-data and --augment go with --distill")
     check_batch_size(plan.data.batch_size)
     candidates = plan.align.candidates(plan.refit.enabled)
     needy = len(candidates) > 1 or any(m.needs_data for m in candidates)
@@ -257,6 +316,37 @@ def warn_about_inputs(
         )
 
 
+def held_out_parts(
+    ctx: RunContext, plan: MergePlan, calib: Calibration | None, auto: bool
+) -> tuple[Calibration | None, Split | None, Calibration | None]:
+    """``(what the merge fits on, the selection's split, the check's held-out samples)``:
+    with a search, its held-out part serves the check too; else the check holds out its
+    own fraction (none: too few samples, said in a warning, or ``--no-check``)."""
+    if calib is None:
+        return None, None, None
+    seed = plan.data.seed
+    if auto:
+        split = split_heldout(calib, plan.align.heldout_fraction, seed)
+        return split.stats, split, split.heldout
+    if not plan.check.enabled:
+        return calib, None, None
+    held = hold_out(calib, plan.check, seed)
+    if isinstance(held, str):
+        ctx.warn(held)
+        return calib, None, None
+    return held.stats, None, held.heldout
+
+
+def open_distill_data(path: str | None, loaded: LoadedModels) -> DataStream | None:
+    """``--distill-data``, checked against the model's input (None without it)."""
+    if path is None:
+        return None
+    stream = open_stream(path)
+    first = next(stream.chunks())
+    check_data_fits(Dataset(first, None, stream.path), loaded, "distillation data")
+    return stream
+
+
 def fixed_candidate(method: MergeMethod, params: dict[str, Any]) -> MergeMethod:
     """``method`` with its ``'auto'`` parameters at their defaults (too few samples to search)."""
     fixed = {k: v for k, v in params.items() if v != "auto" and k in method_parameters(method.name)}
@@ -284,10 +374,20 @@ def write_outputs(plan: MergePlan, loaded: LoadedModels, result: MergeResult) ->
         metadata = provenance(result.report, plan.data)
         write_model(result.state_dict, plan.output, inputs, plan.force, metadata)
     if transforms_path is not None:
-        recorded = recorded_settings(plan.data, plan.align, plan.refit)
-        save_transforms(transforms_path, result.alignment, loaded, result.report, recorded)
+        report = result.report
+        fraction = None  # of the samples held out of the merge: selection's, else the check's
+        if "selection" in report or "check" in report:
+            fraction = plan.align.heldout_fraction if "selection" in report else plan.check.fraction
+        recorded = recorded_settings(plan.data, fraction, plan.refit, distill_record(report))
+        save_transforms(transforms_path, result.alignment, loaded, report, recorded)
     if spec_path is not None:  # last, so that a failed merge writes nothing
         save_spec(spec_path, loaded.spec, warnings=loaded.warnings)
+
+
+def distill_record(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What a file records of the distillation: its settings and the data it trained on."""
+    distill = report.get("distill")
+    return None if distill is None else {"settings": distill["settings"], "data": distill["data"]}
 
 
 def load_inputs(

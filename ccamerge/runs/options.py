@@ -23,6 +23,7 @@ SOURCE_OPTIONS = {
 DATA_OPTIONS = {
     "data": ("data", "calibration"),
     "eval_data": ("data", "evaluation"),
+    "distill_data": ("data", "distillation"),
     "num_samples": ("data", "num_samples"),
     "seed": ("data", "seed"),
     "batch_size": ("data", "batch_size"),

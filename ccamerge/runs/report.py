@@ -47,6 +47,8 @@ class MergeReport(Report):
         "assumptions",
         "selection",
         "refit",
+        "distill",
+        "check",
         "evaluation",
     )
 
@@ -69,6 +71,8 @@ class MergeReport(Report):
     timings: dict[str, float]
     selection: dict[str, Any] | None = None
     refit: dict[str, Any] | None = None  # when the merge was refitted (pipeline.refit)
+    distill: dict[str, Any] | None = None  # with --distill (pipeline.distill)
+    check: dict[str, Any] | None = None  # the unlabelled check on held-out samples
     evaluation: dict[str, Any] | None = None
 
 
@@ -172,6 +176,37 @@ def refit_table(refit: dict[str, Any]) -> Table:
     return t
 
 
+def check_table(check: dict[str, Any]) -> Table:
+    """The merge and each input against the inputs' ensemble on the held-out samples."""
+    t = Table(
+        title=f"Check on {check['num_samples']} held-out calibration samples (agreement with "
+        "the inputs' ensemble; no labels used)",
+        title_justify="left",
+    )
+    t.add_column("model")
+    t.add_column("agreement %", justify="right")
+    t.add_column("KL", justify="right")
+    beaten = set(check["beaten_by"])
+    m = check["merged"]
+    t.add_row("[bold]merged[/]", f"[bold]{_pct(m['top1_agreement'])}[/]", _num(m["kl"], ".4f"))
+    for m in check["inputs"]:
+        mark = " [yellow](better than the merge)[/]" if m["name"] in beaten else ""
+        t.add_row(f"{m['name']}{mark}", _pct(m["top1_agreement"]), _num(m["kl"], ".4f"))
+    return t
+
+
+def distill_line(distill: dict[str, Any]) -> str:
+    """One line: what distillation trained on, for how long, and the held-out agreement."""
+    first, final = distill["history"][0], distill["final"]
+    work = distill["forward_equivalents"]["total"]
+    return (
+        f"[bold]distillation[/] {distill['epochs_run']} epochs on {distill['samples']} samples "
+        f"({distill['data']}), kept epoch {distill['epoch_kept']} ({distill['stopped']}); "
+        f"held-out agreement {_pct(first['agreement'])} -> {_pct(final['agreement'])} %, "
+        f"{distill['seconds']:.1f} s, {work:.0f} forward-pass equivalents"
+    )
+
+
 def render_assumptions(report: dict[str, Any], console: Console) -> None:
     """One line per setting the checkpoints do not record: its value and its source."""
     for a in report.get("assumptions", []):
@@ -219,6 +254,10 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
         console.print(selection_table(report["selection"]))
     if "refit" in report:
         console.print(refit_table(report["refit"]))
+    if "distill" in report:
+        console.print(distill_line(report["distill"]))
+    if "check" in report:
+        console.print(check_table(report["check"]))
 
     if "evaluation" in report:
         console.print(

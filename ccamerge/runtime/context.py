@@ -16,6 +16,9 @@ class Progress:
 
     def advance(self, n: int) -> None: ...
 
+    def describe(self, text: str) -> None:
+        """Replace the running task's description (e.g. with a score so far)."""
+
     def stop(self) -> None: ...
 
 
