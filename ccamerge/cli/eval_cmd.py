@@ -4,21 +4,13 @@ from pathlib import Path
 
 import typer
 
-from ..models.assumptions import check_settings, describe
-from ..pipeline import (
-    check_batch_size,
-    evaluate_all,
-    load_models,
-    read_eval_data,
-    resolve_device,
-)
-from ..runs.report import evaluation_table, render_assumptions
-from .app import app
-from .common import console, handle_errors, print_json, product_console
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
+from .common import handle_errors, print_json, product_console, stderr_console
 from .options import Activation, Arch, BatchSize, Device, Json
 
 
-@app.command("eval")
+@command("eval")
 @handle_errors
 def eval_(
     checkpoints: list[Path] = typer.Argument(
@@ -35,6 +27,16 @@ def eval_(
     json_out: Json = False,
 ) -> None:
     """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..models.assumptions import check_settings, describe
+        from ..pipeline import (
+            check_batch_size,
+            evaluate_all,
+            load_models,
+            read_eval_data,
+            resolve_device,
+        )
+        from ..runs.report import evaluation_table, render_assumptions
     device = resolve_device(device)
     check_batch_size(batch_size)
     stated = {"activation": activation}
@@ -50,6 +52,7 @@ def eval_(
     )
     table = evaluation_table(evaluation, title=f"Evaluation on {data}")
     product_console(to_stderr=json_out).print(table)
+    console = stderr_console()
     render_assumptions(evaluation, console)
     for note in evaluation["warnings"]:
         console.print(f"[yellow]warning:[/] {note}")
