@@ -24,6 +24,7 @@ from .options import (
     RefitRidge,
     ResetBn,
     Seed,
+    Verbose,
     Weights,
 )
 
@@ -59,6 +60,7 @@ def apply(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     config: ConfigFile = None,  # its callback fills the defaults above from the file
 ) -> None:
     """Merge checkpoints again with saved transforms: no alignment statistics needed."""
@@ -85,6 +87,6 @@ def apply(
     )
     result = run_apply(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:
-        render_merge_report(result.report, stderr_console())
+        render_merge_report(result.report, stderr_console(), verbose)
     if json_out:
         print_json(result.report)

@@ -24,6 +24,7 @@ from .options import (
     ResetBn,
     Ridge,
     Seed,
+    Verbose,
 )
 from .params import method_params
 
@@ -66,6 +67,7 @@ def barrier(
     bn_mode: BnMode = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     force: Force = False,
     config: ConfigFile = None,
 ) -> None:
@@ -110,6 +112,6 @@ def barrier(
     if csv_out is not None:
         write_csv(report, csv_out)
     if not quiet:
-        render_barrier_report(report, plot_path, csv_out, stderr_console())
+        render_barrier_report(report, plot_path, csv_out, stderr_console(), verbose)
     if json_out:
         print_json(report)

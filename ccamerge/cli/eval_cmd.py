@@ -36,7 +36,7 @@ def eval_(
             read_eval_data,
             resolve_device,
         )
-        from ..runs.report import evaluation_table, render_assumptions
+        from ..runs.report import evaluation_table, render_assumptions, render_warnings
     device = resolve_device(device)
     check_batch_size(batch_size)
     stated = {"activation": activation}
@@ -52,9 +52,7 @@ def eval_(
     )
     table = evaluation_table(evaluation, title=f"Evaluation on {data}")
     product_console(to_stderr=json_out).print(table)
-    console = stderr_console()
-    render_assumptions(evaluation, console)
-    for note in evaluation["warnings"]:
-        console.print(f"[yellow]warning:[/] {note}")
+    render_assumptions(evaluation, stderr_console())
+    render_warnings(evaluation["warnings"], stderr_console())
     if json_out:
         print_json(evaluation)

@@ -36,6 +36,7 @@ from .options import (
     Ridge,
     Seed,
     SpecOut,
+    Verbose,
     Weights,
 )
 from .params import method_params, methods_of
@@ -103,6 +104,7 @@ def merge(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
@@ -158,6 +160,6 @@ def merge(
         metadata = provenance(result.report, plan.data, plan.seed)
         write_stdout(safetensors_file(result.state_dict, metadata, "output -"))
     if not quiet:
-        render_merge_report(result.report, stderr_console())
+        render_merge_report(result.report, stderr_console(), verbose)
     if json_out:
         print_json(result.report)

@@ -124,6 +124,15 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report or progress on stderr.")]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="List every warning in the report; without it, more than 3 of one kind (one "
+        "per layer, say) are one line with their count and first names. --json lists all.",
+    ),
+]
 Refit = Annotated[
     bool | None,
     typer.Option(
