@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..runtime.errors import remedies
 from ..runtime.interrupts import quiet_interrupt_on_command_line
 from .app import command
 from .common import handle_errors, print_json, product_console, stderr_console
@@ -36,11 +37,13 @@ def eval_(
             read_eval_data,
             resolve_device,
         )
+        from ..runs.remedies import REMEDIES
         from ..runs.report import evaluation_table, render_assumptions, render_warnings
     device = resolve_device(device)
     check_batch_size(batch_size)
     stated = {"activation": activation}
-    loaded = load_models([str(c) for c in checkpoints], arch, stated=stated)
+    with remedies(**REMEDIES["eval"]):
+        loaded = load_models([str(c) for c in checkpoints], arch, stated=stated)
     dataset = read_eval_data(str(data), loaded)
     evaluation = evaluate_all(loaded, None, dataset, batch_size, device)
     if not ensemble:

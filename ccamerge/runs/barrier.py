@@ -74,7 +74,8 @@ from ..pipeline import (
     sample_warnings,
     score_logits,
 )
-from ..runtime.errors import OptionError
+from ..runtime.errors import OptionError, remedies
+from .remedies import REMEDIES
 from .report import BarrierReport, describe_architecture
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
@@ -223,7 +224,8 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
 
     with timer.phase("load"):
         stated = {"activation": plan.activation}
-        loaded = load_models(plan.checkpoints, plan.arch, stated=stated)
+        with remedies(**REMEDIES["barrier"]):
+            loaded = load_models(plan.checkpoints, plan.arch, stated=stated)
         calib = read_calibration(plan.data, plan.num_samples, plan.seed)
         if calib is not None:
             check_data_fits(calib, loaded, "calibration data")

@@ -15,6 +15,8 @@ from ..io.files import check_output_path
 from ..models.assumptions import describe
 from ..models.custom import save_spec, untransformed_of
 from ..pipeline import load_models
+from ..runtime.errors import remedies
+from .remedies import REMEDIES
 
 
 def inspect_checkpoint(
@@ -47,7 +49,10 @@ def inspect_checkpoint(
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
     stated = {"activation": activation}
-    loaded = load_models([path], arch, factory, model_args, input_shape=input_shape, stated=stated)
+    with remedies(**REMEDIES["inspect"]):
+        loaded = load_models(
+            [path], arch, factory, model_args, input_shape=input_shape, stated=stated
+        )
     untransformed = untransformed_of(loaded.detected)
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)

@@ -57,7 +57,8 @@ from ..pipeline import (
     statistics_mode,
     write_model,
 )
-from ..runtime.errors import OptionError
+from ..runtime.errors import OptionError, remedies
+from .remedies import REMEDIES
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
@@ -126,9 +127,10 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         calib = read_calibration(plan.data, plan.num_samples, plan.seed)
         shape = tuple(calib.x.shape[1:]) if calib is not None else None
         stated = {"activation": plan.activation}
-        loaded = load_models(
-            plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape, stated
-        )
+        with remedies(**REMEDIES["merge"]):
+            loaded = load_models(
+                plan.checkpoints, plan.arch, plan.model, plan.model_args, plan.spec, shape, stated
+            )
         if calib is not None:
             check_data_fits(calib, loaded, "calibration data")
         eval_data = read_eval_data(plan.eval_data, loaded)
