@@ -1,17 +1,27 @@
-"""The rich report: many warnings of one kind are one line (``--verbose`` lists them all);
-the JSON keeps every warning as written."""
+"""The rich report: many warnings of one kind are one line (``--verbose`` lists them all;
+the JSON keeps every warning as written); tables are plain columns when piped and
+rich's boxes fitted to a terminal's width."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from cli_run import run
+from rich.console import Console
 
 from ccamerge.models.archs.mlp import MLP
-from ccamerge.runs.report import group_warnings, warning_kind, warning_lines
+from ccamerge.runs.report import (
+    evaluation_table,
+    group_warnings,
+    print_table,
+    warning_kind,
+    warning_lines,
+)
 
 KEEPS = "keeps its averaged weights: its parameters are also used outside the module"
 LAYERS = [f"layer{i}.{j}.conv{k}" for i in (1, 2, 3) for j in (0, 1) for k in (1, 2)]
@@ -114,3 +124,55 @@ def test_merge_report_collapses_and_verbose_lists_all(deep_mlps):
 def test_verbose_is_an_option_of_the_reporting_commands(command):
     res = run(command, "--help")
     assert res.exit_code == 0 and "--verbose" in res.stdout
+
+
+# --- tables ---------------------------------------------------------------------------
+
+BOX_DRAWING = re.compile("[\u2500-\u257f]")
+
+
+def test_piped_tables_have_no_box_drawing_characters(deep_mlps, tmp_path):
+    """Every table of merge (groups, refit, evaluation, timings), barrier, eval and inspect,
+    printed where no terminal is (the test runner's pipes)."""
+    a, b, _, data = deep_mlps[:4]
+    runs = {
+        "merge": run("merge", *deep_mlps[:6], "--eval-data", data, "-o", tmp_path / "m.pt"),
+        "barrier": run(
+            "barrier", a, b, "--eval-data", data, "--methods", "average", "--steps", 3
+        ),  # fmt: skip
+        "eval": run("eval", a, b, "--data", data, "--ensemble"),
+        "inspect": run("inspect", a),
+    }
+    for command, res in runs.items():
+        assert res.exit_code == 0, (command, res.stderr)
+        text = res.stdout + res.stderr
+        assert not BOX_DRAWING.search(text), (command, text)
+    lines = runs["merge"].stderr.splitlines()
+    header = lines.index("Feature groups") + 1  # the title on its own line, then the rows
+    assert lines[header].split() == ["group", "size", "mean", "corr", "min", "corr", "cond"]
+    assert lines[header + 1].split()[:2] == ["hidden0", "16"]
+    assert any(line.startswith("Refit (") and line.endswith("/ |t|^2") for line in lines)
+
+
+def test_piped_table_rows_stay_whole():
+    long_path = "/data/" + "a_long_folder_name/" * 8 + "model.safetensors"
+    evaluation = {"num_samples": 10, "models": [{"path": long_path, "accuracy": 0.5, "loss": 1.0}]}
+    out = io.StringIO()
+    print_table(evaluation_table(evaluation), Console(file=out, width=40))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Evaluation (10 samples)"
+    assert lines[2].split() == [long_path, "50.00", "1.0000"]
+    assert not BOX_DRAWING.search(out.getvalue())
+
+
+def test_terminal_tables_fit_its_width_and_lose_nothing():
+    long_path = "/data/" + "a_long_folder_name/" * 8 + "model.safetensors"
+    evaluation = {"num_samples": 10, "models": [{"path": long_path, "accuracy": 0.5, "loss": 1.0}]}
+    out = io.StringIO()
+    terminal = Console(file=out, width=40, force_terminal=True, color_system=None)
+    print_table(evaluation_table(evaluation), terminal)
+    lines = out.getvalue().splitlines()
+    assert BOX_DRAWING.search(out.getvalue())  # rich's box on a terminal
+    assert max(len(line) for line in lines) <= 40
+    cells = "".join(line.split("│")[1].strip() for line in lines if line.count("│") == 4)
+    assert long_path in cells  # folded onto several lines, not cut

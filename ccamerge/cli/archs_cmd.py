@@ -31,10 +31,12 @@ def archs(
         return
     from rich.table import Table
 
+    from ..runs.report import print_table
+
     t = Table(title="Architectures", title_justify="left")
     t.add_column("name")
     t.add_column("description")
     for e in entries:
         t.add_row(e["name"], e["description"])
-    console.print(t)
+    print_table(t, console)
     console.print(f"methods: {', '.join(list_methods())}")

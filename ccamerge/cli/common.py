@@ -59,13 +59,22 @@ class _MainRankStderr:
         return sys.stderr.isatty()
 
 
-@functools.cache
+# piped, a console never wraps or cuts a line (paths stay whole; grep sees each line)
+PIPED_WIDTH = 10_000
+
+
 def stderr_console() -> Console:
     """The console of reports, warnings and progress: stderr (whatever ``sys.stderr`` is
-    at each write), silent on ranks other than 0."""
+    at each write), silent on ranks other than 0; as wide as its lines when piped."""
+    return _stderr_console(terminal=sys.stderr.isatty())
+
+
+@functools.cache
+def _stderr_console(terminal: bool) -> Console:
     from rich.console import Console
 
-    return Console(file=_MainRankStderr(), highlight=False)
+    width = None if terminal else PIPED_WIDTH
+    return Console(file=_MainRankStderr(), highlight=False, width=width)
 
 
 EXIT_USER_ERROR = 1
@@ -89,12 +98,12 @@ def product_console(to_stderr: bool = False) -> Console:
         return stderr_console()
     from rich.console import Console
 
-    piped = not sys.stdout.isatty()  # piped: never wrap or cut a line (paths stay whole)
+    piped = not sys.stdout.isatty()
     return Console(
         file=sys.stdout,
         highlight=False,
         soft_wrap=True,
-        width=10_000 if piped else None,
+        width=PIPED_WIDTH if piped else None,
         quiet=not is_main(),
     )
 

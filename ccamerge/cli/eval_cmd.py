@@ -38,7 +38,12 @@ def eval_(
             resolve_device,
         )
         from ..runs.remedies import REMEDIES
-        from ..runs.report import evaluation_table, render_assumptions, render_warnings
+        from ..runs.report import (
+            evaluation_table,
+            print_table,
+            render_assumptions,
+            render_warnings,
+        )
     device = resolve_device(device)
     check_batch_size(batch_size)
     stated = {"activation": activation}
@@ -54,7 +59,7 @@ def eval_(
         loaded, dataset, stated, batch_size, device
     )
     table = evaluation_table(evaluation, title=f"Evaluation on {data}")
-    product_console(to_stderr=json_out).print(table)
+    print_table(table, product_console(to_stderr=json_out))
     render_assumptions(evaluation, stderr_console())
     render_warnings(evaluation["warnings"], stderr_console())
     if json_out:

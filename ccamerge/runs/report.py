@@ -1,7 +1,8 @@
 """Every run's report: one typed object per run, whose ``to_dict()`` is both the JSON
 document (``--json``) and what the rich rendering on stderr reads. All rendering is here.
 
-The JSON keeps every warning as the run wrote it; the rich report of merge, apply and
+Tables (:func:`print_table`) are rich's boxes fitted to a terminal, and plain columns
+without box-drawing characters when piped. The JSON keeps every warning as the run wrote it; the rich report of merge, apply and
 barrier shows many warnings of one kind (one per layer or group, say) as one line
 (:func:`group_warnings`), and all of them with ``--verbose``."""
 
@@ -99,6 +100,28 @@ class BarrierReport(Report):
     eval_samples: int
     warnings: list[str]
     timings: dict[str, float]
+
+
+# piped, a table is as wide as its rows: no cell is cut or wrapped (grep and cut see it whole)
+PIPED_WIDTH = 10_000
+
+
+def print_table(table: Table, console: Console) -> None:
+    """Print ``table``. On a terminal: rich's box, fitted to the terminal's width (a cell
+    too long for its column folds onto the next line rather than being cut). Piped (not a
+    terminal): plain columns, no box-drawing characters, one line per row."""
+    if console.is_terminal:
+        for column in table.columns:
+            column.overflow = "fold"
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=PIPED_WIDTH, highlight=False, quiet=console.quiet)
+    if table.title:  # its own line: a title is not wrapped to the table's width
+        wide.print(table.title)
+        table.title = None
+    table.box = None
+    table.pad_edge = False
+    wide.print(table)
 
 
 def _pct(v: float | None) -> str:
@@ -325,23 +348,22 @@ def render_merge_report(report: dict[str, Any], console: Console, verbose: bool 
         if per_model:
             row.append(" ".join("ref" if q is None else f"{q:.2f}" for q in g["per_model"]))
         groups.add_row(*row)
-    console.print(groups)
+    print_table(groups, console)
     if "selection" in report:
-        console.print(selection_table(report["selection"]))
+        print_table(selection_table(report["selection"]), console)
     if "refit" in report:
-        console.print(refit_table(report["refit"]))
+        print_table(refit_table(report["refit"]), console)
 
     if "evaluation" in report:
-        console.print(
-            evaluation_table(report["evaluation"], merged_label=f"merged ({report['method']})")
-        )
+        merged_label = f"merged ({report['method']})"
+        print_table(evaluation_table(report["evaluation"], merged_label=merged_label), console)
 
     timings = Table(title="Timings", title_justify="left")
     timings.add_column("phase")
     timings.add_column("seconds", justify="right")
     for phase, sec in report["timings"].items():
         timings.add_row(phase, f"{sec:.2f}")
-    console.print(timings)
+    print_table(timings, console)
     render_warnings(report.get("warnings", []), console, verbose)
     if report.get("output"):
         console.print(f"[green]wrote[/] {report['output']}")
@@ -385,7 +407,7 @@ def render_barrier_report(
             p = report["curves"][name][i]
             row.append(f"{100 * p['accuracy']:6.2f} / {p['loss']:.4f}")
         curve.add_row(*row)
-    console.print(curve)
+    print_table(curve, console)
 
     summary = Table(title="Barriers (worst gap to the straight line, at t)", title_justify="left")
     for col in ("method", "loss", "accuracy pts", "acc. % at 1/2", "loss at 1/2"):
@@ -399,7 +421,7 @@ def render_barrier_report(
             "-" if r["accuracy_mid"] is None else f"{100 * r['accuracy_mid']:.2f}",
             "-" if r["loss_mid"] is None else f"{r['loss_mid']:.4f}",
         )
-    console.print(summary)
+    print_table(summary, console)
     for name, done in report["batchnorm"].items():
         if not done.startswith("none"):
             console.print(f"[bold]BatchNorm[/] ({name}, 0 < t < 1): {done}")
@@ -432,7 +454,7 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     for g in info["groups"]:
         members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
         t.add_row(g["name"], str(g["size"]), f"{g['collect_on']} of {g['collect_at']}", members)
-    console.print(t)
+    print_table(t, console)
     if info["ungrouped"]:
         console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
     for u in info.get("untransformed", []):
