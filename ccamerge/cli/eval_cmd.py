@@ -29,6 +29,7 @@ def eval_(
 ) -> None:
     """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
     with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..io.files import check_stdin_once
         from ..models.assumptions import check_settings, describe
         from ..pipeline import (
             check_batch_size,
@@ -44,6 +45,8 @@ def eval_(
             render_assumptions,
             render_warnings,
         )
+    named = [(f"checkpoint {k}", c) for k, c in enumerate(checkpoints)]
+    check_stdin_once([*named, ("--data", data)])
     device = resolve_device(device)
     check_batch_size(batch_size)
     stated = {"activation": activation}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.files import OUTPUT_SUFFIXES, check_output_path, sha256
+from ..io.files import OUTPUT_SUFFIXES, check_output_path, check_stdin_once, sha256
 from ..models.assumptions import check_settings, describe, recorded_settings
 from ..pipeline import (
     BN_MODES,
@@ -65,6 +65,11 @@ class ApplyPlan:
 
 def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     """Merge ``plan.checkpoints`` with saved transforms (no alignment statistics)."""
+    checkpoints = [(f"checkpoint {k}", c) for k, c in enumerate(plan.checkpoints)]
+    check_stdin_once(
+        [("--transforms", plan.transforms), *checkpoints, ("--data", plan.data)]
+        + [("--eval-data", plan.eval_data)]
+    )
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)

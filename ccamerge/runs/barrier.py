@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..io.files import Dataset, write_atomic
+from ..io.files import Dataset, check_stdin_once, write_atomic
 from ..maths.bn import has_batchnorm
 from ..maths.stats import Statistics
 from ..methods import Alignment, MergeMethod, list_methods
@@ -204,11 +204,13 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     ``batchnorm`` (method -> what was done at interior points),
     ``num_samples``, ``eval_samples``, ``warnings``, ``timings``.
     """
+    if len(plan.checkpoints) != 2:
+        raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
+    checkpoints = list(zip(("checkpoint A", "checkpoint B"), plan.checkpoints))
+    check_stdin_once([*checkpoints, ("--eval-data", plan.eval_data), ("--data", plan.data)])
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)
-    if len(plan.checkpoints) != 2:
-        raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
     check_batch_size(plan.batch_size)
     ts = grid(plan.steps)
     searched = sorted(k for k, v in plan.method_params.items() if v == "auto")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..io.files import OUTPUT_SUFFIXES, check_outputs
+from ..io.files import OUTPUT_SUFFIXES, check_outputs, check_stdin_once
 from ..maths.bn import has_batchnorm
 from ..methods import list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
@@ -100,6 +100,7 @@ class MergePlan:
 
 
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
+    check_stdin_once(named_inputs(plan))
     progress = progress or Progress()
     timer = Timer()
     device = resolve_device(plan.device)
@@ -282,10 +283,20 @@ def calibration_of(plan: MergePlan) -> dict[str, Any]:
     return out
 
 
+def named_inputs(plan: MergePlan) -> list[tuple[str, str | None]]:
+    """Every input of the merge, ``(what, path or None)``."""
+    checkpoints = [(f"checkpoint {k}", c) for k, c in enumerate(plan.checkpoints)]
+    return [
+        *checkpoints,
+        ("--data", plan.data),
+        ("--eval-data", plan.eval_data),
+        ("--spec", plan.spec),
+    ]
+
+
 def run_inputs(plan: MergePlan) -> list[str]:
     """Every file the merge reads: no output may land on one of them."""
-    named = [*plan.checkpoints, plan.data, plan.eval_data, plan.spec]
-    return [p for p in named if p is not None]
+    return [p for _, p in named_inputs(plan) if p is not None]
 
 
 def output_options(plan: MergePlan) -> list[tuple[str, str | None, tuple[str, ...] | None]]:
