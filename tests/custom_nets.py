@@ -75,3 +75,18 @@ def not_a_module(width: int = 32) -> object:
 
 def broken(width: int = 32) -> nn.Module:
     raise ValueError(f"width {width} is not supported")
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def make_gated(width: int = 8) -> nn.Module:
+    return Gated(width)

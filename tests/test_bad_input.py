@@ -428,6 +428,48 @@ def test_images_that_do_not_fit_a_conv_net(env, arch):
     env.unchanged()
 
 
+STDIN_TWICE = {  # a run that names standard input for two inputs, and the two it names
+    "data and eval data": (
+        lambda env: env.merge("--eval-data", "-", data="-"),
+        "--data and --eval-data",
+    ),
+    "a checkpoint and data": (
+        lambda env: env.merge(ckpts=("-", env.b), data="-"),
+        "checkpoint 0 and --data",
+    ),
+    "two checkpoints": (
+        lambda env: env.merge(ckpts=(env.a, "-", "-")),
+        "checkpoint 1 and checkpoint 2",
+    ),
+    "apply": (
+        lambda env: run("apply", env.a, env.b, "-t", "-", "--data", "-", "-o", env.out),
+        "--transforms and --data",
+    ),
+    "barrier": (
+        lambda env: run("barrier", env.a, "-", "--eval-data", "-", "--data", env.data),
+        "checkpoint B and --eval-data",
+    ),
+    "eval": (lambda env: run("eval", env.a, "-", "--data", "-"), "checkpoint 1 and --data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STDIN_TWICE))
+def test_standard_input_named_twice_is_refused_before_reading(env, monkeypatch, case):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("standard input was read")
+
+    monkeypatch.setattr(ccio, "_load_stdin_data", no_reading)
+    command, named = STDIN_TWICE[case]
+    line = refused(command(env))
+    assert line == f"error: - (standard input) can be read only once, but it is given for {named}"
+    env.unchanged()
+
+
+def test_standard_input_named_three_times_lists_all(env):
+    line = refused(env.merge("--eval-data", "-", ckpts=("-", env.b), data="-"))
+    assert line.endswith("it is given for checkpoint 0, --data and --eval-data")
+
+
 # --- numerical trouble ---------------------------------------------------------------
 
 

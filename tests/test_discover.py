@@ -419,8 +419,9 @@ def test_collection_point_falls_back_to_a_view_with_a_warning() -> None:
 def test_input_shape_inferred_for_mlps_and_required_for_convnets() -> None:
     assert discover(ConcatNet()).input_shape == (12,)
     assert discover(LayerNormMLP()).input_shape == (12,)  # x.flatten(1) into fc1
-    with pytest.raises(SpecError, match="cannot tell the input shape"):
+    with pytest.raises(SpecError, match="cannot tell the input shape") as caught:
         discover(ResConvNet())
+    assert caught.value.missing == "input_shape"
     with pytest.raises(SpecError, match=r"samples of shape \(7,\) failed"):
         discover(ConcatNet(), (7,))
 
@@ -434,8 +435,9 @@ def test_untraceable_model_is_a_clear_error() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
-    with pytest.raises(SpecError, match=r"torch.fx cannot trace Net.forward .*--spec"):
+    with pytest.raises(SpecError, match=r"torch.fx cannot trace Net.forward") as caught:
         discover(Net(), (4,))
+    assert caught.value.missing == "spec"  # each command says how to give one
 
 
 def test_discovery_keeps_the_training_flag_and_weights() -> None:

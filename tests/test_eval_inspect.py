@@ -1,18 +1,26 @@
-"""``ccamerge eval`` and ``ccamerge inspect``: JSON fields, values, errors, help."""
+"""``ccamerge eval`` and ``ccamerge inspect``: JSON fields, values, errors (each naming\nonly its own command's options), help."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import typer
+from cli_run import refused
+from cli_run import run as cli_run
 from typer.testing import CliRunner
 
 from ccamerge.cli import app
 from ccamerge.io.files import load_data
+from ccamerge.models.custom import load_factory
 from ccamerge.pipeline import ensemble_logits, evaluate, predict_logits, score_logits
 from ccamerge.runs.inspection import inspect_checkpoint
+from ccamerge.runs.remedies import REMEDIES
+from ccamerge.runtime.errors import MISSING
 
 runner = CliRunner()
 
@@ -120,3 +128,81 @@ def test_inspect_errors_are_one_line(tmp_path):
 def test_help(command):
     res = run(command, "--help")
     assert res.exit_code == 0 and "Usage" in res.stdout
+
+
+# --- an error names only the options of its own command ----------------------------------
+
+NETS = f"{Path(__file__).parent / 'custom_nets.py'}"
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def options_of(command: str) -> set[str]:
+    """Every flag of ``ccamerge COMMAND`` (from the typer app itself)."""
+    click_command = typer.main.get_command(app).commands[command]
+    return {o for p in click_command.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def test_every_remedy_names_only_its_own_commands_options():
+    for command, how in REMEDIES.items():
+        for missing, text in how.items():
+            assert missing in MISSING
+            assert set(FLAG.findall(text)) <= options_of(command), (command, text)
+
+
+def refused_naming_own_options(res, command: str) -> str:
+    line = refused(res)
+    assert set(FLAG.findall(line)) <= options_of(command), line
+    return line
+
+
+def test_inspect_asks_for_its_own_input_shape_option(tmp_path):
+    ckpt = tmp_path / "conv.pt"
+    torch.save(load_factory(f"{NETS}:make_convnet")(width=3).state_dict(), ckpt)
+    res = cli_run(
+        "inspect", ckpt, "--model", f"{NETS}:make_convnet", "--model-args", '{"width": 3}'
+    )
+    line = refused_naming_own_options(res, "inspect")
+    assert line == (
+        "error: cannot tell the input shape of ConvNet; give one sample's shape with "
+        "--input-shape, e.g. 3,32,32"
+    )
+    res = cli_run("merge", ckpt, ckpt, "-m", "average", "--model", f"{NETS}:make_convnet",
+                  "--model-args", '{"width": 3}')  # fmt: skip
+    assert refused_naming_own_options(res, "merge") == (
+        "error: cannot tell the input shape of ConvNet; give calibration data (--data) or a "
+        "spec file (--spec)"
+    )
+
+
+def test_an_untraceable_model_is_refused_in_each_commands_words(tmp_path):
+    ckpt = tmp_path / "gated.pt"
+    torch.save(load_factory(f"{NETS}:make_gated")().state_dict(), ckpt)
+    line = refused_naming_own_options(
+        cli_run("inspect", ckpt, "--model", f"{NETS}:make_gated", "--input-shape", "8"), "inspect"
+    )
+    assert line.startswith("error: torch.fx cannot trace Gated.forward")
+    assert line.endswith("a merge can take them written by hand (docs/custom-models.md)")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.ones((4, 8), np.float32))
+    res = cli_run("merge", ckpt, ckpt, "-d", data, "--model", f"{NETS}:make_gated")
+    assert refused_naming_own_options(res, "merge").endswith(
+        "write its feature groups by hand and pass them with --spec (docs/custom-models.md)"
+    )
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval", "merge", "barrier"])
+def test_an_unknown_network_is_refused_in_each_commands_words(tmp_path, command):
+    ckpt = tmp_path / "odd.pt"
+    torch.save({"foo.weight": torch.zeros(3, 3, 3)}, ckpt)
+    args = {
+        "inspect": [ckpt],
+        "eval": [ckpt, "--data", ckpt],
+        "merge": [ckpt, ckpt, "-m", "average"],
+        "barrier": [ckpt, ckpt, "--eval-data", ckpt, "--methods", "average"],
+    }[command]
+    line = refused_naming_own_options(cli_run(command, *args), command)
+    if "--model" in options_of(command):
+        assert line.endswith("pass --model pkg.module:factory (docs/custom-models.md)")
+    else:
+        assert line.endswith(f"{command} takes the registered architectures only "
+                             "(`ccamerge archs` lists them)")  # fmt: skip

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import typer
 
-from ..runs.apply import ApplyPlan, run_apply
-from ..runs.report import render_merge_report
-from .app import app
-from .common import BarProgress, console, handle_errors, parse_floats, print_json
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
+from .common import BarProgress, handle_errors, parse_floats, print_json, stderr_console
 from .options import (
     BatchSize,
     BnMode,
@@ -26,11 +25,12 @@ from .options import (
     RefitRidge,
     ResetBn,
     Seed,
+    Verbose,
     Weights,
 )
 
 
-@app.command("apply")
+@command("apply")
 @handle_errors
 def apply(
     checkpoints: list[Path] = typer.Argument(
@@ -62,9 +62,13 @@ def apply(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     config: ConfigFile = None,  # its callback fills the defaults above from the file
 ) -> None:
     """Merge checkpoints again with saved transforms: no alignment statistics needed."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..runs.apply import ApplyPlan, run_apply
+        from ..runs.report import render_merge_report
     plan = ApplyPlan(
         transforms=str(transforms),
         checkpoints=[str(c) for c in checkpoints],
@@ -86,6 +90,6 @@ def apply(
     )
     result = run_apply(plan, BarProgress(enabled=not (quiet or json_out)))
     if not quiet:
-        render_merge_report(result.report, console)
+        render_merge_report(result.report, stderr_console(), verbose)
     if json_out:
         print_json(result.report)

@@ -4,18 +4,9 @@ from pathlib import Path
 
 import typer
 
-from ..io.files import check_outputs
-from ..runs.barrier import (
-    PLOT_SUFFIXES,
-    BarrierPlan,
-    default_methods,
-    plot_barrier,
-    run_barrier,
-    write_csv,
-)
-from ..runs.report import render_barrier_report
-from .app import app
-from .common import BarProgress, console, handle_errors, print_json
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
+from .common import BarProgress, handle_errors, print_json, stderr_console
 from .options import (
     Activation,
     Arch,
@@ -33,11 +24,12 @@ from .options import (
     ResetBn,
     Ridge,
     Seed,
+    Verbose,
 )
 from .params import method_params
 
 
-@app.command("barrier")
+@command("barrier")
 @handle_errors
 def barrier(
     checkpoint_a: Path = typer.Argument(..., readable=False, help="Model A (t = 0)."),
@@ -58,9 +50,7 @@ def barrier(
     steps: int = typer.Option(
         11, "--steps", help="Points on [0, 1], ends included; odd puts t = 1/2 on the grid."
     ),
-    plot: Path | None = typer.Option(
-        None, "--plot", help=f"Write the curves as an image ({', '.join(PLOT_SUFFIXES)})."
-    ),
+    plot: Path | None = typer.Option(None, "--plot"),  # help: options.LATE_HELP
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Write one row per (method, t): method,t,loss,accuracy."
     ),
@@ -77,10 +67,22 @@ def barrier(
     bn_mode: BnMode = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     force: Force = False,
     config: ConfigFile = None,
 ) -> None:
     """Loss and accuracy along the interpolation path between two models, per method."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..io.files import check_outputs
+        from ..runs.barrier import (
+            PLOT_SUFFIXES,
+            BarrierPlan,
+            default_methods,
+            plot_barrier,
+            run_barrier,
+            write_csv,
+        )
+        from ..runs.report import render_barrier_report
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     inputs = [p for p in (checkpoint_a, checkpoint_b, eval_data, data) if p is not None]
     outputs = [("--plot", plot, PLOT_SUFFIXES), ("--csv", csv_path, (".csv",))]
@@ -110,6 +112,6 @@ def barrier(
     if csv_out is not None:
         write_csv(report, csv_out)
     if not quiet:
-        render_barrier_report(report, plot_path, csv_out, console)
+        render_barrier_report(report, plot_path, csv_out, stderr_console(), verbose)
     if json_out:
         print_json(report)

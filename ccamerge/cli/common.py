@@ -17,25 +17,41 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichProgress
 
-from ..io.files import json_text
-from ..runtime import distributed
 from ..runtime.context import Progress
 from ..runtime.errors import CcaMergeError, OptionError
 from ..runtime.interrupts import INTERRUPTED, Terminated, stop_signals_raise
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress
+
+# rich, torch and the runs load inside the commands that use them: ``ccamerge --help``
+# and ``--version`` start without them (tests/test_startup.py)
+
+
+def _distributed() -> ModuleType | None:
+    """:mod:`ccamerge.runtime.distributed` once a command has imported it, else None. Only
+    that module joins torchrun's process group, so before it is imported there is none:
+    this process answers as rank 0, as it would before ``distributed.setup``."""
+    return sys.modules.get("ccamerge.runtime.distributed")
+
+
+def is_main() -> bool:
+    """True on rank 0 and in a run of one process: the one that prints."""
+    distributed = _distributed()
+    return distributed is None or distributed.is_main()
 
 
 class _MainRankStderr:
     """stderr on rank 0 (and in a run of one process); silent on the other ranks."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text) if distributed.is_main() else len(text)
+        return sys.stderr.write(text) if is_main() else len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()
@@ -44,7 +60,23 @@ class _MainRankStderr:
         return sys.stderr.isatty()
 
 
-console = Console(file=_MainRankStderr(), highlight=False)
+# piped, a console never wraps or cuts a line (paths stay whole; grep sees each line)
+PIPED_WIDTH = 10_000
+
+
+def stderr_console() -> Console:
+    """The console of reports, warnings and progress: stderr (whatever ``sys.stderr`` is
+    at each write), silent on ranks other than 0; as wide as its lines when piped."""
+    return _stderr_console(terminal=sys.stderr.isatty())
+
+
+@functools.cache
+def _stderr_console(terminal: bool) -> Console:
+    from rich.console import Console
+
+    width = None if terminal else PIPED_WIDTH
+    return Console(file=_MainRankStderr(), highlight=False, width=width)
+
 
 EXIT_USER_ERROR = 1
 EXIT_INTERNAL = 3
@@ -64,14 +96,16 @@ def product_console(to_stderr: bool = False) -> Console:
     stdout, so that it pipes (rich styles it only on a terminal; piped, it is plain
     text); stderr when stdout carries ``--json``. Silent on ranks other than 0."""
     if to_stderr:
-        return console
-    piped = not sys.stdout.isatty()  # piped: never wrap or cut a line (paths stay whole)
+        return stderr_console()
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty()
     return Console(
         file=sys.stdout,
         highlight=False,
         soft_wrap=True,
-        width=10_000 if piped else None,
-        quiet=not distributed.is_main(),
+        width=PIPED_WIDTH if piped else None,
+        quiet=not is_main(),
     )
 
 
@@ -118,7 +152,7 @@ def handle_errors(fn: F) -> F:
                 "rerun with --debug (or CCAMERGE_DEBUG=1) for the traceback and report it",
                 EXIT_INTERNAL,
             )
-        distributed.shutdown()
+        _shutdown()
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -127,39 +161,53 @@ def handle_errors(fn: F) -> F:
 def fail(message: str, code: int) -> None:
     """Print ``message`` as the error line and exit with ``code``; under torchrun, a rank
     that another rank's failure ended exits silently with that rank's code."""
-    first = distributed.claim_failure(code)
+    distributed = _distributed()
+    first = None if distributed is None else distributed.claim_failure(code)
     if first is None:
         error_line(message)
-    distributed.shutdown()
+    _shutdown()
     raise typer.Exit(code if first is None else first) from None
+
+
+def _shutdown() -> None:
+    """Leave torchrun's process group, if one was joined."""
+    distributed = _distributed()
+    if distributed is not None:
+        distributed.shutdown()
 
 
 def print_json(document: Any) -> None:
     """The one JSON document a command writes on stdout (on rank 0 only): strict JSON,
     null where a number is undefined (NaN or infinite)."""
-    if not distributed.is_main():
+    from ..io.files import json_text
+
+    if not is_main():
         return
     sys.stdout.write(json_text(document, indent=2) + "\n")
     sys.stdout.flush()
 
 
 class BarProgress(Progress):
-    """A rich progress bar on stderr; silent when stderr is not a terminal or quiet."""
+    """A rich progress bar on stderr (a :class:`ccamerge.runtime.context.Progress`); silent when
+    stderr is not a terminal or quiet."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and console.is_terminal
+        self.enabled = enabled and stderr_console().is_terminal
         self._bar: RichProgress | None = None
         self._task: Any = None
 
     def start(self, task: str, total: int) -> None:
         if not self.enabled:
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
         self._bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=console,
+            console=stderr_console(),
             transient=True,
         )
         self._bar.start()

@@ -4,22 +4,14 @@ from pathlib import Path
 
 import typer
 
-from ..models.assumptions import check_settings, describe
-from ..pipeline import (
-    ModelSource,
-    check_batch_size,
-    evaluate_all,
-    load_models,
-    read_eval_data,
-    resolve_device,
-)
-from ..runs.report import evaluation_table, render_assumptions
-from .app import app
-from .common import console, handle_errors, print_json, product_console
+from ..runtime.errors import remedies
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
+from .common import handle_errors, print_json, product_console, stderr_console
 from .options import Activation, Arch, BatchSize, Device, Json
 
 
-@app.command("eval")
+@command("eval")
 @handle_errors
 def eval_(
     checkpoints: list[Path] = typer.Argument(
@@ -36,11 +28,32 @@ def eval_(
     json_out: Json = False,
 ) -> None:
     """Loss and accuracy of each checkpoint (and of their logit-averaging ensemble)."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..io.files import check_stdin_once
+        from ..models.assumptions import check_settings, describe
+        from ..pipeline import (
+            ModelSource,
+            check_batch_size,
+            evaluate_all,
+            load_models,
+            read_eval_data,
+            resolve_device,
+        )
+        from ..runs.remedies import REMEDIES
+        from ..runs.report import (
+            evaluation_table,
+            print_table,
+            render_assumptions,
+            render_warnings,
+        )
+    named = [(f"checkpoint {k}", c) for k, c in enumerate(checkpoints)]
+    check_stdin_once([*named, ("--data", data)])
     device = resolve_device(device)
     check_batch_size(batch_size)
     source = ModelSource(arch=arch, activation=activation)
     stated = source.stated
-    loaded = load_models([str(c) for c in checkpoints], source)
+    with remedies(**REMEDIES["eval"]):
+        loaded = load_models([str(c) for c in checkpoints], source)
     dataset = read_eval_data(str(data), loaded)
     evaluation = evaluate_all(loaded, None, dataset, batch_size, device)
     if not ensemble:
@@ -51,9 +64,8 @@ def eval_(
         loaded, dataset, stated, batch_size, device
     )
     table = evaluation_table(evaluation, title=f"Evaluation on {data}")
-    product_console(to_stderr=json_out).print(table)
-    render_assumptions(evaluation, console)
-    for note in evaluation["warnings"]:
-        console.print(f"[yellow]warning:[/] {note}")
+    print_table(table, product_console(to_stderr=json_out))
+    render_assumptions(evaluation, stderr_console())
+    render_warnings(evaluation["warnings"], stderr_console())
     if json_out:
         print_json(evaluation)

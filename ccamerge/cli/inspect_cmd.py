@@ -4,16 +4,13 @@ from pathlib import Path
 
 import typer
 
-from ..models.custom import parse_input_shape, parse_model_args
-from ..pipeline import ModelSource
-from ..runs.inspection import inspect_checkpoint
-from ..runs.report import render_inspection
-from .app import app
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
 from .common import handle_errors, print_json, product_console
 from .options import Activation, Arch, Force, Json, Model, ModelArgs, SpecOut
 
 
-@app.command("inspect")
+@command("inspect")
 @handle_errors
 def inspect(
     checkpoint: Path = typer.Argument(
@@ -34,6 +31,11 @@ def inspect(
     json_out: Json = False,
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..models.custom import parse_input_shape, parse_model_args
+        from ..pipeline import ModelSource
+        from ..runs.inspection import inspect_checkpoint
+        from ..runs.report import render_inspection
     source = ModelSource(arch, model, parse_model_args(model_args), activation=activation)
     info = inspect_checkpoint(
         str(checkpoint),

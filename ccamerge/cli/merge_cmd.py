@@ -4,21 +4,10 @@ from pathlib import Path
 
 import typer
 
-from ..io.files import STREAM, check_stdout, safetensors_file, write_stdout
-from ..models.custom import parse_model_args
-from ..pipeline import (
-    CHECK_FRACTION,
-    DEFAULT_MAX_ROWS,
-    DEFAULT_RIDGE,
-    parse_augment,
-    parse_epochs,
-    provenance,
-)
-from ..runs.merge import MergePlan, run_merge
-from ..runs.report import render_merge_report
 from ..runtime.errors import OptionError
-from .app import app
-from .common import BarProgress, console, handle_errors, parse_floats, print_json
+from ..runtime.interrupts import quiet_interrupt_on_command_line
+from .app import command
+from .common import BarProgress, handle_errors, parse_floats, print_json, stderr_console
 from .options import (
     Activation,
     Alpha,
@@ -39,7 +28,6 @@ from .options import (
     Gamma,
     Json,
     MaxIter,
-    Method,
     Model,
     ModelArgs,
     NumSamples,
@@ -58,12 +46,13 @@ from .options import (
     SpecFile,
     SpecOut,
     StatsMode,
+    Verbose,
     Weights,
 )
 from .params import method_params, methods_of
 
 
-@app.command("merge")
+@command("merge")
 @handle_errors
 def merge(
     checkpoints: list[Path] = typer.Argument(
@@ -73,7 +62,7 @@ def merge(
     ),
     data: Data = None,
     output: Output = None,
-    method: Method = "cca",
+    method: str = typer.Option("cca", "--method", "-m"),  # help: options.LATE_HELP
     gamma: Gamma = None,
     select_by: SelectBy = "agreement",
     ridge: Ridge = None,
@@ -99,19 +88,33 @@ def merge(
     reset_bn: ResetBn = True,
     bn_mode: BnMode = "auto",
     refit: Refit = True,
-    refit_ridge: RefitRidge = DEFAULT_RIDGE,
-    refit_max_rows: RefitMaxRows = DEFAULT_MAX_ROWS,
+    refit_ridge: RefitRidge = None,
+    refit_max_rows: RefitMaxRows = None,
     distill: Distill = None,
     distill_data: DistillData = None,
     augment: Augment = None,
     check: Check = True,
-    check_fraction: CheckFraction = CHECK_FRACTION,
+    check_fraction: CheckFraction = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     config: ConfigFile = None,
 ) -> None:
     """Merge two or more checkpoints of one architecture into one model."""
+    with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
+        from ..io.files import STREAM, check_stdout, safetensors_file, write_stdout
+        from ..models.custom import parse_model_args
+        from ..pipeline import (
+            CHECK_FRACTION,
+            DEFAULT_MAX_ROWS,
+            DEFAULT_RIDGE,
+            parse_augment,
+            parse_epochs,
+            provenance,
+        )
+        from ..runs.merge import MergePlan, run_merge
+        from ..runs.report import render_merge_report
     to_stdout = output is not None and str(output) == STREAM
     if to_stdout:
         if json_out:
@@ -149,13 +152,13 @@ def merge(
         stats_mode=stats_mode,
         select_by=select_by,
         refit=bool(refit),
-        refit_ridge=float(refit_ridge),
-        refit_max_rows=int(refit_max_rows),
+        refit_ridge=float(DEFAULT_RIDGE if refit_ridge is None else refit_ridge),
+        refit_max_rows=int(DEFAULT_MAX_ROWS if refit_max_rows is None else refit_max_rows),
         distill=parse_epochs(distill),
         distill_data=str(distill_data) if distill_data else None,
         augment=parse_augment(augment),
         check=check,
-        check_fraction=check_fraction,
+        check_fraction=CHECK_FRACTION if check_fraction is None else check_fraction,
     )
     result = run_merge(plan, BarProgress(enabled=not (quiet or json_out)))
     if to_stdout:
@@ -163,6 +166,6 @@ def merge(
         metadata = provenance(result.report, plan.data)
         write_stdout(safetensors_file(result.state_dict, metadata, "output -"))
     if not quiet:
-        render_merge_report(result.report, console)
+        render_merge_report(result.report, stderr_console(), verbose)
     if json_out:
         print_json(result.report)

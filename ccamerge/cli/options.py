@@ -2,18 +2,23 @@
 
 A command gives the default (``batch_size: BatchSize = 256``); ``apply`` defaults some
 of them to None, meaning "as recorded in the transforms file".
+
+An option whose help reads the method registry or the pipeline (which import torch)
+declares none; :data:`LATE_HELP` holds it, filled in when a help page is shown
+(:func:`fill_late_help`), so that registering the commands stays fast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..pipeline import BN_MODES, DEFAULT_MAX_ROWS, DEFAULT_RIDGE
 from .config import read_config
-from .params import alias_help, param_help
+from .params import alias_help, method_help, param_help
 
 # readable=False: the library checks files, with a one-line error (click's is a panel)
 Data = Annotated[
@@ -78,24 +83,12 @@ Weights = Annotated[
     str | None,
     typer.Option("--weights", help="Merge weights, comma-separated (normalised to sum 1)."),
 ]
-Params = Annotated[
-    list[str] | None,
-    typer.Option("--param", "-p", metavar="KEY=VALUE", help=param_help()),
-]
-Gamma = Annotated[
-    str | None, typer.Option("--gamma", metavar="NUMBER|auto", help=alias_help("--gamma", "cca"))
-]
-Ridge = Annotated[str | None, typer.Option("--ridge", help=alias_help("--ridge", "cca"))]
-Alpha = Annotated[
-    str | None, typer.Option("--alpha", metavar="NUMBER", help=alias_help("--alpha", "zipit"))
-]
-Beta = Annotated[
-    str | None, typer.Option("--beta", metavar="NUMBER", help=alias_help("--beta", "zipit"))
-]
-MaxIter = Annotated[
-    str | None,
-    typer.Option("--max-iter", metavar="N", help=alias_help("--max-iter", "weight-matching")),
-]
+Params = Annotated[list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE")]
+Gamma = Annotated[str | None, typer.Option("--gamma", metavar="NUMBER|auto")]
+Ridge = Annotated[str | None, typer.Option("--ridge")]
+Alpha = Annotated[str | None, typer.Option("--alpha", metavar="NUMBER")]
+Beta = Annotated[str | None, typer.Option("--beta", metavar="NUMBER")]
+MaxIter = Annotated[str | None, typer.Option("--max-iter", metavar="N")]
 # the value a command receives is the file's ccamerge.cli.config.Config (its method
 # parameters), or None; the callback has already filled the other options' defaults
 ConfigFile = Annotated[
@@ -106,7 +99,7 @@ ConfigFile = Annotated[
         callback=read_config,
         readable=False,
         help="Settings from a .toml (or .yaml/.yml) file: the flags' names as keys, e.g. "
-        "num-samples = 500, method parameters in a [params] table; flags given on the "
+        "num-samples = 500, method parameters in a \\[params] table; flags given on the "
         "command line win (docs/cli.md).",
     ),
 ]
@@ -123,14 +116,7 @@ ResetBn = Annotated[
     bool,
     typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."),
 ]
-BnMode = Annotated[
-    str | None,
-    typer.Option(
-        "--bn-mode",
-        help=f"BatchNorm treatment: {', '.join(BN_MODES)}. auto: renorm for dense transforms, "
-        "vector for permutations.",
-    ),
-]
+BnMode = Annotated[str | None, typer.Option("--bn-mode")]
 Force = Annotated[
     bool, typer.Option("--force", "-f", help="Overwrite existing output files (never an input).")
 ]
@@ -138,6 +124,15 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report or progress on stderr.")]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="List every warning in the report; without it, more than 3 of one kind (one "
+        "per layer, say) are one line with their count and first names. --json lists all.",
+    ),
+]
 Refit = Annotated[
     bool | None,
     typer.Option(
@@ -146,23 +141,46 @@ Refit = Annotated[
         "data (docs/refit.md); --no-refit: the paper's CCA Merge with BatchNorm reset/REPAIR.",
     ),
 ]
-RefitRidge = Annotated[
-    float | None,
-    typer.Option(
-        "--refit-ridge",
-        help="Ridge of the refit towards the averaged weights, relative to each layer's "
-        f"mean input energy. Default {DEFAULT_RIDGE:g}.",
-    ),
-]
-RefitMaxRows = Annotated[
-    int | None,
-    typer.Option(
-        "--refit-max-rows",
-        help="Rows (samples x output positions) one layer's refit uses at most; 0: all. "
-        f"Default {DEFAULT_MAX_ROWS}.",
-    ),
-]
+# the default is the pipeline's (None here: said in the help)
+RefitRidge = Annotated[float | None, typer.Option("--refit-ridge")]
+RefitMaxRows = Annotated[int | None, typer.Option("--refit-max-rows")]
 
+
+def _bn_mode_help() -> str:
+    from ..pipeline import BN_MODES
+
+    return (
+        f"BatchNorm treatment: {', '.join(BN_MODES)}. auto: renorm for dense transforms, "
+        "vector for permutations."
+    )
+
+
+def _refit_ridge_help() -> str:
+    from ..pipeline import DEFAULT_RIDGE
+
+    return (
+        "Ridge of the refit towards the averaged weights, relative to each layer's mean "
+        f"input energy. Default {DEFAULT_RIDGE:g}."
+    )
+
+
+def _refit_max_rows_help() -> str:
+    from ..pipeline import DEFAULT_MAX_ROWS
+
+    return (
+        "Rows (samples x output positions) one layer's refit uses at most; 0: all. "
+        f"Default {DEFAULT_MAX_ROWS}."
+    )
+
+
+def _plot_help() -> str:
+    from ..runs.barrier import PLOT_SUFFIXES
+
+    return f"Write the curves as an image ({', '.join(PLOT_SUFFIXES)})."
+
+
+# flag -> its help, computed when a help page shows it (barrier's --plot and merge's
+# --method are one command's, but their help reads a run and the registry too)
 Distill = Annotated[
     str | None,
     typer.Option(
@@ -200,22 +218,20 @@ Check = Annotated[
     ),
 ]
 CheckFraction = Annotated[
-    float,
-    typer.Option(
-        "--check-fraction",
-        help="Fraction of the calibration samples the check holds out (at least 64).",
-    ),
+    float | None,
+    typer.Option("--check-fraction"),  # help: LATE_HELP
 ]
 
-Method = Annotated[
-    str,
-    typer.Option(
-        "--method",
-        "-m",
-        help="The merge method: one of the registered methods (cca, average, permute, "
-        "weight-matching, zipit and any a plug-in adds; docs/methods.md) or auto. Default cca.",
-    ),
-]
+
+def _check_fraction_help() -> str:
+    from ..pipeline import CHECK_FRACTION
+
+    return (
+        "Fraction of the calibration samples the check holds out (at least 64 samples). "
+        f"Default {CHECK_FRACTION:g}."
+    )
+
+
 SelectBy = Annotated[
     str,
     typer.Option(
@@ -251,3 +267,27 @@ SpecFile = Annotated[
     Path | None,
     typer.Option("--spec", help="Feature groups from a JSON spec file (see --spec-out)."),
 ]
+
+
+LATE_HELP: dict[str, Callable[[], str]] = {
+    "--method": method_help,
+    "--param": param_help,
+    "--gamma": partial(alias_help, "--gamma", "cca"),
+    "--ridge": partial(alias_help, "--ridge", "cca"),
+    "--alpha": partial(alias_help, "--alpha", "zipit"),
+    "--beta": partial(alias_help, "--beta", "zipit"),
+    "--max-iter": partial(alias_help, "--max-iter", "weight-matching"),
+    "--bn-mode": _bn_mode_help,
+    "--refit-ridge": _refit_ridge_help,
+    "--refit-max-rows": _refit_max_rows_help,
+    "--check-fraction": _check_fraction_help,
+    "--plot": _plot_help,
+}
+
+
+def fill_late_help(params: Iterable[Any]) -> None:
+    """Give each of a command's click parameters that :data:`LATE_HELP` names its help."""
+    for param in params:
+        late = [LATE_HELP[flag] for flag in getattr(param, "opts", ()) if flag in LATE_HELP]
+        if late:
+            param.help = late[0]()

@@ -4,17 +4,20 @@
 searches its declared candidates); the flags in :data:`ALIASES` are aliases of it; a
 ``--config`` file's ``[params]`` table (:mod:`ccamerge.cli.config`) sets them too, and
 the command line wins over the file, key by key.
+
+The method registry (and torch with it) loads inside the functions, when a command
+runs or a help page is shown.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..methods import Param, list_methods, method_class, method_parameters
-from ..methods.base import describe_names
-from ..pipeline import auto_methods
 from ..runtime.errors import OptionError
+
+if TYPE_CHECKING:
+    from ..methods import Param
 
 # flag -> the parameter it sets (the flags of the built-in methods, before --param)
 ALIASES = {
@@ -28,6 +31,8 @@ ALIASES = {
 
 def methods_of(method: str) -> list[str]:
     """The methods a merge's parameters go to: ``method``, or the candidates of auto."""
+    from ..pipeline import auto_methods
+
     return auto_methods() if method == "auto" else [method]
 
 
@@ -40,6 +45,8 @@ def method_params(
     """The parameters for ``methods``: the file's (``key -> (where, value)``), then the
     command line's (the alias flags ``aliases``, flag -> text or None, and ``pairs``,
     ``KEY=VALUE``), which win; each value parsed by the first method declaring it."""
+    from ..methods import method_class
+
     declared: dict[str, tuple[str, Param]] = {}
     for name in methods:
         for p in method_class(name).parameters:
@@ -80,6 +87,9 @@ def _value(
     source: str,
 ) -> Any:
     """``value`` (command-line text, or a config file's value) as parameter ``key``."""
+    from ..methods import method_parameters
+    from ..methods.base import describe_names
+
     if key not in declared:
         if len(methods) == 1:
             raise OptionError(
@@ -109,6 +119,8 @@ def describe_default(p: Param) -> str:
 
 def alias_help(flag: str, method: str) -> str:
     """The help of an alias flag, from the declaration of the parameter it sets."""
+    from ..methods import method_class
+
     key = ALIASES[flag]
     (p,) = [p for p in method_class(method).parameters if p.name == key]
     limits = f", {p.limits()}" if p.limits() else ""
@@ -120,6 +132,8 @@ def alias_help(flag: str, method: str) -> str:
 
 def param_help() -> str:
     """The help of --param: every registered method's parameters."""
+    from ..methods import list_methods, method_parameters
+
     listed = "; ".join(
         f"{m}: {', '.join(method_parameters(m))}" for m in list_methods() if method_parameters(m)
     )
@@ -127,3 +141,10 @@ def param_help() -> str:
         "A method parameter KEY=VALUE, repeatable; VALUE auto searches the candidates the "
         f"parameter declares. Parameters: {listed} (docs/methods.md)."
     )
+
+
+def method_help() -> str:
+    """The help of merge's --method: the registered methods."""
+    from ..methods import list_methods
+
+    return f"{', '.join(list_methods())} or auto (default cca); see docs/methods.md."

@@ -38,7 +38,13 @@ import numpy as np
 import torch
 
 from ..runtime import distributed
-from ..runtime.errors import CheckpointError, DataError, NumericalError, OutputError
+from ..runtime.errors import (
+    CheckpointError,
+    DataError,
+    NumericalError,
+    OptionError,
+    OutputError,
+)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", "/")  # a merged model; "/": a folder
@@ -309,6 +315,16 @@ class Dataset:
 
 
 STREAM = "-"  # --data - reads standard input; -o - writes standard output
+
+
+def check_stdin_once(inputs: Sequence[tuple[str, str | os.PathLike | None]]) -> None:
+    """Refuse a run that names standard input (``-``) for more than one input, before
+    anything is read: it can be read once. ``inputs``: ``(what, path or None)`` of every
+    input of the run, e.g. ``("--data", "-")``, ``("checkpoint 1", "b.pt")``."""
+    named = [what for what, path in inputs if path is not None and str(path) == STREAM]
+    if len(named) > 1:
+        given = f"{', '.join(named[:-1])} and {named[-1]}"
+        raise OptionError(f"- (standard input) can be read only once, but it is given for {given}")
 
 
 def load_data(path: str | os.PathLike, require_labels: bool = False) -> Dataset:

@@ -766,10 +766,8 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
     try:
         try:
             graph, tracer, warnings = trace(model)
-        except SpecError as e:
-            raise SpecError(
-                f"{e}; write its feature groups by hand and pass them with --spec"
-            ) from None
+        except SpecError as e:  # groups written by hand would do (each command says how)
+            raise SpecError(str(e), missing="spec") from None
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         required = [n for n in placeholders if not n.args]
         if len(required) != 1:
@@ -781,8 +779,8 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
             input_shape = infer_input_shape(graph, model)
             if input_shape is None:
                 raise SpecError(
-                    f"cannot tell the input shape of {type(model).__name__}: give calibration "
-                    "data (--data) or an input shape, or a spec file (--spec)"
+                    f"cannot tell the input shape of {type(model).__name__}",
+                    missing="input_shape",
                 )
         input_shape = tuple(int(s) for s in input_shape)
         param = next((p for p in model.parameters() if p.is_floating_point()), None)

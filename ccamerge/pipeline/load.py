@@ -216,7 +216,8 @@ def find_model(
     """Detect the architecture on the whole checkpoint, else on the tensors under a common
     dotted prefix (``model.`` of a Lightning module, ...) or without stray tensors beside
     the model: the first selection ``detect`` accepts. When none fits, the error is the
-    one about the whole checkpoint (with a hint toward ``--model``)."""
+    one about the whole checkpoint (``hint``: saying that a model factory is ``missing``,
+    which a command's run phrases as its option)."""
     try:
         return detect(sd), KeySelection()
     except ArchitectureError as e:
@@ -231,12 +232,9 @@ def find_model(
             return detect(part), selection
         except ArchitectureError:
             continue
-    text = str(first) if not hint else f"{path}: {first}"
-    if hint:
-        text += (
-            "; for a network of your own, pass --model pkg.module:factory (docs/custom-models.md)"
-        )
-    raise ArchitectureError(text) from None
+    if not hint:
+        raise ArchitectureError(str(first)) from None
+    raise ArchitectureError(f"{path}: {first}", missing="model") from None
 
 
 def _selections(sd: dict[str, torch.Tensor]) -> list[KeySelection]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.files import OUTPUT_SUFFIXES, DataStream, check_output_path, sha256
+from ..io.files import OUTPUT_SUFFIXES, DataStream, check_output_path, check_stdin_once, sha256
 from ..maths.distill import DistillSettings
 from ..models.assumptions import check_settings, describe, recorded_settings
 from ..pipeline import (
@@ -71,6 +71,11 @@ class ApplyPlan:
 
 def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     """Merge ``plan.checkpoints`` with saved transforms (no alignment statistics)."""
+    checkpoints = [(f"checkpoint {k}", c) for k, c in enumerate(plan.checkpoints)]
+    check_stdin_once(
+        [("--transforms", plan.transforms), *checkpoints, ("--data", plan.data)]
+        + [("--eval-data", plan.eval_data), ("--distill-data", plan.distill_data)]
+    )
     ctx = RunContext(progress or Progress())
     device = resolve_device(plan.device)
     named = (plan.transforms, *plan.checkpoints, plan.data, plan.eval_data, plan.distill_data)

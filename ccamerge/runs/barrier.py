@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from ..io.files import write_atomic
+from ..io.files import check_stdin_once, write_atomic
 from ..maths.bn import has_batchnorm
 from ..maths.stats import Statistics
 from ..methods import MergeMethod, list_methods
@@ -78,8 +78,9 @@ from ..pipeline import (
     sample_warnings,
     score_logits,
 )
-from ..runtime.errors import OptionError
+from ..runtime.errors import OptionError, remedies
 from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
+from .remedies import REMEDIES
 from .report import BarrierReport, describe_architecture
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
@@ -189,12 +190,15 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
     ``batchnorm`` (method -> what was done at interior points),
     ``num_samples``, ``eval_samples``, ``warnings``, ``timings``.
     """
-    ctx = RunContext(progress or Progress())
-    data = dataclasses.replace(plan.data, device=resolve_device(plan.data.device))
     if len(plan.checkpoints) != 2:
         raise OptionError(f"barrier takes exactly two checkpoints, got {len(plan.checkpoints)}")
-    if data.evaluation is None:
+    if plan.data.evaluation is None:
         raise OptionError("barrier needs labelled evaluation data (--eval-data)")
+    checkpoints = list(zip(("checkpoint A", "checkpoint B"), plan.checkpoints))
+    named = [("--eval-data", plan.data.evaluation), ("--data", plan.data.calibration)]
+    check_stdin_once([*checkpoints, *named])
+    ctx = RunContext(progress or Progress())
+    data = dataclasses.replace(plan.data, device=resolve_device(plan.data.device))
     check_batch_size(data.batch_size)
     ts = grid(plan.steps)
     searched = sorted(k for k, v in plan.method_params.items() if v == "auto")
@@ -209,7 +213,8 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         raise OptionError(f"method(s) {', '.join(needy)} need calibration data (--data)")
 
     with ctx.timer.phase("load"):
-        loaded = load_models(plan.checkpoints, plan.source)
+        with remedies(**REMEDIES["barrier"]):
+            loaded = load_models(plan.checkpoints, plan.source)
         calib = data.read_calibration()
         if calib is not None:
             check_data_fits(calib.data, loaded, "calibration data")

@@ -15,6 +15,8 @@ from ..io.files import check_output_path
 from ..models.assumptions import describe
 from ..models.custom import save_spec, untransformed_of
 from ..pipeline import ModelSource, load_models
+from ..runtime.errors import remedies
+from .remedies import REMEDIES
 
 
 def inspect_checkpoint(
@@ -45,7 +47,8 @@ def inspect_checkpoint(
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)
     source = source or ModelSource()
     stated = source.stated
-    loaded = load_models([path], source, input_shape)
+    with remedies(**REMEDIES["inspect"]):
+        loaded = load_models([path], source, input_shape)
     untransformed = untransformed_of(loaded.detected)
     if spec_out is not None:
         check_output_path(spec_out, [path], force, "--spec-out", suffixes=None)

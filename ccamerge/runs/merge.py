@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..io.files import OUTPUT_SUFFIXES, Dataset, DataStream, check_outputs, open_stream
+from ..io.files import (
+    OUTPUT_SUFFIXES,
+    Dataset,
+    DataStream,
+    check_outputs,
+    check_stdin_once,
+    open_stream,
+)
 from ..maths.bn import has_batchnorm
 from ..methods import MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
@@ -72,8 +79,9 @@ from ..pipeline import (
     statistics_mode,
     write_model,
 )
-from ..runtime.errors import DataError, OptionError
+from ..runtime.errors import DataError, OptionError, remedies
 from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
+from .remedies import REMEDIES
 from .report import MergeReport, describe_architecture, describe_inputs
 
 
@@ -122,6 +130,7 @@ class MergePlan(FromOptions):
 def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     """Load, gather statistics, align (or select), assemble and refit, evaluate, write.
     ``plan.data.device`` "cuda" becomes this process's GPU under torchrun."""
+    check_stdin_once(named_inputs(plan))
     ctx = RunContext(progress or Progress())
     data = dataclasses.replace(plan.data, device=resolve_device(plan.data.device))
     plan = dataclasses.replace(plan, data=data)
@@ -398,7 +407,8 @@ def load_inputs(
     others."""
     calib = data.read_calibration()
     shape = tuple(calib.data.x.shape[1:]) if calib is not None else None
-    loaded = load_models(checkpoints, source, shape)
+    with remedies(**REMEDIES["merge"]):
+        loaded = load_models(checkpoints, source, shape)
     if calib is not None:
         check_data_fits(calib.data, loaded, "calibration data")
     eval_data = read_eval_data(data.evaluation, loaded)
@@ -409,10 +419,21 @@ def load_inputs(
     return loaded, calib, eval_data
 
 
+def named_inputs(plan: MergePlan) -> list[tuple[str, str | None]]:
+    """Every input of the merge, ``(what, path or None)``."""
+    checkpoints = [(f"checkpoint {k}", c) for k, c in enumerate(plan.checkpoints)]
+    return [
+        *checkpoints,
+        ("--data", plan.data.calibration),
+        ("--eval-data", plan.data.evaluation),
+        ("--distill-data", plan.data.distillation),
+        ("--spec", plan.source.spec),
+    ]
+
+
 def run_inputs(plan: MergePlan) -> list[str]:
     """Every file the merge reads: no output may land on one of them."""
-    named = [*plan.checkpoints, plan.data.calibration, plan.data.evaluation, plan.source.spec]
-    return [p for p in named if p is not None]
+    return [p for _, p in named_inputs(plan) if p is not None]
 
 
 def output_options(plan: MergePlan) -> list[tuple[str, str | None, tuple[str, ...] | None]]:

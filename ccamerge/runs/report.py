@@ -1,13 +1,20 @@
 """Every run's report: one typed object per run, whose ``to_dict()`` is both the JSON
-document (``--json``) and what the rich rendering on stderr reads. All rendering is here."""
+document (``--json``) and what the rich rendering on stderr reads. All rendering is here.
+
+Tables (:func:`print_table`) are rich's boxes fitted to a terminal, and plain columns
+without box-drawing characters when piped. The JSON keeps every warning as the run wrote it; the rich report of merge, apply and
+barrier shows many warnings of one kind (one per layer or group, say) as one line
+(:func:`group_warnings`), and all of them with ``--verbose``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..io.files import sha256
@@ -97,6 +104,28 @@ class BarrierReport(Report):
     eval_samples: int
     warnings: list[str]
     timings: dict[str, float]
+
+
+# piped, a table is as wide as its rows: no cell is cut or wrapped (grep and cut see it whole)
+PIPED_WIDTH = 10_000
+
+
+def print_table(table: Table, console: Console) -> None:
+    """Print ``table``. On a terminal: rich's box, fitted to the terminal's width (a cell
+    too long for its column folds onto the next line rather than being cut). Piped (not a
+    terminal): plain columns, no box-drawing characters, one line per row."""
+    if console.is_terminal:
+        for column in table.columns:
+            column.overflow = "fold"
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=PIPED_WIDTH, highlight=False, quiet=console.quiet)
+    if table.title:  # its own line: a title is not wrapped to the table's width
+        wide.print(table.title)
+        table.title = None
+    table.box = None
+    table.pad_edge = False
+    wide.print(table)
 
 
 def _pct(v: float | None) -> str:
@@ -207,13 +236,118 @@ def distill_line(distill: dict[str, Any]) -> str:
     )
 
 
+# --- warnings --------------------------------------------------------------------------
+
+# more warnings of one kind than this are one line (unless verbose)
+COLLAPSE_OVER = 3
+NAMES_SHOWN = 3
+
+# a quoted string, a word (dots inside: module paths, numbers), or one other character
+_TOKEN = re.compile(
+    r"""(?<!\w)(?:'[^'\n]*'|"[^"\n]*"|`[^`\n]*`)(?!\w)"""  # quoted, not an apostrophe
+    r"|[\w/\\-]+(?:\.[\w/\\-]+)*"
+    r"|\S"
+)
+_SLOT = "\0"  # a token that names something, in a warning's kind
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def warning_tokens(message: str) -> list[str]:
+    """The message's words, quoted strings and punctuation, whitespace dropped."""
+    return _TOKEN.findall(message)
+
+
+def is_name(token: str) -> bool:
+    """Whether a token names something rather than being prose: a quoted string, a
+    number, or a word with a digit, dot, underscore or slash in it (``layer1.0.conv1``,
+    ``fc2``, ``a.pt``, ``blocks_3``). A plain word (``fc``) is prose here;
+    :func:`group_warnings` still groups it with the names of its kind."""
+    return token[0] in "'\"`" or bool(re.search(r"[\d._/\\]", token))
+
+
+def warning_kind(message: str) -> tuple[str, ...]:
+    """The message with each name (:func:`is_name`) replaced by one placeholder: the
+    warnings one f-string writes for different layers or groups share it."""
+    return tuple(_SLOT if is_name(t) else t for t in warning_tokens(message))
+
+
+def _one_name_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Kinds that differ in one token only, a name in one and a plain word in the other
+    ("layer fc keeps ..." beside "layer layer1.0 keeps ...")."""
+    if len(a) != len(b):
+        return False
+    apart = [(x, y) for x, y in zip(a, b) if x != y]
+    return len(apart) == 1 and _SLOT in apart[0]
+
+
+@dataclass
+class WarningGroup:
+    """Warnings of one kind, in the order the run wrote them."""
+
+    kind: tuple[str, ...]
+    messages: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        """What the warnings are about, each once: the tokens at the first position where
+        the messages differ (the first such position that is not only numbers, if any)."""
+        columns = list(zip(*(warning_tokens(m) for m in self.messages)))
+        varying = [c for c in columns if len(set(c)) > 1]
+        words = [c for c in varying if not all(_NUMBER.fullmatch(t) for t in c)]
+        chosen = (words or varying or [()])[0]
+        return list(dict.fromkeys(t.strip("'\"`") for t in chosen))
+
+    def summary(self) -> str:
+        """The first warning, then how many there are and the first names."""
+        count = len(self.messages)
+        names = self.names()
+        if not names:
+            return f"{self.messages[0]} ({count} times; --verbose lists all)"
+        listed = ", ".join(names[:NAMES_SHOWN])
+        more = len(names) - NAMES_SHOWN
+        tail = f" and {more} more" if more > 0 else ""
+        return f"{self.messages[0]} ({count} warnings like it: {listed}{tail}; --verbose lists all)"
+
+
+def group_warnings(warnings: list[str]) -> list[WarningGroup]:
+    """The warnings by kind (:func:`warning_kind`), kinds in the order of their first
+    warning; a kind one name apart from an earlier one (:func:`_one_name_apart`) joins it."""
+    groups: list[WarningGroup] = []
+    for message in warnings:
+        kind = warning_kind(message)
+        match = next((g for g in groups if g.kind == kind or _one_name_apart(g.kind, kind)), None)
+        if match is None:
+            match = WarningGroup(kind)
+            groups.append(match)
+        match.messages.append(message)
+    return groups
+
+
+def warning_lines(warnings: list[str], verbose: bool = False) -> list[str]:
+    """The lines the report shows: every warning when ``verbose``; otherwise a kind of
+    more than :data:`COLLAPSE_OVER` warnings is its summary line."""
+    if verbose:
+        return list(warnings)
+    lines: list[str] = []
+    for g in group_warnings(warnings):
+        lines += [g.summary()] if len(g.messages) > COLLAPSE_OVER else g.messages
+    return lines
+
+
+def render_warnings(warnings: list[str], console: Console, verbose: bool = True) -> None:
+    """One ``warning:`` line each (:func:`warning_lines`), never wrapped (one line also
+    when piped, for grep); their text is not markup."""
+    for line in warning_lines(warnings, verbose):
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+
+
 def render_assumptions(report: dict[str, Any], console: Console) -> None:
     """One line per setting the checkpoints do not record: its value and its source."""
     for a in report.get("assumptions", []):
         console.print(f"[bold]{a['setting']}[/] {a['value']} ({a['source']})")
 
 
-def render_merge_report(report: dict[str, Any], console: Console) -> None:
+def render_merge_report(report: dict[str, Any], console: Console, verbose: bool = False) -> None:
+    """The merge (or apply) report on stderr; ``verbose``: every warning listed."""
     arch = report["architecture"]
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items()) or "-"
@@ -249,29 +383,27 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
         if per_model:
             row.append(" ".join("ref" if q is None else f"{q:.2f}" for q in g["per_model"]))
         groups.add_row(*row)
-    console.print(groups)
+    print_table(groups, console)
     if "selection" in report:
-        console.print(selection_table(report["selection"]))
+        print_table(selection_table(report["selection"]), console)
     if "refit" in report:
-        console.print(refit_table(report["refit"]))
+        print_table(refit_table(report["refit"]), console)
     if "distill" in report:
         console.print(distill_line(report["distill"]))
     if "check" in report:
-        console.print(check_table(report["check"]))
+        print_table(check_table(report["check"]), console)
 
     if "evaluation" in report:
-        console.print(
-            evaluation_table(report["evaluation"], merged_label=f"merged ({report['method']})")
-        )
+        merged_label = f"merged ({report['method']})"
+        print_table(evaluation_table(report["evaluation"], merged_label=merged_label), console)
 
     timings = Table(title="Timings", title_justify="left")
     timings.add_column("phase")
     timings.add_column("seconds", justify="right")
     for phase, sec in report["timings"].items():
         timings.add_row(phase, f"{sec:.2f}")
-    console.print(timings)
-    for w in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+    print_table(timings, console)
+    render_warnings(report.get("warnings", []), console, verbose)
     if report.get("output"):
         console.print(f"[green]wrote[/] {report['output']}")
     else:
@@ -279,9 +411,14 @@ def render_merge_report(report: dict[str, Any], console: Console) -> None:
 
 
 def render_barrier_report(
-    report: dict[str, Any], plot: Path | None, csv_out: Path | None, console: Console
+    report: dict[str, Any],
+    plot: Path | None,
+    csv_out: Path | None,
+    console: Console,
+    verbose: bool = False,
 ) -> None:
-    """The curve table (t by method) and the barrier summary, on stderr."""
+    """The curve table (t by method) and the barrier summary, on stderr; ``verbose``:
+    every warning listed."""
     a, b = report["endpoints"]
     console.print(f"[bold]architecture[/] {report['architecture']['name']}")
     render_assumptions(report, console)
@@ -309,7 +446,7 @@ def render_barrier_report(
             p = report["curves"][name][i]
             row.append(f"{100 * p['accuracy']:6.2f} / {p['loss']:.4f}")
         curve.add_row(*row)
-    console.print(curve)
+    print_table(curve, console)
 
     summary = Table(title="Barriers (worst gap to the straight line, at t)", title_justify="left")
     for col in ("method", "loss", "accuracy pts", "acc. % at 1/2", "loss at 1/2"):
@@ -323,13 +460,12 @@ def render_barrier_report(
             "-" if r["accuracy_mid"] is None else f"{100 * r['accuracy_mid']:.2f}",
             "-" if r["loss_mid"] is None else f"{r['loss_mid']:.4f}",
         )
-    console.print(summary)
+    print_table(summary, console)
     for name, done in report["batchnorm"].items():
         if not done.startswith("none"):
             console.print(f"[bold]BatchNorm[/] ({name}, 0 < t < 1): {done}")
     console.print("endpoints (t = 0, 1) are the checkpoints themselves, not re-merged")
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
+    render_warnings(report["warnings"], console, verbose)
     for what, path in (("plot", plot), ("curve CSV", csv_out)):
         if path is not None:
             console.print(f"[green]wrote[/] {what} {path}")
@@ -357,11 +493,10 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     for g in info["groups"]:
         members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
         t.add_row(g["name"], str(g["size"]), f"{g['collect_on']} of {g['collect_at']}", members)
-    console.print(t)
+    print_table(t, console)
     if info["ungrouped"]:
         console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
     for u in info.get("untransformed", []):
         why = "; ".join(u["reasons"])
         console.print(f"[bold]untransformed units[/] of {', '.join(u['writers'])}: {why}")
-    for w in info.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+    render_warnings(info.get("warnings", []), console)
