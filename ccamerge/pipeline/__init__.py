@@ -45,7 +45,14 @@ from .check import (
     check_outputs,
     hold_out,
 )
-from .distill import Distillation, DistillJob, distill_merged, parse_augment, parse_epochs
+from .distill import (
+    Distillation,
+    DistillJob,
+    check_augmentable,
+    distill_merged,
+    parse_augment,
+    parse_epochs,
+)
 from .evaluate import (
     Score,
     check_labels,
@@ -120,6 +127,7 @@ __all__ = [
     "auto_methods",
     "build_merged",
     "candidate_methods",
+    "check_augmentable",
     "check_batch_size",
     "check_data_fits",
     "check_fits",

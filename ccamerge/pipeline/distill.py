@@ -64,6 +64,15 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
     return names
 
 
+def check_augmentable(augment: tuple[str, ...], sample_shape: tuple[int, ...]) -> None:
+    """Image augmentations need samples of shape (C, H, W): refused up front otherwise."""
+    if augment and len(sample_shape) != 3:
+        raise OptionError(
+            f"--augment {','.join(augment)} needs image inputs of shape (C, H, W); the "
+            f"distillation data has samples of shape {tuple(sample_shape)}"
+        )
+
+
 @dataclass(frozen=True)
 class DistillJob:
     """One distillation: what the student trains on (``batches()``: fresh chunks on every

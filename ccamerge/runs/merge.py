@@ -51,6 +51,7 @@ from ..pipeline import (
     Scored,
     Split,
     align_models,
+    check_augmentable,
     check_batch_size,
     check_data_fits,
     check_labels,
@@ -146,6 +147,9 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         loaded, calib, eval_data = load_inputs(plan.checkpoints, plan.source, data)
         reference, reference_choice = choose_reference(plan, loaded, calib, eval_data)
         stream = open_distill_data(data.distillation, loaded)
+        if calib is not None:
+            shape = stream.sample_shape if stream else tuple(calib.data.x.shape[1:])
+            check_augmentable(plan.distill.augment, shape)
     warn_about_inputs(ctx, plan, loaded, calib, eval_data)
     refit = dataclasses.replace(plan.refit, enabled=plan.refit.enabled and calib is not None)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
