@@ -83,18 +83,26 @@ class MergeCheck:
         """The inputs that agree with the ensemble on more samples than the merge."""
         return [m.name for m in self.inputs if m.agreement > self.merged.agreement]
 
-    def warning(self) -> str | None:
-        """The report's warning when an input beats the merge (None when none does)."""
+    def warning(self, distilled: bool = False) -> str | None:
+        """The report's warning when an input beats the merge (None when none does); its
+        remedy depends on whether the merge was already ``distilled``."""
         beaten = [m for m in self.inputs if m.agreement > self.merged.agreement]
         if not beaten:
             return None
         best = max(beaten, key=lambda m: (m.agreement, -m.kl))
+        remedy = (
+            "distil on more unlabelled data (--distill-data) or for longer"
+            if distilled
+            else "train the merge towards the ensemble with --distill auto (more unlabelled "
+            "data: --distill-data)"
+        )
+        n = self.num_samples
         return (
-            f"the merge agrees with the inputs' ensemble on {100 * self.merged.agreement:.1f} % "
-            f"of {self.num_samples} held-out samples, {best.name} alone on "
-            f"{100 * best.agreement:.1f} % ({len(beaten)} of {len(self.inputs)} inputs do "
-            "better than the merge): keep the better input, or train the merge towards the "
-            "ensemble with --distill auto (more unlabelled data: --distill-data)"
+            f"the merge agrees with the inputs' ensemble on {round(self.merged.agreement * n)} "
+            f"of {n} held-out samples ({100 * self.merged.agreement:.1f} %), {best.name} alone "
+            f"on {round(best.agreement * n)} ({100 * best.agreement:.1f} %; {len(beaten)} of "
+            f"{len(self.inputs)} inputs do better than the merge): keep the better input, or "
+            f"{remedy}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -261,7 +261,7 @@ def distill_and_check(
     if heldout is not None:
         with ctx.timer.phase("check"):
             check = check_merge(loaded, model, heldout, recipe.weights)
-        ctx.warn(check.warning())
+        ctx.warn(check.warning(distilled=job is not None))
     return distilled, check, trained
 
 
