@@ -95,6 +95,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             "models": [m["accuracy"] for m in report["evaluation"]["models"]],
             "ensemble": report["evaluation"]["ensemble"]["accuracy"],
             "merged": report["evaluation"]["merged"]["accuracy"],
+            "merged_loss": report["evaluation"]["merged"]["loss"],
         },
         "check": report["check"],
         "distill": report.get("distill"),

@@ -104,6 +104,14 @@ def test_cli_merge_of_a_custom_model_beats_direct_averaging(trained: Trained) ->
     assert abs(score.accuracy - acc) < 1e-9
 
 
+def test_a_custom_model_is_distilled_and_checked(trained: Trained) -> None:
+    plain = merge_json(trained, "--method", "average", "--no-refit")
+    distilled = merge_json(trained, "--method", "average", "--no-refit", "--distill", "2")
+    before, after = plain["check"]["merged"], distilled["check"]["merged"]
+    assert distilled["distill"]["epochs_run"] == 2
+    assert after["kl"] < before["kl"], (before, after)  # closer to the ensemble
+
+
 def test_spec_out_then_hand_edited_spec(trained: Trained) -> None:
     spec_path = trained.root / "spec.json"
     doc = merge_json(trained, "--method", "average", "--spec-out", spec_path)
