@@ -291,7 +291,7 @@ EXPECTED_GROUPS = {
     "concat": {"mix": 8},
     "dropout": {"conv1": 5, "conv2": 7, "fc": 9},
     "spatial_flatten": {"fc": 8},
-    "grouped_conv": {"conv2": 6},
+    "grouped_conv": {"conv1": 8, "conv2": 6},
     "gated_untraceable": {"fc": 7},
     "attention": {"fc": 7},
     "pinned_to_output": {"fc1": 9},
@@ -301,7 +301,6 @@ EXPECTED_GROUPS = {
 EXPECTED_WARNING = {
     "concat": "concatenation",
     "spatial_flatten": "flattens 4 channels x 16 positions",
-    "grouped_conv": "grouped convolution",
     "gated_untraceable": "module gate (Gate) could not be traced",
     "attention": "matmul",
 }

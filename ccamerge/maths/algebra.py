@@ -33,9 +33,24 @@ def transform_tensor(
         out = torch.tensordot(m, out, dims=([1], [0]))
     if 1 in axes and U is not None and axes[1] in U:
         u = U[axes[1]].to(out)
+        if out.shape[1] < u.shape[0]:  # a grouped conv: each block reads its own units
+            return _transform_blocks(out, u)
         # contract axis 1 with U's rows, then move the new axis back to position 1
         out = torch.movedim(torch.tensordot(out, u, dims=([1], [0])), -1, 1)
     return out
+
+
+def _transform_blocks(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's weight (blocks x rows, block size, ...) times the diagonal blocks
+    of the block-diagonal ``u`` (docs/architectures.md, 'Grouped convolutions')."""
+    size = t.shape[1]
+    blocks = u.shape[0] // size
+    rows = t.reshape(blocks, t.shape[0] // blocks, *t.shape[1:])
+    parts = []
+    for b in range(blocks):
+        ub = u[b * size : (b + 1) * size, b * size : (b + 1) * size]
+        parts.append(torch.movedim(torch.tensordot(rows[b], ub, dims=([1], [0])), -1, 1))
+    return torch.cat(parts)
 
 
 def transform_state_dict(
@@ -93,5 +108,11 @@ def permute_state_dict(
 
 
 def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random permutation per group, keeping each group's ``blocks``."""
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
+    out = {}
+    for g in spec.groups:
+        step = g.size // g.blocks
+        parts = [b + torch.randperm(step, generator=gen) for b in range(0, g.size, step)]
+        out[g.name] = torch.cat(parts)
+    return out

@@ -286,6 +286,7 @@ def spec_to_dict(
                 "collect_at": g.collect_at,
                 "collect_on": g.collect_on,
                 "norms": list(g.norms),
+                **({"permutation": True, "blocks": g.blocks} if g.permutation else {}),
             }
             for g in spec.groups
         ],
@@ -306,7 +307,9 @@ def save_spec(
     write_atomic(path, text.encode())
 
 
-_GROUP_KEYS = {"name", "size", "members", "collect_at", "collect_on", "norms"}
+_GROUP_KEYS = {
+    "name", "size", "members", "collect_at", "collect_on", "norms", "permutation", "blocks"
+}  # fmt: skip
 
 
 def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
@@ -353,6 +356,9 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             raise SpecError(f"{label}: 'norms' must be a list of module names")
         if not isinstance(g["name"], str) or not isinstance(g["collect_at"], str):
             raise SpecError(f"{label}: 'name' and 'collect_at' must be strings")
+        permutation, blocks = g.get("permutation", False), g.get("blocks", 1)
+        if not isinstance(permutation, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise SpecError(f"{label}: 'permutation' must be true/false, 'blocks' an integer >= 1")
         out.append(
             FeatureGroup(
                 name=g["name"],
@@ -361,6 +367,8 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 collect_at=g["collect_at"],
                 collect_on=on,
                 norms=tuple(norms),
+                permutation=permutation,
+                blocks=blocks,
             )
         )
     try:

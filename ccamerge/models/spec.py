@@ -10,6 +10,15 @@ Axis roles follow PyTorch's layouts: axis 0 of a tensor is an *output* axis
 by ``M`` (``W -> M W``); axis 1 is an *input* axis and is transformed by ``U``
 (``W -> W U``). Axes not listed are left alone (conv kernels' spatial axes,
 the network's input and its logits).
+
+Some layers can follow only some maps exactly: a depthwise or grouped convolution,
+a GroupNorm and a per-channel gain (layer scale) keep their function under a
+permutation of their channels (within each conv or norm group), not under a dense
+map. Such a group says so: ``permutation`` (its maps are permutations) and
+``blocks`` (they keep units within ``blocks`` equal, consecutive blocks);
+:func:`ccamerge.pipeline.align.constrain` turns any method's maps into such
+permutations. A grouped convolution's input axis holds one block's units
+(``size / blocks`` of them) and is transformed block by block.
 """
 
 from __future__ import annotations
@@ -42,11 +51,17 @@ class FeatureGroup:
     collect_at: str
     collect_on: CollectOn = "output"
     norms: tuple[str, ...] = ()
+    permutation: bool = False
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         for _, axis in self.members:
             if axis not in (0, 1):
                 raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or 1 (input)")
+        if self.blocks < 1 or self.size % self.blocks:
+            raise SpecError(f"group {self.name}: {self.blocks} blocks do not divide {self.size}")
+        if self.blocks > 1 and not self.permutation:
+            raise SpecError(f"group {self.name}: blocks are only kept by permutations")
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,8 @@ class MergeSpec:
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)
-                if axis >= len(shape) or shape[axis] != g.size:
+                sizes = (g.size, g.size // g.blocks) if axis == 1 else (g.size,)
+                if axis >= len(shape) or shape[axis] not in sizes:
                     raise SpecError(
                         f"group {g.name}: {tensor} has shape {shape}, "
                         f"expected size {g.size} on axis {axis}"

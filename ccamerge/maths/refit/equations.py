@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...runtime import distributed
 from ..stats import gram
@@ -78,8 +77,8 @@ def rows(fit: Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Ten
     """Blocks of (inputs, targets) rows of ``fit`` on one chunk (``t``: the targets of
     the samples that give rows, :func:`_kept`); conv inputs as patches."""
     x = x[: t.shape[0]]
-    layer = fit.module
-    if isinstance(layer, nn.Conv2d):
+    layer = fit.layer
+    if layer.conv:
         padding = conv_padding(layer)
         patch = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         positions = t.shape[2] * t.shape[3]
@@ -92,8 +91,8 @@ def rows(fit: Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Ten
             T = t[i : i + step].flatten(2).transpose(1, 2).reshape(-1, t.shape[1])
             yield _with_constant(X, fit), T
     else:
-        X, T = x.reshape(-1, layer.in_features), t.reshape(-1, layer.out_features)
-        step = max(1, _BLOCK_ELEMENTS // layer.in_features)
+        X, T = x.reshape(-1, layer.inputs), t.reshape(-1, layer.outputs)
+        step = max(1, _BLOCK_ELEMENTS // layer.inputs)
         for i in range(0, X.shape[0], step):
             yield _with_constant(X[i : i + step], fit), T[i : i + step]
 
@@ -110,7 +109,7 @@ def current_weights(fit: Fit, eq: NormalEquations) -> torch.Tensor:
     ``G`` (its last row holds the inputs' sums, since the last input is the constant 1).
     The averaged running statistics are not used: under a dense alignment they are no
     statistics of anything (a variance can even come out negative)."""
-    layer = fit.module
+    layer = fit.layer
     W = layer.weight.detach().double().flatten(1)
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(W[:, 0])
     if fit.bn is not None:
@@ -126,7 +125,7 @@ def current_weights(fit: Fit, eq: NormalEquations) -> torch.Tensor:
 def write_weights(fit: Fit, WT: torch.Tensor) -> torch.Tensor | None:
     """Put the fitted ``W^T`` (p x out) into the layer; returns the bias its folded
     BatchNorm must add (None without one)."""
-    layer = fit.module
+    layer = fit.layer
     W = WT.T
     b = W[:, -1] if fit.has_bias else None
     layer.weight.copy_(W[:, : W.shape[1] - int(fit.has_bias)].reshape(layer.weight.shape))

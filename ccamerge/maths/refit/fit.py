@@ -233,8 +233,8 @@ def _fit_layer(
 ) -> torch.Tensor | None:
     """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
     start = time.perf_counter()
-    layer = fit.module
-    outputs = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    layer = fit.layer
+    outputs = layer.outputs
     inputs = layer.weight[0].numel() + int(fit.has_bias)
     eq = NormalEquations(inputs, outputs, device=layer.weight.device)
     for chunk in chunks:
@@ -260,7 +260,7 @@ def _fit_layer(
     report.layers.append(
         LayerFit(
             name=fit.name,
-            kind="conv" if isinstance(fit.module, nn.Conv2d) else "linear",
+            kind="conv" if fit.layer.conv else "linear",
             norm=str(fit.norm.target) if fit.norm is not None else None,
             residual_sum=fit.other is not None,
             inputs=p,
@@ -278,7 +278,7 @@ def _measure_norm(
 ) -> None:
     """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
     of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
-    bn = norm.module
+    bn = norm.bn
     moments = Moments(bn.num_features, bn.running_mean.device)
     for x in _inputs(norm, chunks):
         moments.add(x)
