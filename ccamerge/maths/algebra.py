@@ -73,6 +73,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
     ref = state_dicts[reference]
+    Ms = [with_concats(spec, M) for M in Ms]
+    Us = [with_concats(spec, U) for U in Us]
     out: dict[str, torch.Tensor] = {}
     for name, t_ref in ref.items():
         if not (t_ref.is_floating_point() or t_ref.is_complex()):
@@ -85,6 +87,22 @@ def merge_state_dicts(
                 continue
             acc += w * transform_tensor(sd[name].to(torch.float64), axes, M, U)
         out[name] = acc.to(t_ref.dtype).contiguous()
+    return out
+
+
+def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
+    """``maps`` and, for each concatenation of the spec, the block-diagonal map of its
+    parts' maps (the identity for a part without one)."""
+    if maps is None or not spec.concats:
+        return maps
+    out = dict(maps)
+    for c in spec.concats:
+        blocks = [
+            maps[g] if g is not None and g in maps else torch.eye(n, dtype=torch.float64)
+            for g, n in c.parts
+        ]
+        device = next((m.device for m in maps.values()), "cpu")
+        out[c.name] = torch.block_diag(*(b.to(device, torch.float64) for b in blocks))
     return out
 
 

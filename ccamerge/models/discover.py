@@ -61,7 +61,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..runtime.errors import SpecError
-from .spec import FeatureGroup, MergeSpec
+from .spec import Concat, FeatureGroup, MergeSpec
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())  # the CLI shows the returned warnings itself
@@ -195,6 +195,7 @@ _TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 _ARITHMETIC_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, operator.neg, torch.neg}
 _ARITHMETIC_METHODS = {"div", "div_", "neg"}
 _PERMUTE_FUNCTIONS = {torch.permute, torch.transpose}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _PERMUTE_METHODS = {"permute", "transpose"}
 # layers met as functional calls (a subclass's own forward, timm's Linear, BatchNormAct2d,
 # LayerNorm2d): their arguments by name; parameters come as get_attr nodes
@@ -354,6 +355,7 @@ class _Units:
     # only permutations keeping ``blocks`` equal blocks are exact (a grouped conv, ...)
     permutation: bool = False
     blocks: int = 1
+    parts: list[tuple[int, int]] = field(default_factory=list)  # a concatenation's (uid, size)
 
     def absorb(self, other: _Units) -> None:
         self.writers += other.writers
@@ -363,6 +365,8 @@ class _Units:
         self.restrict(other.permutation, other.blocks)
 
     def restrict(self, permutation: bool = True, blocks: int = 1) -> None:
+        if self.parts and blocks > 1:
+            raise _Unsafe("a grouped convolution or GroupNorm of a concatenation")
         self.permutation = self.permutation or permutation
         self.blocks = math.lcm(self.blocks, blocks)
 
@@ -387,6 +391,7 @@ class _Walk:
         self.state_names = set(self.tensors)
         self.shared = _shared_tensors(model)
         self.order: dict[str, int] = {}  # writers in graph order
+        self.concats: dict[int, str] = {}  # a concatenation's units -> its name
         self.attr_uses = Counter(n.target for n in graph.nodes if n.op == "get_attr")
 
     # -- union-find
@@ -404,6 +409,8 @@ class _Walk:
 
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
+        if a != b and (self.units[a].parts or self.units[b].parts):
+            raise _Unsafe("it adds a concatenation to another tensor")
         if a != b:
             self.parent[b] = a
             self.units[a].absorb(self.units.pop(b))
@@ -498,6 +505,7 @@ class _Walk:
             (_REDUCE_FUNCTIONS, _REDUCE_METHODS, self.reduce),
             (_TIE_FUNCTIONS, _TIE_METHODS, self.tie),
             (_PERMUTE_FUNCTIONS, _PERMUTE_METHODS, self.permute),
+            (_CAT_FUNCTIONS, set(), self.concatenate),
         ]
         for functions, methods, handle in rules:
             if node.target in (methods if node.op == "call_method" else functions):
@@ -613,6 +621,8 @@ class _Walk:
                 (f"{describe(node, self.model)} reads axis {reads_axis}, not the units'", False)
             )
         self.order.setdefault(name, len(self.order))
+        if groups != 1 and self.of(src).parts:
+            raise _Unsafe("a grouped convolution of a concatenation")
         if groups != 1 and groups == shape[1] == out[1] and axis == 1:  # depthwise
             units = self.of(src)
             units.restrict()
@@ -660,6 +670,28 @@ class _Walk:
             t = self.tensors[name]
             if t.ndim == 1 and t.numel() == units.size and t.is_floating_point():
                 units.members.append((name, 0))
+        self.set_value(node, uid, axis, activation=True)
+
+    def concatenate(self, node: fx.Node) -> None:
+        """``torch.cat`` along the units' axis: units made of its parts' units, in order."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(
+            isinstance(t, fx.Node) and t in self.value for t in tensors
+        ):
+            raise _Unsafe("a concatenation of something else than tensors")
+        out = self.shape(node)
+        assert out is not None
+        axis = int(dim) % len(out)
+        if any(self.value[t][1] != axis for t in tensors):
+            raise _Unsafe("a concatenation along another axis than the units'")
+        parts: list[tuple[int, int]] = []
+        for t in tensors:
+            units = self.of(t)
+            parts += units.parts or [(self.find(self.value[t][0]), units.size)]
+        uid = self.new(out[axis])
+        self.units[uid].parts = parts
+        self.concats[uid] = f"concat {node.name}"
         self.set_value(node, uid, axis, activation=True)
 
     def permute(self, node: fx.Node) -> None:
@@ -991,6 +1023,23 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
     return _result(walk, tracer, input_shape, warnings)
 
 
+def _concats(walk: _Walk, groups: set[str]) -> tuple[Concat, ...]:
+    """The concatenations that layers read, their parts named by group (None: a part
+    left untransformed)."""
+    out = []
+    for uid, name in walk.concats.items():
+        units = walk.units[uid]
+        if units.frozen or not units.members:
+            continue
+        parts = []
+        for part, size in units.parts:
+            writers = walk.units[walk.find(part)].writers
+            parts.append((writers[0] if writers and writers[0] in groups else None, size))
+        if any(p is not None for p, _ in parts):
+            out.append(Concat(name, tuple(parts), tuple(dict.fromkeys(units.members))))
+    return tuple(out)
+
+
 def _result(
     walk: _Walk, tracer: _Tracer, input_shape: tuple[int, ...], warnings: list[str]
 ) -> Discovery:
@@ -999,6 +1048,11 @@ def _result(
         if node in walk.value:
             nodes_of.setdefault(walk.find(walk.value[node][0]), []).append(node)
     order = walk.order
+    for uid in walk.concats:  # a concatenation frozen or kept to permutations: its parts too
+        for part, _ in walk.units[uid].parts:
+            walk.units[walk.find(part)].frozen += walk.units[uid].frozen
+            if walk.units[uid].permutation:
+                walk.units[walk.find(part)].restrict()
     for units in walk.units.values():
         units.writers.sort(key=order.__getitem__)
     groups: list[FeatureGroup] = []
@@ -1045,7 +1099,7 @@ def _result(
     for w in warnings:
         log.warning("%s", w)
     return Discovery(
-        MergeSpec(tuple(groups)),
+        MergeSpec(tuple(groups), _concats(walk, {g.name for g in groups})),
         tuple(dict.fromkeys(untransformed)),
         tuple(warnings),
         input_shape,

@@ -65,16 +65,40 @@ class FeatureGroup:
 
 
 @dataclass(frozen=True)
+class Concat:
+    """A concatenation of feature groups along the units' axis (a DenseNet's
+    ``torch.cat``): its ``members`` (the layers reading it, a BatchNorm on it) are
+    transformed by the block-diagonal map of its ``parts``' maps, each part a group
+    name and its size (None: units that stay untransformed, an identity block). It is
+    not aligned itself; methods see only the groups."""
+
+    name: str
+    parts: tuple[tuple[str | None, int], ...]
+    members: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.parts)
+
+
+@dataclass(frozen=True)
 class MergeSpec:
-    """All feature groups of one architecture configuration."""
+    """All feature groups of one architecture configuration, and the concatenations
+    of groups that layers read."""
 
     groups: tuple[FeatureGroup, ...]
+    concats: tuple[Concat, ...] = ()
     axes: Mapping[str, Mapping[int, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         axes: dict[str, dict[int, str]] = {}
         names = set()
-        for g in self.groups:
+        known = {g.name for g in self.groups}
+        for c in self.concats:
+            unknown = [p for p, _ in c.parts if p is not None and p not in known]
+            if unknown:
+                raise SpecError(f"concatenation {c.name}: unknown part {unknown[0]!r}")
+        for g in (*self.groups, *self.concats):
             if g.name in names:
                 raise SpecError(f"duplicate group name {g.name!r}")
             names.add(g.name)
@@ -99,12 +123,13 @@ class MergeSpec:
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check every member tensor exists and has the group's size on its axis."""
-        for g in self.groups:
+        for g in (*self.groups, *self.concats):
             for tensor, axis in g.members:
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)
-                sizes = (g.size, g.size // g.blocks) if axis == 1 else (g.size,)
+                blocks = getattr(g, "blocks", 1)
+                sizes = (g.size, g.size // blocks) if axis == 1 else (g.size,)
                 if axis >= len(shape) or shape[axis] not in sizes:
                     raise SpecError(
                         f"group {g.name}: {tensor} has shape {shape}, "
