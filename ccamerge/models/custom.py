@@ -16,6 +16,10 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
                  "collect_at": "fc2", "collect_on": "input", "norms": []}, ...],
      "untransformed": [...], "warnings": [...]}
 
+A group may add ``"permutation": true, "blocks": n`` (its maps are permutations keeping
+n blocks: a depthwise or grouped conv, a GroupNorm, a gain reads it), and the document
+``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
+(concatenations of groups that layers read, docs/architectures.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
 """
 
@@ -40,7 +44,7 @@ from ..io.files import json_text, write_atomic
 from ..runtime.errors import ArchitectureError, OptionError, SpecError
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .registry import Detected, NotThisArchitecture
-from .spec import FeatureGroup, MergeSpec
+from .spec import Concat, FeatureGroup, MergeSpec
 
 SPEC_FORMAT = "ccamerge-spec"
 SPEC_VERSION = 1
@@ -290,9 +294,42 @@ def spec_to_dict(
             }
             for g in spec.groups
         ],
+        **({"concats": [_concat_doc(c) for c in spec.concats]} if spec.concats else {}),
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
+
+
+def _concat_doc(c: Concat) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "parts": [[g, n] for g, n in c.parts],
+        "members": [[t, a] for t, a in c.members],
+    }
+
+
+def _concats_from(docs: Any, where: str) -> tuple[Concat, ...]:
+    """The ``concats`` of a spec document: name, parts ([group or null, size]), members."""
+    out = []
+    for i, c in enumerate(docs if isinstance(docs, list) else [None]):
+        ok = isinstance(c, dict) and set(c) == {"name", "parts", "members"}
+        ok = ok and isinstance(c["name"], str)
+        ok = ok and all(
+            isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], str))
+            and isinstance(p[1], int) for p in c["parts"]
+        )  # fmt: skip
+        ok = ok and all(
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], int)
+            for m in c["members"]
+        )
+        if not ok:
+            raise SpecError(
+                f"{where}: concatenation {i} must be {{name, parts: [[group or null, size]], "
+                "members: [[tensor, axis]]}"
+            )
+        parts = tuple((p[0], p[1]) for p in c["parts"])
+        out.append(Concat(c["name"], parts, tuple((t, a) for t, a in c["members"])))
+    return tuple(out)
 
 
 def save_spec(
@@ -372,7 +409,7 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             )
         )
     try:
-        return MergeSpec(tuple(out))
+        return MergeSpec(tuple(out), _concats_from(doc.get("concats", []), where))
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
 
