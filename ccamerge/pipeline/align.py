@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..maths.algebra import permutation_matrix
 from ..maths.stats import Statistics
@@ -203,3 +205,46 @@ def _is_permutation(M: torch.Tensor, blocks: int) -> bool:
     step = M.shape[0] // blocks
     rows, cols = torch.nonzero(M, as_tuple=True)
     return bool((rows // step == cols // step).all())
+
+
+def aligned_parameters(spec: MergeSpec, model: nn.Module) -> dict[str, Any]:
+    """How many of ``model``'s parameters a feature-group map transforms: those of the
+    layers with a tensor in a group or concatenation (a layer's bias counts with its
+    weight, the logits' bias too); the rest are only averaged, counted by kind of
+    layer (``kept_averaged``, largest first)."""
+    aligned, total, kept = 0, 0, Counter()
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        m = modules[owner]
+        total += p.numel()
+        if any(_join(owner, t) in spec.axes for t, _ in m.named_parameters(recurse=False)):
+            aligned += p.numel()
+        else:
+            kept[_kind(m)] += p.numel()
+    return {
+        "parameters": aligned,
+        "total": total,
+        "fraction": aligned / total if total else 0.0,
+        "kept_averaged": dict(kept.most_common()),
+    }
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _kind(m: nn.Module) -> str:
+    groups = getattr(m, "groups", 1)
+    return f"{type(m).__name__} (groups={groups})" if groups != 1 else type(m).__name__
+
+
+def aligned_warning(aligned: dict[str, Any]) -> str | None:
+    """A warning when less than half the parameters were aligned, naming what was not."""
+    if aligned["total"] == 0 or aligned["fraction"] >= 0.5:
+        return None
+    kinds = ", ".join(f"{k} ({n:,})" for k, n in list(aligned["kept_averaged"].items())[:4])
+    return (
+        f"only {aligned['fraction']:.0%} of the parameters were aligned; kept averaged: "
+        f"{kinds} (docs/architectures.md says what discovery aligns)"
+    )
