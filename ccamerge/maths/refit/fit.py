@@ -261,7 +261,7 @@ def _fit_layer(
         LayerFit(
             name=fit.name,
             kind="conv" if fit.layer.conv else "linear",
-            norm=str(fit.norm.target) if fit.norm is not None else None,
+            norm=fit.bn.name if fit.bn is not None else None,
             residual_sum=fit.other is not None,
             inputs=p,
             samples=eq.samples,

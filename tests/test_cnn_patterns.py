@@ -1,0 +1,110 @@
+"""The CNN patterns of tests/cnn_nets.py merged end to end: each network merged with
+a copy of itself whose discovered units were permuted is the original function again,
+with and without the refit, and the report says every parameter was aligned; a network
+of opaque custom operations reports 0 % and plain averaging."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cnn_nets import NETS, make_cnn
+from test_archs import randomise
+from test_refit_models import _make_batchnorm_honest
+
+from ccamerge.maths.algebra import permute_state_dict, random_permutations
+from ccamerge.models.discover import discover
+from ccamerge.runs.merge import merge
+
+FACTORY = f"{Path(__file__).parent / 'cnn_nets.py'}:make_cnn"
+SHAPE = (3, 8, 8)
+PATTERNS = [name for name in NETS if name != "opaque"]
+
+
+def _inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _endpoints(name: str, root: Path) -> tuple[torch.nn.Module, list[str], Path]:
+    """A random network (BatchNorm statistics those of the calibration data), its
+    checkpoint and a unit-permuted copy's, and the calibration file."""
+    x = _inputs(96, 0)
+    model = randomise(make_cnn(name)).float()
+    _make_batchnorm_honest(model, x)
+    spec = discover(model, SHAPE).spec
+    permuted = permute_state_dict(model.state_dict(), spec, random_permutations(spec, 1))
+    sd = model.state_dict()
+    if spec.groups:
+        assert any(not torch.equal(permuted[k], sd[k]) for k in sd), "nothing was permuted"
+    paths = [str(root / "a.pt"), str(root / "b.pt")]
+    torch.save(sd, paths[0])
+    torch.save(permuted, paths[1])
+    np.savez(root / "calib.npz", x=x.numpy())
+    return model, paths, root / "calib.npz"
+
+
+@pytest.mark.parametrize("refit", [True, False], ids=["refit", "no-refit"])
+@pytest.mark.parametrize("name", PATTERNS)
+def test_permuted_copy_merges_back_to_the_original(name: str, refit: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, paths, calib = _endpoints(name, tmp_path)
+    x = _inputs(8, 3)
+    # the test can fail: averaging the two without aligning them is another function
+    naive = copy.deepcopy(model)
+    pair = [torch.load(p) for p in paths]
+    naive.load_state_dict({k: (pair[0][k] + pair[1][k]) / 2 for k in pair[0]})
+    with torch.no_grad():
+        expected = model(x)
+        assert not torch.allclose(naive(x), expected, atol=1e-3), name
+    result = merge(paths, model=FACTORY, model_args={"name": name}, data=str(calib), refit=refit)
+    with torch.no_grad():
+        got = result.model.float().eval()(x)
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((got - expected).abs().max()) <= 2e-4 * scale, name
+    aligned = result.report["aligned"]
+    assert aligned["fraction"] == 1.0 and aligned["kept_averaged"] == {}, aligned
+    assert result.report["method"] == "cca"
+
+
+def test_opaque_network_is_plain_averaging(tmp_path) -> None:
+    _, paths, calib = _endpoints("opaque", tmp_path)
+    result = merge(paths, model=FACTORY, model_args={"name": "opaque"}, data=str(calib))
+    report = result.report
+    assert report["method"] == "average"
+    assert report["aligned"]["fraction"] == 0.0
+    assert report["aligned"]["parameters"] == 0
+    assert "OpaqueConv" not in report["aligned"]["kept_averaged"]  # named by their layers
+    assert set(report["aligned"]["kept_averaged"]) == {"Conv2d", "Linear"}
+    assert "selection" not in report  # no candidate search over identical merges
+    text = " ".join(report["warnings"])
+    assert "plain averaging" in text
+    assert "only 0% of the parameters were aligned; kept averaged: Conv2d" in text
+
+
+def _dense_layers(model: torch.nn.Module) -> set[str]:
+    return {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+    }
+
+
+@pytest.mark.parametrize("name", ["subclassed_linear", "bn_act", "layer_scale"])
+def test_functional_layers_are_refitted(name: str, tmp_path) -> None:
+    """``F.linear`` in a subclass's forward is refitted, its BatchNorm (``F.batch_norm``)
+    folded or measured; only a gain (layer scale) is left as 'used outside a module call'."""
+    model, paths, calib = _endpoints(name, tmp_path)
+    result = merge(paths, model=FACTORY, model_args={"name": name}, data=str(calib))
+    fitted = {layer["name"] for layer in result.report["refit"]["layers"]}
+    assert fitted == _dense_layers(model)
+    loose = [w for w in result.report["warnings"] if "outside a module" in w]
+    assert loose == (
+        ["parameter block.gamma is used outside a module call; it keeps its averaged value"]
+        if name == "layer_scale"
+        else []
+    )  # a gain: averaged
+    if name == "bn_act":
+        assert {layer["norm"] for layer in result.report["refit"]["layers"]} >= {"bn1", "bn2"}
