@@ -108,3 +108,24 @@ def test_functional_layers_are_refitted(name: str, tmp_path) -> None:
     )  # a gain: averaged
     if name == "bn_act":
         assert {layer["norm"] for layer in result.report["refit"]["layers"]} >= {"bn1", "bn2"}
+
+
+def test_dense_maps_of_permutation_groups_become_permutations_within_blocks() -> None:
+    """A depthwise/grouped conv's group given a dense map (CCA on real models) gets the
+    permutation matched within each block; a permutation that crosses blocks is redone."""
+    from ccamerge.methods.base import Alignment, GroupAlignment
+    from ccamerge.models.spec import FeatureGroup, MergeSpec
+    from ccamerge.pipeline.align import constrain
+
+    g = FeatureGroup("g", 4, (("conv.weight", 0),), "conv", permutation=True, blocks=2)
+    noisy = torch.tensor([[0.1, 0.9, 0.2, 0.0], [1.0, 0.1, 0.0, 0.3],
+                          [0.0, 0.2, 0.1, 0.8], [0.4, 0.0, 0.9, 0.1]], dtype=torch.float64)  # fmt: skip
+    crossing = torch.eye(4, dtype=torch.float64)[[2, 3, 0, 1]]
+    eye = torch.eye(4, dtype=torch.float64)
+    for M, expected in ((noisy, [1, 0, 3, 2]), (crossing, [0, 1, 2, 3])):
+        aligned = constrain(
+            Alignment({"g": GroupAlignment([eye, M], [eye, M])}), MergeSpec((g,)), 0, None
+        )
+        P = aligned.groups["g"].M[1]
+        assert P.argmax(1).tolist() == expected
+        assert torch.equal(aligned.groups["g"].U[1], P.T)
