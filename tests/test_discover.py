@@ -373,7 +373,7 @@ def test_layernorm_joins_its_group() -> None:
 def test_untransformed_units_say_why() -> None:
     found = discover(ConcatNet(), (12,))
     reasons = {u.writers: u.reasons for u in found.untransformed}
-    # the concatenation is made of its parts' groups (docs/architectures.md)
+    # the concatenation is made of its parts' groups (docs/custom-models.md)
     assert [c.parts for c in found.spec.concats] == [(("a", 6), ("b", 4))]
     assert reasons[("head",)] == ("it reaches the model's output",)
     # the expected case (the logits) gives no warning

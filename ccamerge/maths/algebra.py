@@ -42,7 +42,7 @@ def transform_tensor(
 
 def _transform_blocks(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A grouped conv's weight (blocks x rows, block size, ...) times the diagonal blocks
-    of the block-diagonal ``u`` (docs/architectures.md, 'Grouped convolutions')."""
+    of the block-diagonal ``u`` (docs/custom-models.md, 'Layers by what they compute')."""
     size = t.shape[1]
     blocks = u.shape[0] // size
     rows = t.reshape(blocks, t.shape[0] // blocks, *t.shape[1:])

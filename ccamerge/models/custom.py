@@ -19,7 +19,7 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
 A group may add ``"permutation": true, "blocks": n`` (its maps are permutations keeping
 n blocks: a depthwise or grouped conv, a GroupNorm, a gain reads it), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
-(concatenations of groups that layers read, docs/architectures.md).
+(concatenations of groups that layers read, docs/custom-models.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
 """
 

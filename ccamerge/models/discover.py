@@ -15,15 +15,28 @@ output channels of each ``Linear``/``Conv`` forward through the graph:
 * flatten/view/reshape/squeeze: the same units when only size-1 axes move
   (a 1x1 map flattened, or a 2-D tensor); a flatten of more than one spatial
   position into features is not a group axis, so it stays untransformed;
-* ``a + b``, ``a - b``, ``a * b`` of two tensors of one shape: both operands'
-  units are tied into one group (a union-find over groups): this is how
-  residual streams become one group;
+* ``a + b``, ``a - b``, ``a * b`` of two tensors of one shape, or of a tensor and
+  a gate with size-1 spatial axes (squeeze-excitation): both operands' units are
+  tied into one group (a union-find over groups): this is how residual streams
+  become one group;
+* ``x * self.gamma`` / ``x + self.beta`` with one value of the model's per unit
+  (layer scale, a bias): the same units, the tensor joins them;
+* ``permute``/``transpose`` keeping the batch axis first: the units move along;
+* layers as functional calls on the model's tensors (``F.linear``, ``F.conv*d``,
+  ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``: a subclass's own forward)
+  as the modules they compute; GroupNorm keeps its groups' blocks;
+* depthwise convolutions: their outputs are their input's units; grouped ones
+  keep ``groups`` blocks of input and output; such groups (and those with a gain
+  or a GroupNorm) are marked ``permutation`` (only permutations within their
+  blocks are exact, and the alignment is made so);
+* ``torch.cat`` along the units' axis: a concatenation of its parts' groups (its
+  readers are transformed by the block-diagonal map of theirs);
 * the model's input and output are never transformed, so every group that
   reaches either stays untransformed.
 
-Anything else (concatenation, reshapes that mix channels, matmul/attention,
-grouped convolutions, a module called twice or parameters shared between
-modules, parameters used directly in ``forward``, unknown functions and
+Anything else (stacking, reshapes that mix channels, matmul/attention, a module
+called twice or parameters shared between modules, other parameters used
+directly in ``forward``, unknown functions and
 modules) freezes every group it touches: those groups stay untransformed, with
 a warning naming the node or module. A submodule that torch.fx cannot trace
 (data-dependent control flow, ...) is kept as an opaque leaf and treated the

@@ -168,7 +168,7 @@ def constrain(
 ) -> Alignment:
     """``alignment`` with the maps of every ``permutation`` group made permutations that
     keep its ``blocks`` (a depthwise or grouped conv, a GroupNorm, a per-channel gain
-    reads the group, docs/architectures.md): a map that already is one is kept; else
+    reads the group, docs/custom-models.md): a map that already is one is kept; else
     each model's units are matched to the reference's within each block, by their
     correlation on the calibration data (without statistics: by the map's entries)."""
     groups = dict(alignment.groups)
@@ -246,5 +246,5 @@ def aligned_warning(aligned: dict[str, Any]) -> str | None:
     kinds = ", ".join(f"{k} ({n:,})" for k, n in list(aligned["kept_averaged"].items())[:4])
     return (
         f"only {aligned['fraction']:.0%} of the parameters were aligned; kept averaged: "
-        f"{kinds} (docs/architectures.md says what discovery aligns)"
+        f"{kinds} (docs/custom-models.md says what discovery aligns)"
     )
