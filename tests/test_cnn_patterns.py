@@ -86,16 +86,14 @@ def test_opaque_network_is_plain_averaging(tmp_path) -> None:
 
 def _dense_layers(model: torch.nn.Module) -> set[str]:
     return {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+        n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     }
 
 
-@pytest.mark.parametrize("name", ["subclassed_linear", "bn_act", "layer_scale"])
+@pytest.mark.parametrize("name", ["subclassed_linear", "bn_act", "layer_scale", "grouped"])
 def test_functional_layers_are_refitted(name: str, tmp_path) -> None:
     """``F.linear`` in a subclass's forward is refitted, its BatchNorm (``F.batch_norm``)
-    folded or measured; only a gain (layer scale) is left as 'used outside a module call'."""
+    folded or measured, grouped and depthwise convs per conv group; only a gain (layer scale) is left as 'used outside a module call'."""
     model, paths, calib = _endpoints(name, tmp_path)
     result = merge(paths, model=FACTORY, model_args={"name": name}, data=str(calib))
     fitted = {layer["name"] for layer in result.report["refit"]["layers"]}

@@ -237,8 +237,6 @@ def _unfit_reason(node: fx.Node, layer: Layer, uses: Counter) -> str | None:
     if node.op == "call_module" and not one_tensor_call(node):
         return "it is not called on one tensor"
     if layer.conv:
-        if layer.groups != 1:
-            return f"grouped convolution (groups={layer.groups})"
         if layer.padding_mode != "zeros":
             return f"padding mode {layer.padding_mode!r} (only zero padding is refitted)"
         if conv_padding(layer) is None:
