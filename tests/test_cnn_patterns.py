@@ -127,3 +127,14 @@ def test_dense_maps_of_permutation_groups_become_permutations_within_blocks() ->
         P = aligned.groups["g"].M[1]
         assert P.argmax(1).tolist() == expected
         assert torch.equal(aligned.groups["g"].U[1], P.T)
+
+
+def test_asked_for_averaging_reports_nothing_aligned(tmp_path) -> None:
+    """Identity maps transform nothing: ``--method average`` reports 0 % aligned, without
+    the warning (it was asked for)."""
+    _, paths, calib = _endpoints("depthwise", tmp_path)
+    result = merge(
+        paths, model=FACTORY, model_args={"name": "depthwise"}, data=str(calib), method="average"
+    )
+    assert result.report["aligned"]["fraction"] == 0.0
+    assert not [w for w in result.report["warnings"] if "were aligned" in w]

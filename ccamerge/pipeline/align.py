@@ -207,18 +207,28 @@ def _is_permutation(M: torch.Tensor, blocks: int) -> bool:
     return bool((rows // step == cols // step).all())
 
 
-def aligned_parameters(spec: MergeSpec, model: nn.Module) -> dict[str, Any]:
+def aligned_parameters(spec: MergeSpec, model: nn.Module, alignment: Alignment) -> dict[str, Any]:
     """How many of ``model``'s parameters a feature-group map transforms: those of the
-    layers with a tensor in a group or concatenation (a layer's bias counts with its
-    weight, the logits' bias too); the rest are only averaged, counted by kind of
-    layer (``kept_averaged``, largest first)."""
+    layers with a tensor in a group whose maps are not all the identity, or in a
+    concatenation of such a group (a layer's bias counts with its weight, the logits'
+    bias too); the rest are only averaged, counted by kind of layer (``kept_averaged``,
+    largest first)."""
+    moved = {
+        name
+        for name, ga in alignment.groups.items()
+        if any(
+            not torch.equal(M, torch.eye(M.shape[0], dtype=M.dtype, device=M.device)) for M in ga.M
+        )
+    }
+    moved |= {c.name for c in spec.concats if any(p in moved for p, _ in c.parts)}
+    transformed = {t for t, axes in spec.axes.items() if moved & set(axes.values())}
     aligned, total, kept = 0, 0, Counter()
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
         m = modules[owner]
         total += p.numel()
-        if any(_join(owner, t) in spec.axes for t, _ in m.named_parameters(recurse=False)):
+        if any(_join(owner, t) in transformed for t, _ in m.named_parameters(recurse=False)):
             aligned += p.numel()
         else:
             kept[_kind(m)] += p.numel()

@@ -143,8 +143,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, device)
-    aligned = aligned_parameters(loaded.spec, model)
-    ctx.warn(*filter(None, [aligned_warning(aligned)]))
+    aligned = aligned_parameters(loaded.spec, model, saved.alignment)
+    if meta["method"] != "average":
+        ctx.warn(aligned_warning(aligned) or "")
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),

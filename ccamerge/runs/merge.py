@@ -220,8 +220,9 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, data.device)
-    aligned = aligned_parameters(loaded.spec, model)
-    ctx.warn(*filter(None, [aligned_warning(aligned)]))
+    aligned = aligned_parameters(loaded.spec, model, alignment)
+    if plan.align.method != "average":  # asked for: no warning
+        ctx.warn(aligned_warning(aligned) or "")
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),

@@ -367,7 +367,8 @@ def render_merge_report(report: dict[str, Any], console: Console, verbose: bool 
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
     console.print(aligned_line(report["aligned"]))
     render_assumptions(report, console)
-    console.print(f"[bold]method[/] {report['method']} ({params})")
+    plain = " plain averaging" if report["method"] == "average" else ""
+    console.print(f"[bold]method[/] {report['method']} ({params}){plain}")
     for k, inp in enumerate(report["inputs"]):
         tag = " \\[reference]" if k == report["reference"] else ""
         console.print(f"  model {k}: {inp['path']}  weight {report['weights'][k]:.3f}{tag}")
