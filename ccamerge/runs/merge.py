@@ -28,7 +28,7 @@ from ..io.files import (
     open_stream,
 )
 from ..maths.bn import has_batchnorm
-from ..methods import MergeMethod, list_methods, make_method, method_parameters
+from ..methods import Alignment, MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
 from ..models.custom import save_spec
 from ..pipeline import (
@@ -220,9 +220,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, data.device)
-    aligned = aligned_parameters(loaded.spec, model, alignment)
-    if plan.align.method != "average":  # asked for: no warning
-        ctx.warn(aligned_warning(aligned) or "")
+    aligned = aligned_section(ctx, plan, loaded, model, alignment)
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
@@ -251,6 +249,16 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     with ctx.timer.phase("write"):
         write_outputs(plan, loaded, result)
     return result
+
+
+def aligned_section(
+    ctx: RunContext, plan: MergePlan, loaded: LoadedModels, model: nn.Module, alignment: Alignment
+) -> dict[str, Any]:
+    """The report's ``aligned``; under half aligned, a warning (unless averaging was asked)."""
+    aligned = aligned_parameters(loaded.spec, model, alignment)
+    if plan.align.method != "average":
+        ctx.warn(aligned_warning(aligned) or "")
+    return aligned
 
 
 def distill_and_check(
