@@ -288,10 +288,10 @@ EXPECTED_GROUPS = {
     "layernorm_mlp": {"fc1": 10, "fc2": 8},
     "residual_convnet": {"stem": 6, "blocks.0.conv1": 6, "blocks.1.conv1": 8, "blocks.1.conv2": 8,
                          "blocks.2.conv1": 8},
-    "concat": {"mix": 8},
+    "concat": {"a": 6, "b": 4, "mix": 8},
     "dropout": {"conv1": 5, "conv2": 7, "fc": 9},
     "spatial_flatten": {"fc": 8},
-    "grouped_conv": {"conv2": 6},
+    "grouped_conv": {"conv1": 8, "conv2": 6},
     "gated_untraceable": {"fc": 7},
     "attention": {"fc": 7},
     "pinned_to_output": {"fc1": 9},
@@ -299,9 +299,7 @@ EXPECTED_GROUPS = {
 
 # a word that each warning about the unsafe part must contain
 EXPECTED_WARNING = {
-    "concat": "concatenation",
     "spatial_flatten": "flattens 4 channels x 16 positions",
-    "grouped_conv": "grouped convolution",
     "gated_untraceable": "module gate (Gate) could not be traced",
     "attention": "matmul",
 }
@@ -375,7 +373,8 @@ def test_layernorm_joins_its_group() -> None:
 def test_untransformed_units_say_why() -> None:
     found = discover(ConcatNet(), (12,))
     reasons = {u.writers: u.reasons for u in found.untransformed}
-    assert any("concatenation" in r for r in reasons[("a",)])
+    # the concatenation is made of its parts' groups (docs/custom-models.md)
+    assert [c.parts for c in found.spec.concats] == [(("a", 6), ("b", 4))]
     assert reasons[("head",)] == ("it reaches the model's output",)
     # the expected case (the logits) gives no warning
     assert not any("head" in w for w in found.warnings)

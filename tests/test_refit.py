@@ -325,9 +325,9 @@ def test_residual_never_above_the_average():
 
 
 class _Grouped(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode=padding_mode)
         self.bn = nn.BatchNorm2d(4)
         self.head = nn.Conv2d(4, 3, 1)
 
@@ -336,9 +336,9 @@ class _Grouped(nn.Module):
 
 
 def test_layer_that_cannot_be_refitted_keeps_its_weights():
-    """A grouped conv keeps its averaged weights (with a warning); the BatchNorm after it
-    gets the running statistics a reset measures; the head is refitted."""
-    models = [_randomise_norms(_Grouped(), seed) for seed in (0, 1)]
+    """A reflect-padded conv keeps its averaged weights (with a warning); the BatchNorm
+    after it gets the running statistics a reset measures; the head is refitted."""
+    models = [_randomise_norms(_Grouped("reflect"), seed) for seed in (0, 1)]
     spec = MergeSpec(())
     merged = _merged(models, spec, identity_alignment(spec, 2), [0.5, 0.5])
     kept = merged.grouped.weight.clone()
@@ -347,12 +347,34 @@ def test_layer_that_cannot_be_refitted_keeps_its_weights():
     assert torch.equal(merged.grouped.weight, kept)
     assert [layer.name for layer in report.layers] == ["head"]
     assert any(
-        "layer grouped keeps its averaged weights" in w and "groups=2" in w for w in report.warnings
+        "layer grouped keeps its averaged weights" in w and "reflect" in w for w in report.warnings
     )
     reset = copy.deepcopy(merged)
     reset_batchnorm(reset, [x])
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(merged.bn, name), getattr(reset.bn, name))
+
+
+def test_grouped_conv_is_refitted_per_group():
+    """Two copies of one network, the merge started from perturbed weights: with almost
+    no ridge, fitting each conv group (its BatchNorm folded) gives the network back."""
+    model = _randomise_norms(_Grouped(), 0).double()
+    x = torch.randn(16, 4, 6, 6, dtype=torch.float64)
+    reset_batchnorm(model, [x])
+    model.eval()
+    spec = MergeSpec(())
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in (merged.grouped.weight, merged.head.weight):
+            p.add_(0.3 * torch.randn_like(p))
+    settings = RefitSettings(ridge=1e-9)
+    report = refit(
+        merged, [model, model], spec, identity_alignment(spec, 2), [0.5, 0.5], _batches(x, 4),
+        settings,
+    )  # fmt: skip
+    assert [layer.name for layer in report.layers] == ["grouped", "head"]
+    assert report.layers[0].residual_after < 1e-12 < report.layers[0].residual_before
+    torch.testing.assert_close(merged.eval()(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 class _Untraceable(nn.Module):

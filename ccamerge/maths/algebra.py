@@ -33,9 +33,24 @@ def transform_tensor(
         out = torch.tensordot(m, out, dims=([1], [0]))
     if 1 in axes and U is not None and axes[1] in U:
         u = U[axes[1]].to(out)
+        if out.shape[1] < u.shape[0]:  # a grouped conv: each block reads its own units
+            return _transform_blocks(out, u)
         # contract axis 1 with U's rows, then move the new axis back to position 1
         out = torch.movedim(torch.tensordot(out, u, dims=([1], [0])), -1, 1)
     return out
+
+
+def _transform_blocks(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's weight (blocks x rows, block size, ...) times the diagonal blocks
+    of the block-diagonal ``u`` (docs/custom-models.md, 'Layers by what they compute')."""
+    size = t.shape[1]
+    blocks = u.shape[0] // size
+    rows = t.reshape(blocks, t.shape[0] // blocks, *t.shape[1:])
+    parts = []
+    for b in range(blocks):
+        ub = u[b * size : (b + 1) * size, b * size : (b + 1) * size]
+        parts.append(torch.movedim(torch.tensordot(rows[b], ub, dims=([1], [0])), -1, 1))
+    return torch.cat(parts)
 
 
 def transform_state_dict(
@@ -58,6 +73,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
     ref = state_dicts[reference]
+    Ms = [with_concats(spec, M) for M in Ms]
+    Us = [with_concats(spec, U) for U in Us]
     out: dict[str, torch.Tensor] = {}
     for name, t_ref in ref.items():
         if not (t_ref.is_floating_point() or t_ref.is_complex()):
@@ -70,6 +87,22 @@ def merge_state_dicts(
                 continue
             acc += w * transform_tensor(sd[name].to(torch.float64), axes, M, U)
         out[name] = acc.to(t_ref.dtype).contiguous()
+    return out
+
+
+def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
+    """``maps`` and, for each concatenation of the spec, the block-diagonal map of its
+    parts' maps (the identity for a part without one)."""
+    if maps is None or not spec.concats:
+        return maps
+    out = dict(maps)
+    for c in spec.concats:
+        blocks = [
+            maps[g] if g is not None and g in maps else torch.eye(n, dtype=torch.float64)
+            for g, n in c.parts
+        ]
+        device = next((m.device for m in maps.values()), "cpu")
+        out[c.name] = torch.block_diag(*(b.to(device, torch.float64) for b in blocks))
     return out
 
 
@@ -93,5 +126,11 @@ def permute_state_dict(
 
 
 def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random permutation per group, keeping each group's ``blocks``."""
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
+    out = {}
+    for g in spec.groups:
+        step = g.size // g.blocks
+        parts = [b + torch.randperm(step, generator=gen) for b in range(0, g.size, step)]
+        out[g.name] = torch.cat(parts)
+    return out

@@ -48,8 +48,8 @@ def permute_axes(
 ) -> torch.Tensor:
     """``t`` with each grouped axis (except ``skip``) reordered by its group's permutation."""
     for axis, group in axes.items():
-        if axis != skip:
-            t = t.index_select(axis, perms[group])
+        if axis != skip and group in perms and t.shape[axis] == perms[group].numel():
+            t = t.index_select(axis, perms[group])  # (a grouped conv's input axis: left)
     return t
 
 
@@ -84,6 +84,8 @@ def weight_match(
             g = spec.groups[gi]
             A = torch.zeros(g.size, g.size, dtype=torch.float64)
             for name, axis in g.members:
+                if ref[name].shape[axis] != g.size:
+                    continue  # a grouped conv's input axis: its blocks are kept afterwards
                 R = ref[name].movedim(axis, 0).reshape(g.size, -1)
                 S = permute_axes(other[name], spec.axes[name], perms, skip=axis)
                 A += R @ S.movedim(axis, 0).reshape(g.size, -1).T

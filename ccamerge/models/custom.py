@@ -16,6 +16,10 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
                  "collect_at": "fc2", "collect_on": "input", "norms": []}, ...],
      "untransformed": [...], "warnings": [...]}
 
+A group may add ``"permutation": true, "blocks": n`` (its maps are permutations keeping
+n blocks: a depthwise or grouped conv, a GroupNorm, a gain reads it), and the document
+``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
+(concatenations of groups that layers read, docs/custom-models.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
 """
 
@@ -40,7 +44,7 @@ from ..io.files import json_text, write_atomic
 from ..runtime.errors import ArchitectureError, OptionError, SpecError
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .registry import Detected, NotThisArchitecture
-from .spec import FeatureGroup, MergeSpec
+from .spec import Concat, FeatureGroup, MergeSpec
 
 SPEC_FORMAT = "ccamerge-spec"
 SPEC_VERSION = 1
@@ -286,12 +290,46 @@ def spec_to_dict(
                 "collect_at": g.collect_at,
                 "collect_on": g.collect_on,
                 "norms": list(g.norms),
+                **({"permutation": True, "blocks": g.blocks} if g.permutation else {}),
             }
             for g in spec.groups
         ],
+        **({"concats": [_concat_doc(c) for c in spec.concats]} if spec.concats else {}),
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
+
+
+def _concat_doc(c: Concat) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "parts": [[g, n] for g, n in c.parts],
+        "members": [[t, a] for t, a in c.members],
+    }
+
+
+def _concats_from(docs: Any, where: str) -> tuple[Concat, ...]:
+    """The ``concats`` of a spec document: name, parts ([group or null, size]), members."""
+    out = []
+    for i, c in enumerate(docs if isinstance(docs, list) else [None]):
+        ok = isinstance(c, dict) and set(c) == {"name", "parts", "members"}
+        ok = ok and isinstance(c["name"], str)
+        ok = ok and all(
+            isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], str))
+            and isinstance(p[1], int) for p in c["parts"]
+        )  # fmt: skip
+        ok = ok and all(
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], int)
+            for m in c["members"]
+        )
+        if not ok:
+            raise SpecError(
+                f"{where}: concatenation {i} must be {{name, parts: [[group or null, size]], "
+                "members: [[tensor, axis]]}"
+            )
+        parts = tuple((p[0], p[1]) for p in c["parts"])
+        out.append(Concat(c["name"], parts, tuple((t, a) for t, a in c["members"])))
+    return tuple(out)
 
 
 def save_spec(
@@ -306,7 +344,9 @@ def save_spec(
     write_atomic(path, text.encode())
 
 
-_GROUP_KEYS = {"name", "size", "members", "collect_at", "collect_on", "norms"}
+_GROUP_KEYS = {
+    "name", "size", "members", "collect_at", "collect_on", "norms", "permutation", "blocks"
+}  # fmt: skip
 
 
 def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
@@ -353,6 +393,9 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             raise SpecError(f"{label}: 'norms' must be a list of module names")
         if not isinstance(g["name"], str) or not isinstance(g["collect_at"], str):
             raise SpecError(f"{label}: 'name' and 'collect_at' must be strings")
+        permutation, blocks = g.get("permutation", False), g.get("blocks", 1)
+        if not isinstance(permutation, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise SpecError(f"{label}: 'permutation' must be true/false, 'blocks' an integer >= 1")
         out.append(
             FeatureGroup(
                 name=g["name"],
@@ -361,10 +404,12 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 collect_at=g["collect_at"],
                 collect_on=on,
                 norms=tuple(norms),
+                permutation=permutation,
+                blocks=blocks,
             )
         )
     try:
-        return MergeSpec(tuple(out))
+        return MergeSpec(tuple(out), _concats_from(doc.get("concats", []), where))
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
 

@@ -15,15 +15,28 @@ output channels of each ``Linear``/``Conv`` forward through the graph:
 * flatten/view/reshape/squeeze: the same units when only size-1 axes move
   (a 1x1 map flattened, or a 2-D tensor); a flatten of more than one spatial
   position into features is not a group axis, so it stays untransformed;
-* ``a + b``, ``a - b``, ``a * b`` of two tensors of one shape: both operands'
-  units are tied into one group (a union-find over groups): this is how
-  residual streams become one group;
+* ``a + b``, ``a - b``, ``a * b`` of two tensors of one shape, or of a tensor and
+  a gate with size-1 spatial axes (squeeze-excitation): both operands' units are
+  tied into one group (a union-find over groups): this is how residual streams
+  become one group;
+* ``x * self.gamma`` / ``x + self.beta`` with one value of the model's per unit
+  (layer scale, a bias): the same units, the tensor joins them;
+* ``permute``/``transpose`` keeping the batch axis first: the units move along;
+* layers as functional calls on the model's tensors (``F.linear``, ``F.conv*d``,
+  ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``: a subclass's own forward)
+  as the modules they compute; GroupNorm keeps its groups' blocks;
+* depthwise convolutions: their outputs are their input's units; grouped ones
+  keep ``groups`` blocks of input and output; such groups (and those with a gain
+  or a GroupNorm) are marked ``permutation`` (only permutations within their
+  blocks are exact, and the alignment is made so);
+* ``torch.cat`` along the units' axis: a concatenation of its parts' groups (its
+  readers are transformed by the block-diagonal map of theirs);
 * the model's input and output are never transformed, so every group that
   reaches either stays untransformed.
 
-Anything else (concatenation, reshapes that mix channels, matmul/attention,
-grouped convolutions, a module called twice or parameters shared between
-modules, parameters used directly in ``forward``, unknown functions and
+Anything else (stacking, reshapes that mix channels, matmul/attention, a module
+called twice or parameters shared between modules, other parameters used
+directly in ``forward``, unknown functions and
 modules) freezes every group it touches: those groups stay untransformed, with
 a warning naming the node or module. A submodule that torch.fx cannot trace
 (data-dependent control flow, ...) is kept as an opaque leaf and treated the
@@ -61,7 +74,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..runtime.errors import SpecError
-from .spec import FeatureGroup, MergeSpec
+from .spec import Concat, FeatureGroup, MergeSpec
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())  # the CLI shows the returned warnings itself
@@ -110,7 +123,7 @@ _POOL_MODULES: dict[type[nn.Module], int] = {
 }
 _WRITERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_NORMS = BATCHNORMS + (nn.LayerNorm,)
+_NORMS = BATCHNORMS + (nn.LayerNorm, nn.GroupNorm)
 _KNOWN_MODULES = (
     _WRITERS + _NORMS + _ACTIVATION_MODULES + _TRANSPARENT_MODULES + (nn.Flatten, nn.PReLU)
 )
@@ -194,6 +207,35 @@ _TIE_FUNCTIONS = {
 _TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 _ARITHMETIC_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, operator.neg, torch.neg}
 _ARITHMETIC_METHODS = {"div", "div_", "neg"}
+_PERMUTE_FUNCTIONS = {torch.permute, torch.transpose}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_PERMUTE_METHODS = {"permute", "transpose"}
+# layers met as functional calls (a subclass's own forward, timm's Linear, BatchNormAct2d,
+# LayerNorm2d): their arguments by name; parameters come as get_attr nodes
+LAYER_ARGS: dict[Any, tuple[str, ...]] = {
+    F.linear: ("input", "weight", "bias"),
+    **{
+        conv: ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        for conv in (F.conv1d, F.conv2d, F.conv3d)
+    },
+    F.batch_norm: (
+        "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"
+    ),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+}  # fmt: skip
+
+
+def call_args(node: fx.Node) -> dict[str, Any]:
+    """A functional layer call's arguments by name (defaults left out)."""
+    args = dict(zip(LAYER_ARGS[node.target], node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def layer_name(weight: str) -> str:
+    """A functional layer's name: its weight's module (``head.fc`` for ``head.fc.weight``)."""
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
 def _known_type(m: nn.Module) -> type[nn.Module] | None:
@@ -323,12 +365,23 @@ class _Units:
     norms: list[str] = field(default_factory=list)
     # (reason, expected): expected reasons (the model's input/output) give no warning
     frozen: list[tuple[str, bool]] = field(default_factory=list)
+    # only permutations keeping ``blocks`` equal blocks are exact (a grouped conv, ...)
+    permutation: bool = False
+    blocks: int = 1
+    parts: list[tuple[int, int]] = field(default_factory=list)  # a concatenation's (uid, size)
 
     def absorb(self, other: _Units) -> None:
         self.writers += other.writers
         self.members += other.members
         self.norms += other.norms
         self.frozen += other.frozen
+        self.restrict(other.permutation, other.blocks)
+
+    def restrict(self, permutation: bool = True, blocks: int = 1) -> None:
+        if self.parts and blocks > 1:
+            raise _Unsafe("a grouped convolution or GroupNorm of a concatenation")
+        self.permutation = self.permutation or permutation
+        self.blocks = math.lcm(self.blocks, blocks)
 
 
 class _Unsafe(Exception):
@@ -347,8 +400,12 @@ class _Walk:
         self.value: dict[fx.Node, tuple[int, int]] = {}
         self.activation: set[fx.Node] = set()  # after a nonlinearity, norm or tie
         self.alias: dict[fx.Node, fx.Node] = {}  # identity, dropout (eval): the same values
-        self.state_names = set(model.state_dict())
+        self.tensors = model.state_dict(keep_vars=True)
+        self.state_names = set(self.tensors)
         self.shared = _shared_tensors(model)
+        self.order: dict[str, int] = {}  # writers in graph order
+        self.concats: dict[int, str] = {}  # a concatenation's units -> its name
+        self.attr_uses = Counter(n.target for n in graph.nodes if n.op == "get_attr")
 
     # -- union-find
     def new(self, size: int, frozen: tuple[str, bool] | None = None) -> int:
@@ -365,6 +422,8 @@ class _Walk:
 
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
+        if a != b and (self.units[a].parts or self.units[b].parts):
+            raise _Unsafe("it adds a concatenation to another tensor")
         if a != b:
             self.parent[b] = a
             self.units[a].absorb(self.units.pop(b))
@@ -410,15 +469,35 @@ class _Walk:
                     for n in self.inputs(node):
                         self.of(n).frozen.append((reason, False))
                     self.fresh(node, (reason, False))
-                    if node in self.value and self.writes(node):
-                        self.of(node).writers.append(node.target)
+                    name = self.writer(node)
+                    if node in self.value and name is not None:
+                        self.of(node).writers.append(name)
+                        self.order.setdefault(name, len(self.order))
 
-    def writes(self, node: fx.Node) -> bool:
-        """Whether ``node`` calls a Linear/Conv module (whose output units it writes)."""
-        return (
-            node.op == "call_module"
-            and _known_type(self.model.get_submodule(node.target)) in _WRITERS
-        )
+    def writer(self, node: fx.Node) -> str | None:
+        """The name of the Linear/Conv layer ``node`` runs (module or functional), else None."""
+        if node.op == "call_module":
+            m = self.model.get_submodule(node.target)
+            return node.target if _known_type(m) in _WRITERS else None
+        layer = node.op == "call_function" and node.target in LAYER_ARGS
+        if layer and node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+            weight = call_args(node).get("weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                return layer_name(str(weight.target))
+        return None
+
+    def parameter(self, arg: Any, optional: bool = True) -> str | None:
+        """The state-dict name of a functional layer's tensor argument (None: not given)."""
+        if arg is None and optional:
+            return None
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            raise _Unsafe("its weights are not tensors of the model")
+        name = str(arg.target)
+        if name not in self.state_names or name in self.shared:
+            raise _Unsafe(f"{name} is not one tensor of the state dict (shared or computed)")
+        if self.attr_uses[name] > 1:
+            raise _Unsafe(f"{name} is used {self.attr_uses[name]} times (weight sharing)")
+        return name
 
     # -- one operation
     def step(self, node: fx.Node) -> None:
@@ -426,6 +505,9 @@ class _Walk:
             return  # x.size(0), x.shape: no values flow
         if node.op == "call_module":
             self.module_step(node, self.model.get_submodule(node.target))
+            return
+        if node.op == "call_function" and node.target in LAYER_ARGS:
+            self.functional_layer(node)
             return
         rules: list[tuple[Any, set[str], Any]] = [
             (_ACTIVATION_FUNCTIONS, _ACTIVATION_METHODS, lambda n: self.elementwise(n, True)),
@@ -435,6 +517,8 @@ class _Walk:
             (_RESHAPE_FUNCTIONS, _RESHAPE_METHODS, self.reshape),
             (_REDUCE_FUNCTIONS, _REDUCE_METHODS, self.reduce),
             (_TIE_FUNCTIONS, _TIE_METHODS, self.tie),
+            (_PERMUTE_FUNCTIONS, _PERMUTE_METHODS, self.permute),
+            (_CAT_FUNCTIONS, set(), self.concatenate),
         ]
         for functions, methods, handle in rules:
             if node.target in (methods if node.op == "call_method" else functions):
@@ -458,15 +542,22 @@ class _Walk:
         own = [_join(node.target, n) for n in ("weight", "bias") if getattr(m, n, None) is not None]
         if any(n not in self.state_names for n in own):
             raise _Unsafe("its parameters are not in the state dict (parametrized?)")
+        own = {n: _join(node.target, n) for n, _ in _own_tensors(m)}
         if kind in _WRITERS:
-            self.write(node, m)
+            bias = own.get("bias") if m.bias is not None else None
+            groups = getattr(m, "groups", 1)
+            self.write(node, node.target, own["weight"], bias, kind is nn.Linear, groups)
         elif kind in BATCHNORMS:
-            self.norm(node, m, channel_last=False)
+            self.norm(node, list(own.values()), channel_last=False)
+            if getattr(m, "running_mean", None) is not None:
+                self.of(node).norms.append(node.target)
         elif kind is nn.LayerNorm:
-            self.norm(node, m, channel_last=True)
+            self.norm(node, list(own.values()), tuple(m.normalized_shape))
+        elif kind is nn.GroupNorm:
+            self.norm(node, list(own.values()), channel_last=False, groups=m.num_groups)
         elif kind is nn.PReLU:
             if m.num_parameters != 1:
-                self.norm(node, m, channel_last=False)
+                self.norm(node, list(own.values()), channel_last=False)
             else:
                 self.elementwise(node, activation=True)
         elif kind in _ACTIVATION_MODULES:
@@ -478,15 +569,44 @@ class _Walk:
         else:
             self.pool(node, _POOL_MODULES[kind])
 
-    def source(self, node: fx.Node) -> fx.Node:
-        """The one tensor operand of an elementwise-like operation."""
+    def source(self, node: fx.Node, parameters: bool = False) -> fx.Node:
+        """The one tensor operand of an elementwise-like operation (``parameters``: the
+        other tensors may be the model's own, as a functional layer's weights)."""
         ins = self.inputs(node)
         first = node.args[0] if node.args else None
         if not isinstance(first, fx.Node) or first not in self.value:
             raise _Unsafe("its first operand is not a tensor")
-        if any(n is not first and self.shape(n) is not None for n in ins):
+        if any(
+            n is not first and self.shape(n) is not None and not (parameters and n.op == "get_attr")
+            for n in ins
+        ):
             raise _Unsafe("it combines several tensors")
         return first
+
+    def functional_layer(self, node: fx.Node) -> None:
+        """``F.linear``, ``F.conv*d``, ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``
+        with the model's tensors as arguments: as the module of that kind."""
+        args, fn = call_args(node), node.target
+        tensors = [
+            self.parameter(args.get(k))
+            for k in ("weight", "bias", "running_mean", "running_var")
+            if k in LAYER_ARGS[fn]
+        ]
+        members = [t for t in tensors if t is not None]
+        if fn is F.batch_norm:
+            self.norm(node, members, channel_last=False)
+        elif fn is F.layer_norm:
+            self.norm(node, members, tuple(args["normalized_shape"]))
+        elif fn is F.group_norm:
+            self.norm(node, members, channel_last=False, groups=int(args["num_groups"]))
+        else:
+            weight = self.parameter(args.get("weight"), optional=False)
+            assert weight is not None
+            name = layer_name(weight)
+            if name in self.order:
+                raise _Unsafe(f"layer {name} is written twice")
+            groups = int(args.get("groups", 1))
+            self.write(node, name, weight, tensors[1], fn is F.linear, groups)
 
     def elementwise(self, node: fx.Node, activation: bool = False) -> None:
         src = self.source(node)
@@ -500,47 +620,111 @@ class _Walk:
         src = self.source(node)
         self.alias[node] = self.alias.get(src, src)
 
-    def write(self, node: fx.Node, m: nn.Module) -> None:
-        src = self.source(node)
+    def write(
+        self, node: fx.Node, name: str, weight: str, bias: str | None, linear: bool, groups: int
+    ) -> None:
+        """A Linear/Conv layer ``name``: new units on its output axis, its input units read."""
+        src = self.source(node, parameters=True)
         shape, out = self.shape(src), self.shape(node)
         assert shape is not None and out is not None
         uid, axis = self.value[src]
-        is_linear = isinstance(m, nn.Linear)
-        reads_axis = len(shape) - 1 if is_linear else 1
-        if getattr(m, "groups", 1) != 1:
-            raise _Unsafe(f"a grouped convolution (groups={m.groups})")
-        if axis == reads_axis:
-            self.of(src).members.append((_join(node.target, "weight"), 1))
-        else:
+        reads_axis = len(shape) - 1 if linear else 1
+        if axis != reads_axis:
             self.of(src).frozen.append(
                 (f"{describe(node, self.model)} reads axis {reads_axis}, not the units'", False)
             )
-        out_axis = len(out) - 1 if is_linear else 1
+        self.order.setdefault(name, len(self.order))
+        if groups != 1 and self.of(src).parts:
+            raise _Unsafe("a grouped convolution of a concatenation")
+        if groups != 1 and groups == shape[1] == out[1] and axis == 1:  # depthwise
+            units = self.of(src)
+            units.restrict()
+            units.writers.append(name)
+            units.members += [(weight, 0)] + ([(bias, 0)] if bias else [])
+            self.set_value(node, uid, 1)
+            return
+        if axis == reads_axis:
+            self.of(src).members.append((weight, 1))
+            if groups != 1:
+                self.of(src).restrict(blocks=groups)
+        out_axis = len(out) - 1 if linear else 1
         new = self.new(out[out_axis])
         units = self.units[new]
-        units.writers.append(node.target)
-        units.members.append((_join(node.target, "weight"), 0))
-        if m.bias is not None:
-            units.members.append((_join(node.target, "bias"), 0))
+        if groups != 1:
+            units.restrict(blocks=groups)
+        units.writers.append(name)
+        units.members += [(weight, 0)] + ([(bias, 0)] if bias else [])
         self.set_value(node, new, out_axis)
 
-    def norm(self, node: fx.Node, m: nn.Module, channel_last: bool) -> None:
-        src = self.source(node)
+    def norm(
+        self,
+        node: fx.Node,
+        tensors: list[str],
+        normalized: tuple[int, ...] | None = None,
+        channel_last: bool = True,
+        groups: int = 0,
+    ) -> None:
+        """A BatchNorm, a GroupNorm of ``groups`` groups (channels on axis 1) or a LayerNorm
+        over ``normalized`` (the last axis): the same units; ``tensors`` (its affine
+        vectors and running statistics) join them."""
+        src = self.source(node, parameters=True)
         shape = self.shape(src)
         assert shape is not None
         uid, axis = self.value[src]
         want = len(shape) - 1 if channel_last else 1
         if axis != want:
             raise _Unsafe(f"it normalises axis {want}, not the units' axis {axis}")
-        if channel_last and tuple(m.normalized_shape) != (shape[-1],):
-            raise _Unsafe(f"it normalises over {tuple(m.normalized_shape)}, not one axis")
+        if channel_last and normalized != (shape[-1],):
+            raise _Unsafe(f"it normalises over {normalized}, not one axis")
         units = self.of(src)
-        for name, t in _own_tensors(m):
+        if groups:
+            units.restrict(blocks=groups)  # statistics within each group: permutations in it
+        for name in tensors:
+            t = self.tensors[name]
             if t.ndim == 1 and t.numel() == units.size and t.is_floating_point():
-                units.members.append((_join(node.target, name), 0))
-        if getattr(m, "running_mean", None) is not None:
-            units.norms.append(node.target)
+                units.members.append((name, 0))
         self.set_value(node, uid, axis, activation=True)
+
+    def concatenate(self, node: fx.Node) -> None:
+        """``torch.cat`` along the units' axis: units made of its parts' units, in order."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(
+            isinstance(t, fx.Node) and t in self.value for t in tensors
+        ):
+            raise _Unsafe("a concatenation of something else than tensors")
+        out = self.shape(node)
+        assert out is not None
+        axis = int(dim) % len(out)
+        if any(self.value[t][1] != axis for t in tensors):
+            raise _Unsafe("a concatenation along another axis than the units'")
+        parts: list[tuple[int, int]] = []
+        for t in tensors:
+            units = self.of(t)
+            parts += units.parts or [(self.find(self.value[t][0]), units.size)]
+        uid = self.new(out[axis])
+        self.units[uid].parts = parts
+        self.concats[uid] = f"concat {node.name}"
+        self.set_value(node, uid, axis, activation=True)
+
+    def permute(self, node: fx.Node) -> None:
+        """``permute``/``transpose`` keeping the batch axis first: the units move along."""
+        src = self.source(node)
+        shape = self.shape(src)
+        assert shape is not None
+        n = len(shape)
+        uid, axis = self.value[src]
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if node.target in ("transpose", torch.transpose):
+            a, b = (int(d) % n for d in rest[:2])
+            dims = list(range(n))
+            dims[a], dims[b] = dims[b], dims[a]
+        else:
+            dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            dims = [int(d) % n for d in dims]
+        if len(dims) != n or dims[0] != 0:
+            raise _Unsafe("it moves the batch axis")
+        self.set_value(node, uid, dims.index(axis))
 
     def pool(self, node: fx.Node, dims: int) -> None:
         src = self.source(node)
@@ -602,12 +786,58 @@ class _Walk:
             self.elementwise(node)
             return
         a, b = operands
-        if self.shape(a) != self.shape(b) or self.shape(node) != self.shape(a):
+        params = [n for n in operands if n.op == "get_attr"]
+        if len(params) == 1:
+            self.gain(node, b if a is params[0] else a, params[0])
+            return
+        if self.shape(a) != self.shape(b):
+            a, b = self.broadcast(node, a, b)
+        if self.shape(node) != self.shape(a):
             raise _Unsafe(f"it broadcasts {self.shape(a)} with {self.shape(b)}")
         if self.value[a][1] != self.value[b][1]:
             raise _Unsafe("its operands carry units on different axes")
         uid = self.union(self.value[a][0], self.value[b][0])
         self.set_value(node, uid, self.value[a][1], activation=True)
+
+    def broadcast(self, node: fx.Node, a: fx.Node, b: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """``(full, broadcast)`` operands of ``a op b`` when one is the other with size-1
+        axes besides the batch and the units' (a squeeze-excitation gate: ``x * s``,
+        ``s`` of shape (N, C, 1, 1)); else unsafe."""
+        big, small = (a, b) if self.shape(node) == self.shape(a) else (b, a)
+        sb, ss = self.shape(big), self.shape(small)
+        axis = self.value[big][1]
+        fits = (
+            sb is not None
+            and ss is not None
+            and len(sb) == len(ss)
+            and self.value[small][1] == axis
+            and all(ss[i] in (1, sb[i]) if i in (0, axis) else ss[i] == 1 for i in range(len(sb)))
+            and ss[axis] == sb[axis]
+        )
+        if not fits:
+            raise _Unsafe(f"it broadcasts {self.shape(a)} with {self.shape(b)}")
+        return big, small
+
+    def gain(self, node: fx.Node, src: fx.Node, param: fx.Node) -> None:
+        """``x * gamma``, ``x + beta`` with a tensor of the model holding one value per unit
+        (layer scale, a bias): the same units, the tensor joins them. A gain is exact only
+        under permutations, and so is a bias stored with leading size-1 axes."""
+        shape, p = self.shape(src), self.shape(param)
+        uid, axis = self.value[src]
+        assert shape is not None and p is not None
+        j = axis - (len(shape) - len(p))  # the tensor's axis on the units' axis
+        fits = (
+            0 <= j <= 1 and p[j] == shape[axis] and all(s == 1 for i, s in enumerate(p) if i != j)
+        )
+        if not fits or self.shape(node) != shape:
+            raise _Unsafe(f"it broadcasts {shape} with the tensor {param.target} of shape {p}")
+        name = self.parameter(param, optional=False)
+        units = self.of(src)
+        units.members.append((str(name), j))
+        is_add = node.target in (operator.add, operator.iadd, torch.add, "add", "add_")
+        if j == 1 or not is_add:
+            units.restrict()
+        self.set_value(node, uid, axis)
 
 
 def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -806,6 +1036,23 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
     return _result(walk, tracer, input_shape, warnings)
 
 
+def _concats(walk: _Walk, groups: set[str]) -> tuple[Concat, ...]:
+    """The concatenations that layers read, their parts named by group (None: a part
+    left untransformed)."""
+    out = []
+    for uid, name in walk.concats.items():
+        units = walk.units[uid]
+        if units.frozen or not units.members:
+            continue
+        parts = []
+        for part, size in units.parts:
+            writers = walk.units[walk.find(part)].writers
+            parts.append((writers[0] if writers and writers[0] in groups else None, size))
+        if any(p is not None for p, _ in parts):
+            out.append(Concat(name, tuple(parts), tuple(dict.fromkeys(units.members))))
+    return tuple(out)
+
+
 def _result(
     walk: _Walk, tracer: _Tracer, input_shape: tuple[int, ...], warnings: list[str]
 ) -> Discovery:
@@ -813,7 +1060,12 @@ def _result(
     for node in walk.graph.nodes:
         if node in walk.value:
             nodes_of.setdefault(walk.find(walk.value[node][0]), []).append(node)
-    order = {n.target: i for i, n in enumerate(walk.graph.nodes) if n.op == "call_module"}
+    order = walk.order
+    for uid in walk.concats:  # a concatenation frozen or kept to permutations: its parts too
+        for part, _ in walk.units[uid].parts:
+            walk.units[walk.find(part)].frozen += walk.units[uid].frozen
+            if walk.units[uid].permutation:
+                walk.units[walk.find(part)].restrict()
     for units in walk.units.values():
         units.writers.sort(key=order.__getitem__)
     groups: list[FeatureGroup] = []
@@ -852,13 +1104,15 @@ def _result(
                 collect_at=hook[0],
                 collect_on=hook[1],  # type: ignore[arg-type]
                 norms=tuple(units.norms),
+                permutation=units.permutation,
+                blocks=units.blocks,
             )
         )
     warnings = list(dict.fromkeys(warnings))
     for w in warnings:
         log.warning("%s", w)
     return Discovery(
-        MergeSpec(tuple(groups)),
+        MergeSpec(tuple(groups), _concats(walk, {g.name for g in groups})),
         tuple(dict.fromkeys(untransformed)),
         tuple(warnings),
         input_shape,

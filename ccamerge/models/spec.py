@@ -10,6 +10,15 @@ Axis roles follow PyTorch's layouts: axis 0 of a tensor is an *output* axis
 by ``M`` (``W -> M W``); axis 1 is an *input* axis and is transformed by ``U``
 (``W -> W U``). Axes not listed are left alone (conv kernels' spatial axes,
 the network's input and its logits).
+
+Some layers can follow only some maps exactly: a depthwise or grouped convolution,
+a GroupNorm and a per-channel gain (layer scale) keep their function under a
+permutation of their channels (within each conv or norm group), not under a dense
+map. Such a group says so: ``permutation`` (its maps are permutations) and
+``blocks`` (they keep units within ``blocks`` equal, consecutive blocks);
+:func:`ccamerge.pipeline.align.constrain` turns any method's maps into such
+permutations. A grouped convolution's input axis holds one block's units
+(``size / blocks`` of them) and is transformed block by block.
 """
 
 from __future__ import annotations
@@ -42,24 +51,54 @@ class FeatureGroup:
     collect_at: str
     collect_on: CollectOn = "output"
     norms: tuple[str, ...] = ()
+    permutation: bool = False
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         for _, axis in self.members:
             if axis not in (0, 1):
                 raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or 1 (input)")
+        if self.blocks < 1 or self.size % self.blocks:
+            raise SpecError(f"group {self.name}: {self.blocks} blocks do not divide {self.size}")
+        if self.blocks > 1 and not self.permutation:
+            raise SpecError(f"group {self.name}: blocks are only kept by permutations")
+
+
+@dataclass(frozen=True)
+class Concat:
+    """A concatenation of feature groups along the units' axis (a DenseNet's
+    ``torch.cat``): its ``members`` (the layers reading it, a BatchNorm on it) are
+    transformed by the block-diagonal map of its ``parts``' maps, each part a group
+    name and its size (None: units that stay untransformed, an identity block). It is
+    not aligned itself; methods see only the groups."""
+
+    name: str
+    parts: tuple[tuple[str | None, int], ...]
+    members: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.parts)
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """All feature groups of one architecture configuration."""
+    """All feature groups of one architecture configuration, and the concatenations
+    of groups that layers read."""
 
     groups: tuple[FeatureGroup, ...]
+    concats: tuple[Concat, ...] = ()
     axes: Mapping[str, Mapping[int, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         axes: dict[str, dict[int, str]] = {}
         names = set()
-        for g in self.groups:
+        known = {g.name for g in self.groups}
+        for c in self.concats:
+            unknown = [p for p, _ in c.parts if p is not None and p not in known]
+            if unknown:
+                raise SpecError(f"concatenation {c.name}: unknown part {unknown[0]!r}")
+        for g in (*self.groups, *self.concats):
             if g.name in names:
                 raise SpecError(f"duplicate group name {g.name!r}")
             names.add(g.name)
@@ -84,12 +123,14 @@ class MergeSpec:
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check every member tensor exists and has the group's size on its axis."""
-        for g in self.groups:
+        for g in (*self.groups, *self.concats):
             for tensor, axis in g.members:
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)
-                if axis >= len(shape) or shape[axis] != g.size:
+                blocks = getattr(g, "blocks", 1)
+                sizes = (g.size, g.size // blocks) if axis == 1 else (g.size,)
+                if axis >= len(shape) or shape[axis] not in sizes:
                     raise SpecError(
                         f"group {g.name}: {tensor} has shape {shape}, "
                         f"expected size {g.size} on axis {axis}"

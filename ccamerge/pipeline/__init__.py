@@ -19,6 +19,8 @@ from ..runtime.context import Progress, RunContext, Timer
 from .align import (
     AlignSettings,
     align_models,
+    aligned_parameters,
+    aligned_warning,
     auto_methods,
     candidate_methods,
     group_report,
@@ -122,6 +124,8 @@ __all__ = [
     "Split",
     "Timer",
     "align_models",
+    "aligned_parameters",
+    "aligned_warning",
     "assemble",
     "assemble_and_refit",
     "auto_methods",

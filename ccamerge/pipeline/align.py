@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
+from ..maths.algebra import permutation_matrix
 from ..maths.stats import Statistics
 from ..methods import (
     AlignContext,
@@ -18,8 +23,9 @@ from ..methods import (
     method_class,
     method_parameters,
 )
-from ..methods.base import AUTO
-from ..models.spec import MergeSpec
+from ..methods.base import AUTO, GroupAlignment
+from ..methods.permute import cross_correlation, match
+from ..models.spec import FeatureGroup, MergeSpec
 from ..runtime.errors import OptionError
 from .load import LoadedModels
 
@@ -151,5 +157,104 @@ def group_report(spec: MergeSpec, alignment: Alignment, reference: int) -> list[
 def align_models(
     method: MergeMethod, loaded: LoadedModels, reference: int, stats: Statistics | None
 ) -> Alignment:
-    """Every model aligned to model ``reference`` by ``method``."""
-    return method.align(AlignContext(loaded.spec, loaded.state_dicts, reference, stats))
+    """Every model aligned to model ``reference`` by ``method``; the groups that only
+    permutations keep exact (:func:`constrain`) get permutations."""
+    alignment = method.align(AlignContext(loaded.spec, loaded.state_dicts, reference, stats))
+    return constrain(alignment, loaded.spec, reference, stats)
+
+
+def constrain(
+    alignment: Alignment, spec: MergeSpec, reference: int, stats: Statistics | None
+) -> Alignment:
+    """``alignment`` with the maps of every ``permutation`` group made permutations that
+    keep its ``blocks`` (a depthwise or grouped conv, a GroupNorm, a per-channel gain
+    reads the group, docs/custom-models.md): a map that already is one is kept; else
+    each model's units are matched to the reference's within each block, by their
+    correlation on the calibration data (without statistics: by the map's entries)."""
+    groups = dict(alignment.groups)
+    for g in spec.groups:
+        if g.permutation and g.name in groups:
+            jc = stats.groups.get(g.name) if stats is not None else None
+            groups[g.name] = _permutations(g, groups[g.name], reference, jc)
+    return Alignment(groups)
+
+
+def _permutations(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
+    Ms = []
+    for k, M in enumerate(ga.M):
+        if k == reference or _is_permutation(M, g.blocks):
+            Ms.append(M)
+            continue
+        score = cross_correlation(jc, reference, k) if jc is not None else M
+        perm = torch.arange(g.size)
+        step = g.size // g.blocks
+        for b in range(0, g.size, step):
+            perm[b : b + step] = b + match(score[b : b + step, b : b + step].nan_to_num())
+        Ms.append(permutation_matrix(perm).to(M))
+    details = {**ga.details, "permutation": "matched within blocks" if g.blocks > 1 else "matched"}
+    return GroupAlignment(Ms, [M.T.contiguous() for M in Ms], list(ga.quality), details)
+
+
+def _is_permutation(M: torch.Tensor, blocks: int) -> bool:
+    """Whether ``M`` is a permutation matrix keeping ``blocks`` equal blocks."""
+    ones = (M == 1).sum(1)
+    if not bool(((M == 0) | (M == 1)).all()) or not bool((ones == 1).all()):
+        return False
+    if not bool(((M == 1).sum(0) == 1).all()):
+        return False
+    step = M.shape[0] // blocks
+    rows, cols = torch.nonzero(M, as_tuple=True)
+    return bool((rows // step == cols // step).all())
+
+
+def aligned_parameters(spec: MergeSpec, model: nn.Module, alignment: Alignment) -> dict[str, Any]:
+    """How many of ``model``'s parameters a feature-group map transforms: those of the
+    layers with a tensor in a group whose maps are not all the identity, or in a
+    concatenation of such a group (a layer's bias counts with its weight, the logits'
+    bias too); the rest are only averaged, counted by kind of layer (``kept_averaged``,
+    largest first)."""
+    moved = {
+        name
+        for name, ga in alignment.groups.items()
+        if any(
+            not torch.equal(M, torch.eye(M.shape[0], dtype=M.dtype, device=M.device)) for M in ga.M
+        )
+    }
+    moved |= {c.name for c in spec.concats if any(p in moved for p, _ in c.parts)}
+    transformed = {t for t, axes in spec.axes.items() if moved & set(axes.values())}
+    aligned, total, kept = 0, 0, Counter()
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        m = modules[owner]
+        total += p.numel()
+        if any(_join(owner, t) in transformed for t, _ in m.named_parameters(recurse=False)):
+            aligned += p.numel()
+        else:
+            kept[_kind(m)] += p.numel()
+    return {
+        "parameters": aligned,
+        "total": total,
+        "fraction": aligned / total if total else 0.0,
+        "kept_averaged": dict(kept.most_common()),
+    }
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _kind(m: nn.Module) -> str:
+    groups = getattr(m, "groups", 1)
+    return f"{type(m).__name__} (groups={groups})" if groups != 1 else type(m).__name__
+
+
+def aligned_warning(aligned: dict[str, Any]) -> str | None:
+    """A warning when less than half the parameters were aligned, naming what was not."""
+    if aligned["total"] == 0 or aligned["fraction"] >= 0.5:
+        return None
+    kinds = ", ".join(f"{k} ({n:,})" for k, n in list(aligned["kept_averaged"].items())[:4])
+    return (
+        f"only {aligned['fraction']:.0%} of the parameters were aligned; kept averaged: "
+        f"{kinds} (docs/custom-models.md says what discovery aligns)"
+    )

@@ -22,6 +22,8 @@ from ..pipeline import (
     Progress,
     RefitSettings,
     RunContext,
+    aligned_parameters,
+    aligned_warning,
     check_batch_size,
     check_data_fits,
     check_fits,
@@ -141,6 +143,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, device)
+    aligned = aligned_parameters(loaded.spec, model, saved.alignment)
+    if meta["method"] != "average":
+        ctx.warn(aligned_warning(aligned) or "")
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
@@ -155,6 +160,7 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         ),
         method=meta["method"],
         params=meta.get("params") or {},
+        aligned=aligned,
         transforms={"path": plan.transforms, "sha256": sha256(plan.transforms)},
         inputs=describe_inputs(plan.checkpoints),
         reference=reference,

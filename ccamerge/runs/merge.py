@@ -28,7 +28,7 @@ from ..io.files import (
     open_stream,
 )
 from ..maths.bn import has_batchnorm
-from ..methods import MergeMethod, list_methods, make_method, method_parameters
+from ..methods import Alignment, MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
 from ..models.custom import save_spec
 from ..pipeline import (
@@ -51,6 +51,8 @@ from ..pipeline import (
     Scored,
     Split,
     align_models,
+    aligned_parameters,
+    aligned_warning,
     check_augmentable,
     check_batch_size,
     check_data_fits,
@@ -151,6 +153,11 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
             shape = stream.sample_shape if stream else tuple(calib.data.x.shape[1:])
             check_augmentable(plan.distill.augment, shape)
     warn_about_inputs(ctx, plan, loaded, calib, eval_data)
+    if not loaded.spec.groups and any(m.name != "average" for m in candidates):
+        candidates = [make_method("average")]  # every candidate would give the same merge
+        method, auto = candidates[0], False
+        renorm = resolve_bn_mode(plan.batchnorm.mode, method) == "renorm"
+        ctx.warn("no feature group to align: the models are merged by plain averaging")
     refit = dataclasses.replace(plan.refit, enabled=plan.refit.enabled and calib is not None)
     if auto and calib is not None and len(calib) < 2 * MIN_HELDOUT:
         method, auto = fixed_candidate(method, plan.align.params), False
@@ -213,12 +220,14 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, data.device)
+    aligned = aligned_section(ctx, plan, loaded, model, alignment)
 
     report = MergeReport(
         architecture=describe_architecture(loaded.detected),
         assumptions=describe(loaded.detected, plan.source.stated),
         method=method.name,
         params=method.params(),
+        aligned=aligned,
         inputs=describe_inputs(plan.checkpoints),
         reference=reference,
         reference_choice=reference_choice,
@@ -240,6 +249,16 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
     with ctx.timer.phase("write"):
         write_outputs(plan, loaded, result)
     return result
+
+
+def aligned_section(
+    ctx: RunContext, plan: MergePlan, loaded: LoadedModels, model: nn.Module, alignment: Alignment
+) -> dict[str, Any]:
+    """The report's ``aligned``; under half aligned, a warning (unless averaging was asked)."""
+    aligned = aligned_parameters(loaded.spec, model, alignment)
+    if plan.align.method != "average":
+        ctx.warn(aligned_warning(aligned) or "")
+    return aligned
 
 
 def distill_and_check(

@@ -64,6 +64,7 @@ class MergeReport(Report):
     assumptions: list[dict[str, str]] | None = None  # merge: what checkpoints do not record
     method: str
     params: dict[str, Any]
+    aligned: dict[str, Any]  # parameters transformed by a feature-group map (align.py)
     transforms: dict[str, str] | None = None  # apply: the transforms file used
     inputs: list[dict[str, str]]
     reference: int
@@ -346,14 +347,28 @@ def render_assumptions(report: dict[str, Any], console: Console) -> None:
         console.print(f"[bold]{a['setting']}[/] {a['value']} ({a['source']})")
 
 
+def aligned_line(aligned: dict[str, Any]) -> str:
+    """``aligned 96.1 % of the parameters (12,345 of 12,846); kept averaged: ...``."""
+    line = (
+        f"[bold]aligned[/] {aligned['fraction']:.1%} of the parameters "
+        f"({aligned['parameters']:,} of {aligned['total']:,})"
+    )
+    kept = list(aligned["kept_averaged"].items())
+    if kept:
+        line += "; kept averaged: " + ", ".join(f"{k} {n:,}" for k, n in kept[:4])
+    return line
+
+
 def render_merge_report(report: dict[str, Any], console: Console, verbose: bool = False) -> None:
     """The merge (or apply) report on stderr; ``verbose``: every warning listed."""
     arch = report["architecture"]
     cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items()) or "-"
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
+    console.print(aligned_line(report["aligned"]))
     render_assumptions(report, console)
-    console.print(f"[bold]method[/] {report['method']} ({params})")
+    plain = " plain averaging" if report["method"] == "average" else ""
+    console.print(f"[bold]method[/] {report['method']} ({params}){plain}")
     for k, inp in enumerate(report["inputs"]):
         tag = " \\[reference]" if k == report["reference"] else ""
         console.print(f"  model {k}: {inp['path']}  weight {report['weights'][k]:.3f}{tag}")

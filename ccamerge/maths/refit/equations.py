@@ -7,11 +7,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...runtime import distributed
 from ..stats import gram
-from .plan import Fit, conv_padding
+from .plan import Fit, Layer, conv_padding
 
 _BLOCK_ELEMENTS = 1 << 22  # rows x inputs of one block of the normal equations (16 MiB in float32)
 
@@ -78,8 +77,8 @@ def rows(fit: Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Ten
     """Blocks of (inputs, targets) rows of ``fit`` on one chunk (``t``: the targets of
     the samples that give rows, :func:`_kept`); conv inputs as patches."""
     x = x[: t.shape[0]]
-    layer = fit.module
-    if isinstance(layer, nn.Conv2d):
+    layer = fit.layer
+    if layer.conv:
         padding = conv_padding(layer)
         patch = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         positions = t.shape[2] * t.shape[3]
@@ -92,50 +91,73 @@ def rows(fit: Fit, x: torch.Tensor, t: torch.Tensor) -> Iterator[tuple[torch.Ten
             T = t[i : i + step].flatten(2).transpose(1, 2).reshape(-1, t.shape[1])
             yield _with_constant(X, fit), T
     else:
-        X, T = x.reshape(-1, layer.in_features), t.reshape(-1, layer.out_features)
-        step = max(1, _BLOCK_ELEMENTS // layer.in_features)
+        X, T = x.reshape(-1, layer.inputs), t.reshape(-1, layer.outputs)
+        step = max(1, _BLOCK_ELEMENTS // layer.inputs)
         for i in range(0, X.shape[0], step):
             yield _with_constant(X[i : i + step], fit), T[i : i + step]
+
+
+def output_rows(layer: Layer, group: int) -> slice:
+    """The output channels of conv group ``group`` (all of them for one group)."""
+    n = layer.outputs // layer.groups
+    return slice(group * n, (group + 1) * n)
+
+
+def group_rows(
+    fit: Fit, X: torch.Tensor, T: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of conv group ``group`` of a grouped conv: its input channels' patch
+    columns (and the constant) and its output channels' targets."""
+    layer = fit.layer
+    if layer.groups == 1:
+        return X, T
+    n = layer.weight[0].numel()
+    cols = X[:, group * n : (group + 1) * n]
+    if fit.has_bias:
+        cols = torch.cat([cols, X[:, -1:]], 1)
+    return cols, T[:, output_rows(layer, group)]
 
 
 def _with_constant(X: torch.Tensor, fit: Fit) -> torch.Tensor:
     return torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if fit.has_bias else X
 
 
-def current_weights(fit: Fit, eq: NormalEquations) -> torch.Tensor:
+def current_weights(fit: Fit, eq: NormalEquations, part: slice = slice(None)) -> torch.Tensor:
     """The averaged weights as ``W0^T`` (p x out, float64), the prior of the fit.
 
     A folded BatchNorm is folded with the running statistics a reset would measure: the
     mean and (unbiased) variance of the layer's output on the merged inputs, read off
     ``G`` (its last row holds the inputs' sums, since the last input is the constant 1).
     The averaged running statistics are not used: under a dense alignment they are no
-    statistics of anything (a variance can even come out negative)."""
-    layer = fit.module
-    W = layer.weight.detach().double().flatten(1)
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(W[:, 0])
+    statistics of anything (a variance can even come out negative). ``part``: the
+    output channels of one conv group."""
+    layer = fit.layer
+    W = layer.weight[part].detach().double().flatten(1)
+    b = layer.bias[part].detach().double() if layer.bias is not None else torch.zeros_like(W[:, 0])
     if fit.bn is not None:
         WbT = torch.cat([W, b[:, None]], 1).T
         n = max(eq.samples, 1)
         mean = eq.G[-1] @ WbT / n
         var = ((eq.G @ WbT * WbT).sum(0) / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)
-        scale = fit.bn.weight.detach().double() / (var + fit.bn.eps).sqrt()
-        W, b = scale[:, None] * W, scale * (b - mean) + fit.bn.bias.detach().double()
+        scale = fit.bn.weight[part].detach().double() / (var + fit.bn.eps).sqrt()
+        W, b = scale[:, None] * W, scale * (b - mean) + fit.bn.bias[part].detach().double()
     return (torch.cat([W, b[:, None]], 1) if fit.has_bias else W).T.contiguous()
 
 
-def write_weights(fit: Fit, WT: torch.Tensor) -> torch.Tensor | None:
-    """Put the fitted ``W^T`` (p x out) into the layer; returns the bias its folded
-    BatchNorm must add (None without one)."""
-    layer = fit.module
+def write_weights(fit: Fit, WT: torch.Tensor, part: slice = slice(None)) -> torch.Tensor | None:
+    """Put the fitted ``W^T`` (p x out) into the layer (``part``: the output channels of
+    one conv group); returns the bias its folded BatchNorm must add (None without one)."""
+    layer = fit.layer
     W = WT.T
     b = W[:, -1] if fit.has_bias else None
-    layer.weight.copy_(W[:, : W.shape[1] - int(fit.has_bias)].reshape(layer.weight.shape))
+    weight = layer.weight[part]
+    weight.copy_(W[:, : W.shape[1] - int(fit.has_bias)].reshape(weight.shape))
     if fit.bn is not None:
         if layer.bias is not None:
-            layer.bias.zero_()  # the BatchNorm's shift carries the bias
+            layer.bias[part].zero_()  # the BatchNorm's shift carries the bias
         return b
     if layer.bias is not None:
-        layer.bias.copy_(b)
+        layer.bias[part].copy_(b)
     return None
 
 

@@ -18,7 +18,15 @@ from ...models.spec import MergeSpec
 from ...runtime import distributed
 from ...runtime.errors import OptionError, RefitError
 from ..bn import reset_batchnorm
-from .equations import Moments, NormalEquations, current_weights, rows, write_weights
+from .equations import (
+    Moments,
+    NormalEquations,
+    current_weights,
+    group_rows,
+    output_rows,
+    rows,
+    write_weights,
+)
 from .interpret import Chunk
 from .memory import choose_mode, default_memory_budget, first_and_count
 from .plan import Fit, Norm, Opaque, Step, make_plan
@@ -231,46 +239,61 @@ def _inputs(step: Step, chunks: Iterable[Chunk]) -> Iterator[torch.Tensor]:
 def _fit_layer(
     fit: Fit, chunks: Iterable[Chunk], ridge: float, report: RefitReport
 ) -> torch.Tensor | None:
-    """Accumulate, solve and write one layer; returns the bias for its folded BatchNorm."""
+    """Accumulate, solve and write one layer (a grouped conv: each conv group on its
+    own); returns the bias for its folded BatchNorm."""
     start = time.perf_counter()
-    layer = fit.module
-    outputs = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    layer = fit.layer
     inputs = layer.weight[0].numel() + int(fit.has_bias)
-    eq = NormalEquations(inputs, outputs, device=layer.weight.device)
+    device = layer.weight.device
+    eqs = [
+        NormalEquations(inputs, layer.outputs // layer.groups, device=device)
+        for _ in range(layer.groups)
+    ]
     for chunk in chunks:
         chunk.advance(fit)
         for X, T in rows(fit, chunk.input_of(fit), chunk.target_of(fit)):
-            eq.add(X, T)
-    eq.reduce_across_ranks()
-    W0T = current_weights(fit, eq)
-    WT = eq.solve(W0T, ridge)
-    if WT is None:
+            for g, eq in enumerate(eqs):
+                eq.add(*group_rows(fit, X, T, g))
+    solved = []
+    for g, eq in enumerate(eqs):
+        eq.reduce_across_ranks()
+        W0T = current_weights(fit, eq, output_rows(layer, g))
+        WT = eq.solve(W0T, ridge)
+        if WT is None:
+            report.warnings.append(
+                f"layer {fit.name} keeps its averaged weights: the least-squares solve was "
+                "not finite (non-finite activations, or a singular Gram matrix with ridge 0)"
+            )
+            return None
+        solved.append((eq, W0T, WT))
+    samples = eqs[0].samples
+    if samples < inputs:
         report.warnings.append(
-            f"layer {fit.name} keeps its averaged weights: the least-squares solve was not "
-            "finite (non-finite activations, or a singular Gram matrix with ridge 0)"
-        )
-        return None
-    p = W0T.shape[0]
-    if eq.samples < p:
-        report.warnings.append(
-            f"layer {fit.name}: {eq.samples} samples for {p} inputs; the ridge towards the "
+            f"layer {fit.name}: {samples} samples for {inputs} inputs; the ridge towards the "
             "averaged weights decides what the data does not"
         )
-    bias = write_weights(fit, WT)
+    biases = [write_weights(fit, WT, output_rows(layer, g)) for g, (_, _, WT) in enumerate(solved)]
     report.layers.append(
         LayerFit(
             name=fit.name,
-            kind="conv" if isinstance(fit.module, nn.Conv2d) else "linear",
-            norm=str(fit.norm.target) if fit.norm is not None else None,
+            kind="conv" if fit.layer.conv else "linear",
+            norm=fit.bn.name if fit.bn is not None else None,
             residual_sum=fit.other is not None,
-            inputs=p,
-            samples=eq.samples,
-            residual_before=eq.residual(W0T),
-            residual_after=eq.residual(WT),
+            inputs=inputs,
+            samples=samples,
+            residual_before=_residual([(eq, W0T) for eq, W0T, _ in solved]),
+            residual_after=_residual([(eq, WT) for eq, _, WT in solved]),
             seconds=time.perf_counter() - start,
         )
     )
-    return bias
+    return None if biases[0] is None else torch.cat(biases)
+
+
+def _residual(parts: list[tuple[NormalEquations, torch.Tensor]]) -> float | None:
+    """The relative residual of all conv groups together."""
+    errors = [(eq.residual(WT), float(eq.target_norm)) for eq, WT in parts]
+    total = sum(tt for r, tt in errors if r is not None)
+    return sum(r * tt for r, tt in errors if r is not None) / total if total > 0 else None
 
 
 def _measure_norm(
@@ -278,7 +301,7 @@ def _measure_norm(
 ) -> None:
     """Give a BatchNorm the running statistics of its merged inputs; with the ``bias``
     of a fit folded into it, also ``weight = sqrt(var + eps)``, ``bias = bias + mean``."""
-    bn = norm.module
+    bn = norm.bn
     moments = Moments(bn.num_features, bn.running_mean.device)
     for x in _inputs(norm, chunks):
         moments.add(x)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from ...models.discover import trace
+from ...models.discover import LAYER_ARGS, call_args, layer_name, trace
 from ...models.spec import MergeSpec
 from ...runtime.errors import RefitError, SpecError
 from ..bn import has_batchnorm
@@ -31,6 +32,107 @@ _OTHER_NORMS = (
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
+# the layers as the refit sees them: a module's or a functional call's tensors
+
+
+@dataclass(eq=False)
+class Layer:
+    """A Linear or Conv2d layer: a module, or ``F.linear``/``F.conv2d`` on the model's
+    own tensors (a subclass's forward, timm's ``Linear``). ``weight``/``bias`` are the
+    model's tensors themselves: the fit writes them in place."""
+
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    conv: bool
+    tensors: tuple[str, ...]  # the state-dict names of weight (and bias)
+    stride: tuple[int, ...] = (1, 1)
+    padding: Any = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def inputs(self) -> int:
+        """``in_features`` of a Linear."""
+        return self.weight.shape[1]
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def of_module(cls, name: str, m: nn.Linear | nn.Conv2d) -> Layer:
+        names = (f"{name}.weight",) + ((f"{name}.bias",) if m.bias is not None else ())
+        if isinstance(m, nn.Linear):
+            return cls(name, m.weight, m.bias, False, names)
+        conv = (m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        return cls(name, m.weight, m.bias, True, names, *conv)
+
+    @classmethod
+    def of_call(cls, node: fx.Node, root: nn.Module) -> Layer:
+        args = call_args(node)
+        names = tuple(str(args[k].target) for k in ("weight", "bias") if args.get(k) is not None)
+        weight, bias = attribute(root, names[0]), args.get("bias")
+        tensors = (weight, None if bias is None else attribute(root, names[1]))
+        if node.target is F.linear:
+            return cls(layer_name(names[0]), *tensors, False, names)
+        pair = [_pair(args.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))]
+        padding = args["padding"] if isinstance(args.get("padding"), str) else pair[1]
+        conv = (pair[0], padding, pair[2], int(args.get("groups", 1)))
+        return cls(layer_name(names[0]), *tensors, True, names, *conv)
+
+
+def _pair(v: Any) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@dataclass(eq=False)
+class BatchNorm:
+    """A BatchNorm's tensors: a module's, or those ``F.batch_norm`` is called with (a
+    BatchNorm + activation module's forward)."""
+
+    name: str
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    dims: int  # 1: (N, C) or (N, C, L); 2: (N, C, H, W)
+
+    @property
+    def num_features(self) -> int:
+        return self.running_mean.numel()
+
+    @classmethod
+    def of_module(cls, name: str, m: nn.modules.batchnorm._BatchNorm) -> BatchNorm | None:
+        if not (m.track_running_stats and m.running_mean is not None):
+            return None
+        dims = 2 if isinstance(m, nn.BatchNorm2d) else 1 if isinstance(m, nn.BatchNorm1d) else 3
+        return cls(name, m.running_mean, m.running_var, m.weight, m.bias, m.eps, dims)
+
+    @classmethod
+    def of_call(cls, node: fx.Node, root: nn.Module) -> BatchNorm | None:
+        """None unless the call uses running statistics of the model (eval mode)."""
+        args = call_args(node)
+        names = [args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+        if args.get("training", False) or not all(isinstance(n, fx.Node) for n in names[:2]):
+            return None
+        if not all(n is None or (isinstance(n, fx.Node) and n.op == "get_attr") for n in names):
+            return None
+        t = [None if n is None else attribute(root, str(n.target)) for n in names]
+        eps = float(args.get("eps", 1e-5))
+        return cls(str(names[0].target).rpartition(".")[0], *t, eps, 0)
+
+
 # the plan: which nodes are fitted, where their targets are read
 
 
@@ -40,24 +142,24 @@ class Fit:
     folded BatchNorm ``norm``, or a residual sum), less the merged value of ``other``."""
 
     node: fx.Node
-    module: nn.Linear | nn.Conv2d
+    layer: Layer
     norm: fx.Node | None
-    bn: nn.modules.batchnorm._BatchNorm | None  # the module of ``norm``
+    bn: BatchNorm | None  # the BatchNorm of ``norm``
     point: fx.Node
     other: fx.Node | None
     group: str | None
 
     @property
     def name(self) -> str:
-        return str(self.node.target)
+        return self.layer.name
 
     @property
     def has_bias(self) -> bool:
-        return self.module.bias is not None or self.norm is not None
+        return self.layer.bias is not None or self.norm is not None
 
     @property
     def channel_dim(self) -> int:
-        return 1 if isinstance(self.module, nn.Conv2d) else -1
+        return 1 if self.layer.conv else -1
 
 
 @dataclass(eq=False)
@@ -65,11 +167,11 @@ class Norm:
     """A BatchNorm whose running statistics are measured on its merged inputs."""
 
     node: fx.Node
-    module: nn.modules.batchnorm._BatchNorm
+    bn: BatchNorm
 
     @property
     def name(self) -> str:
-        return str(self.node.target)
+        return self.bn.name
 
 
 @dataclass(eq=False)
@@ -100,15 +202,21 @@ class Plan:
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
     """The graph of ``model`` and the paths of the submodules torch.fx could not trace
-    (kept as opaque leaves)."""
+    (kept as opaque leaves). Traced in eval mode: a forward that passes ``self.training``
+    to a function (``F.batch_norm``, ``F.dropout``) is recorded as evaluated."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         graph, tracer, _ = trace(model)
     except SpecError as e:
         raise RefitError(str(e)) from None
+    finally:
+        for m, training in modes:
+            m.train(training)
     return graph, tracer.leaves
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+def conv_padding(conv: Layer) -> tuple[int, int] | None:
     """The symmetric zero padding of ``conv`` as integers (None: asymmetric "same")."""
     if conv.padding == "valid":
         return (0, 0)
@@ -122,28 +230,38 @@ def one_tensor_call(node: fx.Node) -> bool:
     return len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
 
 
-def _unfit_reason(node: fx.Node, m: nn.Module, calls: Counter) -> str | None:
-    """Why layer ``m`` cannot be refitted; None when it can."""
-    if not isinstance(m, (nn.Linear, nn.Conv2d)):
-        return f"{type(m).__name__} layers are not refitted"
-    if calls[node.target] > 1:
-        return "the module is called more than once"
-    if not one_tensor_call(node):
+def _unfit_reason(node: fx.Node, layer: Layer, uses: Counter) -> str | None:
+    """Why ``layer`` cannot be refitted; None when it can."""
+    if max(uses[t] for t in layer.tensors) > 1:
+        return "the layer is called more than once or its weights are used elsewhere"
+    if node.op == "call_module" and not one_tensor_call(node):
         return "it is not called on one tensor"
-    if isinstance(m, nn.Conv2d):
-        if m.groups != 1:
-            return f"grouped convolution (groups={m.groups})"
-        if m.padding_mode != "zeros":
-            return f"padding mode {m.padding_mode!r} (only zero padding is refitted)"
-        if conv_padding(m) is None:
+    if layer.conv:
+        if layer.padding_mode != "zeros":
+            return f"padding mode {layer.padding_mode!r} (only zero padding is refitted)"
+        if conv_padding(layer) is None:
             return "asymmetric 'same' padding"
     return None
 
 
-def _foldable(bn: nn.Module, layer: nn.Module) -> bool:
-    kind = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
-    out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-    return type(bn) is kind and bn.affine and bn.track_running_stats and bn.num_features == out
+def _batchnorm(node: fx.Node | None, root: nn.Module, calls: Counter) -> BatchNorm | None:
+    """The BatchNorm ``node`` runs (a module called once, or ``F.batch_norm`` on the
+    model's running statistics) on one tensor; None for anything else."""
+    if node is None:
+        return None
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        ok = isinstance(m, BATCHNORMS) and calls[node.target] == 1 and one_tensor_call(node)
+        return BatchNorm.of_module(str(node.target), m) if ok else None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return BatchNorm.of_call(node, root)
+    return None
+
+
+def _foldable(bn: BatchNorm, layer: Layer) -> bool:
+    dims = (0, 2) if layer.conv else (0, 1)
+    affine = bn.weight is not None and bn.bias is not None
+    return affine and bn.dims in dims and bn.num_features == layer.outputs
 
 
 def _only_reader(node: fx.Node) -> fx.Node | None:
@@ -176,46 +294,28 @@ def make_plan(model: nn.Module, spec: MergeSpec) -> Plan:
     inputs = [n for n in nodes if n.op == "placeholder" and not n.args]
     if len(inputs) != 1:
         raise RefitError(f"{type(model).__name__}.forward must take one input tensor")
-    modules = dict(model.named_modules())
     calls = Counter(n.target for n in nodes if n.op == "call_module")
-    used_directly = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
     steps: list[Step] = []
-    warnings = []
+    warnings: list[str] = []
+    layers = {n: layer for n in nodes if (layer := _layer(n, model, opaque)) is not None}
+    uses = _uses(nodes, layers)
     for node in nodes:
-        if node.op != "call_module":
-            continue
-        m = modules[node.target]
-        if node.target in opaque:
-            resettable = has_batchnorm(m) and one_tensor_call(node)
-            norms = ""
-            if has_batchnorm(m):
-                norms = (
-                    " and its BatchNorms are reset on its merged inputs"
-                    if resettable
-                    else " and its BatchNorms keep their averaged statistics"
-                )
-            warnings.append(
-                f"module {node.target} ({type(m).__name__}) cannot be traced; its layers keep "
-                f"their averaged weights{norms}"
-            )
-            if resettable:
-                steps.append(Opaque(node, m))
-            continue
-        if isinstance(m, BATCHNORMS):
-            if m.track_running_stats and one_tensor_call(node):
-                steps.append(Norm(node, m))
-            continue
-        if isinstance(m, _OTHER_NORMS) or not any(True for _ in m.parameters(recurse=False)):
-            continue
-        reason = _unfit_reason(node, m, calls)
-        if reason is None and node.target in used_directly:
-            reason = "its parameters are also used outside the module"
-        if reason is not None:
-            warnings.append(f"layer {node.target} keeps its averaged weights: {reason}")
-            continue
-        steps.append(_make_fit(node, m, spec, modules, calls, position))
+        step = _step(node, model, opaque, calls, warnings)
+        if step is not None:
+            steps.append(step)
+        elif node not in layers:
+            _other_layer(node, model, opaque, warnings)
+        else:
+            reason = _unfit_reason(node, layers[node], uses)
+            if reason is not None:
+                warnings.append(f"layer {layers[node].name} keeps its averaged weights: {reason}")
+                continue
+            steps.append(_make_fit(node, layers[node], spec, model, calls, position))
+    recognised = {str(a.target) for n in nodes if _is_layer_call(n) for a in n.all_input_nodes}
     for n in nodes:
-        if n.op == "get_attr" and isinstance(attribute(model, str(n.target)), nn.Parameter):
+        if n.op != "get_attr" or str(n.target) in recognised:
+            continue
+        if isinstance(attribute(model, str(n.target)), nn.Parameter):
             warnings.append(
                 f"parameter {n.target} is used outside a module call; it keeps its averaged value"
             )
@@ -226,28 +326,91 @@ def make_plan(model: nn.Module, spec: MergeSpec) -> Plan:
     return Plan(nodes, position, last_read, steps, taps, warnings)
 
 
+def _is_layer_call(node: fx.Node) -> bool:
+    """A functional layer on the model's tensors (its get_attr arguments are no loose
+    parameters: the layer is fitted, measured, or a per-sample norm merged as-is)."""
+    return node.op == "call_function" and node.target in LAYER_ARGS
+
+
+def _layer(node: fx.Node, root: nn.Module, opaque: set[str]) -> Layer | None:
+    """The Linear/Conv2d layer ``node`` runs, as a module or a functional call."""
+    if node.op == "call_module" and node.target not in opaque:
+        m = root.get_submodule(str(node.target))
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return Layer.of_module(str(node.target), m)
+    if node.op == "call_function" and node.target in (F.linear, F.conv2d):
+        weight = call_args(node).get("weight")
+        bias = call_args(node).get("bias")
+        tensors = [weight] + ([bias] if bias is not None else [])
+        if all(isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors):
+            return Layer.of_call(node, root)
+    return None
+
+
+def _uses(nodes: list[fx.Node], layers: dict[fx.Node, Layer]) -> Counter:
+    """How often each tensor is read: by its module's calls and by get_attr nodes."""
+    uses: Counter = Counter()
+    for n in nodes:
+        if n.op == "get_attr":
+            uses[str(n.target)] += 1
+        elif n.op == "call_module" and n in layers:
+            uses.update(layers[n].tensors)
+    return uses
+
+
+def _other_layer(node: fx.Node, root: nn.Module, opaque: set[str], warnings: list[str]) -> None:
+    """A warning for a module with weights that is neither refitted nor a norm."""
+    if node.op != "call_module" or node.target in opaque:
+        return
+    m = root.get_submodule(str(node.target))
+    if isinstance(m, BATCHNORMS + _OTHER_NORMS) or not any(True for _ in m.parameters(False)):
+        return
+    warnings.append(
+        f"layer {node.target} keeps its averaged weights: {type(m).__name__} layers are not "
+        "refitted"
+    )
+
+
+def _step(
+    node: fx.Node, root: nn.Module, opaque: set[str], calls: Counter, warnings: list[str]
+) -> Step | None:
+    """An opaque submodule to reset or a BatchNorm to measure; else None."""
+    if node.op == "call_module" and node.target in opaque:
+        m = root.get_submodule(str(node.target))
+        resettable = has_batchnorm(m) and one_tensor_call(node)
+        norms = ""
+        if has_batchnorm(m):
+            norms = (
+                " and its BatchNorms are reset on its merged inputs"
+                if resettable
+                else " and its BatchNorms keep their averaged statistics"
+            )
+        warnings.append(
+            f"module {node.target} ({type(m).__name__}) cannot be traced; its layers keep "
+            f"their averaged weights{norms}"
+        )
+        return Opaque(node, m) if resettable else None
+    bn = _batchnorm(node, root, calls)
+    return Norm(node, bn) if bn is not None else None
+
+
 def _make_fit(
     node: fx.Node,
-    layer: nn.Module,
+    layer: Layer,
     spec: MergeSpec,
-    modules: dict[str, nn.Module],
+    root: nn.Module,
     calls: Counter,
     position: dict[fx.Node, int],
 ) -> Fit:
     norm = _only_reader(node)
-    if not (
-        norm is not None
-        and norm.op == "call_module"
-        and calls[norm.target] == 1
-        and _foldable(modules[norm.target], layer)
-    ):
-        norm = None
+    bn = _batchnorm(norm, root, calls)
+    if bn is None or not _foldable(bn, layer):
+        norm, bn = None, None
     point, other = norm or node, None
     residual = _residual_add(point)
     if residual is not None and position[residual[1]] < position[node]:
         point, other = residual
-    group = spec.axes.get(f"{node.target}.weight", {}).get(0)
-    bn = modules[str(norm.target)] if norm is not None else None
+    group = spec.axes.get(layer.tensors[0], {}).get(0)
     return Fit(node, layer, norm, bn, point, other, group)
 
 
