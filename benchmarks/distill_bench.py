@@ -40,17 +40,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill auto": {"distill": "auto"},
     "distill auto, flip+crop": {"distill": "auto", "augment": ("flip", "crop")},
     "distill auto, BN frozen": {"distill": "auto", "distill_settings": {"batchnorm": "frozen"}},
+    "distill auto, lr 1e-4": {"distill": "auto", "distill_settings": {"lr": 1e-4}},
+    "distill auto, lr 1e-4, BN frozen": {
+        "distill": "auto",
+        "distill_settings": {"lr": 1e-4, "batchnorm": "frozen"},
+    },
     "distill 3 on 10000": {"distill": 3, "extra": True},
     "distill auto on 10000": {"distill": "auto", "extra": True},
+    "distill auto on 10000, lr 1e-4, BN frozen": {
+        "distill": "auto",
+        "extra": True,
+        "distill_settings": {"lr": 1e-4, "batchnorm": "frozen"},
+    },
+    "distill auto on 10000, flip+crop, lr 1e-4, BN frozen": {
+        "distill": "auto",
+        "extra": True,
+        "augment": ("flip", "crop"),
+        "distill_settings": {"lr": 1e-4, "batchnorm": "frozen"},
+    },
 }
-FLAT = [v for v in VARIANTS if "flip" not in v]  # no image augmentation for flat inputs
+FIRST = [v for v in VARIANTS if "lr 1e-4" not in v]  # the recipe's defaults, more data
+FLAT = [v for v in FIRST if "flip" not in v]  # no image augmentation for flat inputs
+VGG = ["default", "distill 5", "distill auto", "distill auto on 10000"]
+TUNED = [v for v in VARIANTS if v not in FIRST]  # a lower learning rate, BatchNorm frozen
 PLAN = [  # (arch, N, variants)
     *[("mlp", n, FLAT) for n in (2, 3, 4)],
-    *[
-        ("vgg11q", n, ["default", "distill 5", "distill auto", "distill auto on 10000"])
-        for n in (2, 3, 4)
-    ],
-    ("resnet20x1", 2, list(VARIANTS)),
+    ("vgg11q", 2, VGG + TUNED),
+    *[("vgg11q", n, VGG) for n in (3, 4)],
+    ("resnet20x1", 2, FIRST),
     *[("resnet20x1", n, ["default", "distill auto"]) for n in (3, 4)],
 ]
 

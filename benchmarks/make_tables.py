@@ -365,6 +365,8 @@ def main() -> None:
         tables.update(scaling_tables(json.loads((RESULTS / "scaling.json").read_text())))
     if (RESULTS / "gpu_check.json").exists():
         tables["gpu-check"] = gpu_check_table(json.loads((RESULTS / "gpu_check.json").read_text()))
+    if (RESULTS / "distill.md").exists():  # written by distill_bench.py
+        tables["distill"] = (RESULTS / "distill.md").read_text().strip()
     if (RESULTS / "training.json").exists():
         tables["training"] = training_table(json.loads((RESULTS / "training.json").read_text()))
     md = "\n\n".join(f"### {k}\n\n{v}" for k, v in tables.items())

@@ -93,8 +93,8 @@ class MergeCheck:
         remedy = (
             "distil on more unlabelled data (--distill-data) or for longer"
             if distilled
-            else "train the merge towards the ensemble with --distill auto (more unlabelled "
-            "data: --distill-data)"
+            else "train the merge towards the ensemble with --distill EPOCHS, best on more "
+            "unlabelled data (--distill-data)"
         )
         n = self.num_samples
         return (
