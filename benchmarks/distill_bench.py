@@ -67,7 +67,7 @@ PLAN = [  # (arch, N, variants)
     *[("mlp", n, FLAT) for n in (2, 3, 4)],
     ("vgg11q", 2, VGG + TUNED),
     *[("vgg11q", n, VGG) for n in (3, 4)],
-    ("resnet20x1", 2, FIRST),
+    ("resnet20x1", 2, FIRST + TUNED),
     *[("resnet20x1", n, ["default", "distill auto"]) for n in (3, 4)],
 ]
 
