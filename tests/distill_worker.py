@@ -35,7 +35,8 @@ def run(paths: list[str], out: str) -> None:
     if distributed.is_main():
         torch.save({"state": student.state_dict(), "report": report.to_dict()}, out)
     distributed.synchronise()
-    distributed.shutdown()
+    if distributed.launched():
+        distributed.exit_worker(0)
 
 
 if __name__ == "__main__":

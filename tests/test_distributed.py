@@ -44,8 +44,15 @@ def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
 
 
 def one_process(*args: str) -> str:
-    """The command run in this process; its stdout."""
-    result = CliRunner().invoke(app, list(map(str, args)))
+    """The command run in this process, on one thread like each torchrun worker
+    (float32 convolutions round differently on two threads: 1e-5 apart after the refit);
+    its stdout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, list(map(str, args)))
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return result.stdout
 

@@ -8,6 +8,8 @@ answer at once (tests/test_startup.py keeps it so).
 
 from __future__ import annotations
 
+import sys
+
 from . import (  # noqa: F401  (register commands)
     apply_cmd,
     archs_cmd,
@@ -21,4 +23,15 @@ from .app import app
 
 
 def main() -> None:
-    app()
+    """Run the command line; a torchrun worker exits through
+    :func:`ccamerge.runtime.distributed.exit_worker` (no interpreter teardown)."""
+    try:
+        app()
+    except SystemExit as e:
+        distributed = sys.modules.get("ccamerge.runtime.distributed")
+        if distributed is None or not distributed.launched():
+            raise
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        distributed.exit_worker(code)
