@@ -14,7 +14,13 @@ vgg11q         CIFAR VGG11 with BN at a quarter of the width             cifar
                (16/32/64/128/128 instead of 64/128/256/512/512)
 resnet50       torchvision ResNet-50 (Bottleneck, 2048-wide stream),     cifar
                random weights, scaling runs only
+mobilenet      ``cnn_zoo.py``: depthwise, squeeze-excitation, hard-swish  cifar
+convnext       ``cnn_zoo.py``: depthwise 7x7, LayerNorm2d, layer scale    cifar
+densenet       ``cnn_zoo.py``: concatenating dense blocks                 cifar
 =============  ========================================================  ======
+
+The ``cnn_zoo.py`` families are not in the registry: they are merged as a user's own
+models (:data:`ZOO_MODEL`), their feature groups discovered by tracing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cnn_zoo
 from torch import nn
 
 from ccamerge.models.archs.resnet_cifar import cifar_resnet_config
@@ -47,13 +54,18 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
+ZOO_MODEL = f"{Path(cnn_zoo.__file__).resolve()}:make"  # --model; --model-args {"name": ...}
+
+
 def build(name: str) -> nn.Module:
+    if name in cnn_zoo.NETS:
+        return cnn_zoo.make(name)
     entry, config, _ = ARCHS[name]
     return get_architecture(entry).build(config)
 
 
 def view(name: str) -> str:
-    return ARCHS[name.split("_")[0]][2]
+    return "cifar" if name in cnn_zoo.NETS else ARCHS[name.split("_")[0]][2]
 
 
 def checkpoint(name: str, seed: int, split: str | None = None) -> Path:

@@ -16,8 +16,9 @@ fit the 2-core CPU budget. Recipes (no data augmentation):
 
 * MLP: Adam, lr 1e-3, batch 128, 5 epochs over the 50000 images
   (``ccamerge.models.train.train_classifier``).
-* ResNet20 / VGG11: SGD, momentum 0.9, Nesterov, weight decay 5e-4, batch 128,
-  one-cycle learning rate (peak 0.1 for ResNet, 0.05 for VGG), over a subset of
+* The conv nets (ResNet20, VGG11 and the ``cnn_zoo.py`` families): SGD, momentum 0.9,
+  Nesterov, weight decay 5e-4, batch 128, one-cycle learning rate (peak 0.05 for VGG
+  and ConvNeXt, 0.1 for the others), over a subset of
   ``--conv-subset`` images (default 10000) for ``--conv-epochs`` epochs (default 3).
 * Split setting ("disjoint", MLP): model A sees every training image of classes
   0-4 plus 10% of those of classes 5-9; model B the reverse. Same recipe as the MLP.
@@ -55,6 +56,9 @@ PLAN = {
     "resnet20x1": [0, 1, 2, 3],
     "vgg11q": [0, 1, 2, 3],
     "resnet20x2": [0, 1, 2, 3],
+    "mobilenet": [0, 1, 2, 3],
+    "convnext": [0, 1, 2, 3],
+    "densenet": [0, 1, 2, 3],
 }
 SPLIT_SEEDS = [0, 1, 2]  # mlp split pairs (A and B trained with the same seed)
 FAST_PLAN = {"resnet20x1": [0, 1]}
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 sub = np.random.default_rng(7).permutation(len(d["y"]))[: args.conv_subset]
                 x, y = torch.from_numpy(d["x"][sub]).to(dev), torch.from_numpy(d["y"][sub]).to(dev)
-                lr = 0.05 if name.startswith("vgg") else 0.1
+                lr = 0.05 if name.startswith(("vgg", "convnext")) else 0.1
                 recipe = {
                     "optimizer": "SGD nesterov momentum 0.9 wd 5e-4 one-cycle",
                     "lr": lr,
@@ -231,9 +235,23 @@ def main(argv: list[str] | None = None) -> None:
                 save(model, path, info)
                 print(f"{path.name}: test accuracy {acc:.4f}, {wall:.0f} s", flush=True)
 
+    write_summary()
+
+
+def write_summary() -> None:
+    """``results/training.json``: every sidecar in the cache, and the stored rows of
+    models whose checkpoints this machine does not have (trained elsewhere or earlier)."""
     RESULTS.mkdir(exist_ok=True)
-    summary = [json.loads(p.read_text()) for p in sorted(M.MODEL_DIR.glob("*.json"))]
-    (RESULTS / "training.json").write_text(json.dumps(summary, indent=1))
+    store = RESULTS / "training.json"
+    rows = (
+        {(r["name"], r["seed"]): r for r in json.loads(store.read_text())} if store.exists() else {}
+    )
+    for path in sorted(M.MODEL_DIR.glob("*.json")):
+        row = json.loads(path.read_text())
+        rows[row["name"], row["seed"]] = row
+    store.write_text(
+        json.dumps(sorted(rows.values(), key=lambda r: (r["name"], r["seed"])), indent=1)
+    )
 
 
 if __name__ == "__main__":

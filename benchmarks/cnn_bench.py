@@ -1,0 +1,132 @@
+"""Merging CNN families that are not in the registry (docs/benchmarks.md, "CNN families").
+
+    python benchmarks/train_models.py --only mobilenet convnext densenet
+    python benchmarks/cnn_bench.py                     # the whole plan
+    python benchmarks/cnn_bench.py --family densenet --n 2 --redo
+
+The families of ``cnn_zoo.py`` are merged as a user's own models (``--model``), their
+feature groups discovered by tracing. Each row is one ``ccamerge.merge`` in its own
+subprocess (one torch thread): every method with and without the refit, on the first 2000
+calibration images (the check holding out a tenth), N = 2 and 4 seeds. A row records the
+test accuracy (10000 test images) of every input, of their ensemble and of the merge, the
+fraction of parameters aligned, the check's verdict and the merge's wall time. Rows are
+stored in ``results/cnn_zoo.json`` by key and kept unless ``--redo``; the table is written
+to ``results/cnn_zoo.md`` (``make_tables.py`` copies it into docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fmnist  # noqa: E402
+import models as Mdl  # noqa: E402
+from common import run_worker  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB = 2000
+FAMILIES = ("mobilenet", "convnext", "densenet")
+METHODS = ("cca", "average", "permute", "weight-matching", "zipit")
+PLAN = [(f, n, m, refit) for f in FAMILIES for n in (2, 4) for m in METHODS for refit in (1, 0)]
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One merge, evaluated on the test images."""
+    import ccamerge
+
+    files = fmnist.write_npz("cifar")
+    paths = [str(Mdl.checkpoint(job["family"], s)) for s in range(job["n"])]
+    t0 = time.perf_counter()
+    result = ccamerge.merge(
+        paths,
+        model=Mdl.ZOO_MODEL,
+        model_args={"name": job["family"]},
+        data=str(files["calib"]),
+        eval_data=str(files["test"]),
+        num_samples=CALIB,
+        batch_size=250,
+        method=job["method"],
+        refit=bool(job["refit"]),
+    )
+    report = result.report
+    evaluation = report["evaluation"]
+    return {
+        "seconds": time.perf_counter() - t0,
+        "models": [m["accuracy"] for m in evaluation["models"]],
+        "ensemble": evaluation["ensemble"]["accuracy"],
+        "merged": evaluation["merged"]["accuracy"],
+        "aligned": report["aligned"]["fraction"],
+        "kept_averaged": report["aligned"]["kept_averaged"],
+        "flagged": bool(report["check"]["beaten_by"]),
+        "warnings": report["warnings"],
+    }
+
+
+def key(family: str, n: int, method: str, refit: int) -> str:
+    return json.dumps([family, n, method, refit])
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one line per merge, accuracies in %; the default merge (cca + refit) bold."""
+    lines = [
+        "| family | N | method | refit | inputs % | best | ensemble | merged | vs best | vs ensemble | aligned % | check flags | merge s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in rows.items():
+        family, n, method, refit = json.loads(k)
+        best = max(r["models"])
+        merged = f"{100 * r['merged']:.1f}"
+        if method == "cca" and refit:
+            merged = f"**{merged}**"
+        lines.append(
+            f"| {family} | {n} | {method} | {'yes' if refit else 'no'} "
+            f"| {' / '.join(f'{100 * a:.1f}' for a in r['models'])} | {100 * best:.1f} "
+            f"| {100 * r['ensemble']:.1f} | {merged} | {100 * (r['merged'] - best):+.1f} "
+            f"| {100 * (r['merged'] - r['ensemble']):+.1f} | {100 * r['aligned']:.0f} "
+            f"| {'yes' if r['flagged'] else 'no'} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", nargs="*", help="only these families")
+    p.add_argument("--n", nargs="*", type=int, help="only these N")
+    p.add_argument("--method", nargs="*", help="only these methods")
+    p.add_argument("--redo", action="store_true", help="recompute stored rows")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    store = RESULTS / "cnn_zoo.json"
+    rows = json.loads(store.read_text()) if store.exists() else {}
+    for family, n, method, refit in PLAN:
+        if (
+            (args.family and family not in args.family)
+            or (args.n and n not in args.n)
+            or (args.method and method not in args.method)
+        ):
+            continue
+        k = key(family, n, method, refit)
+        if k in rows and not args.redo:
+            continue
+        job = {"family": family, "n": n, "method": method, "refit": refit}
+        row = run_worker([sys.executable, __file__, "--worker", json.dumps(job)], args.threads, k)
+        if row is not None:
+            rows[k] = row
+            store.write_text(json.dumps(rows, indent=1))
+            print(f"{k}: merged {100 * row['merged']:.2f} %, aligned "
+                  f"{100 * row['aligned']:.0f} %, {row['seconds']:.0f} s", flush=True)  # fmt: skip
+    ordered = {key(*c): rows[key(*c)] for c in PLAN if key(*c) in rows}
+    (RESULTS / "cnn_zoo.md").write_text(table(ordered))
+
+
+if __name__ == "__main__":
+    main()
