@@ -7,7 +7,9 @@
 The families of ``cnn_zoo.py`` are merged as a user's own models (``--model``), their
 feature groups discovered by tracing. Each row is one ``ccamerge.merge`` in its own
 subprocess (one torch thread): every method with and without the refit, on the first 2000
-calibration images (the check holding out a tenth), N = 2 and 4 seeds. A row records the
+calibration images (the check holding out a tenth), N = 2 and 4 seeds, and the default
+merge followed by ``--distill 3`` on 10000 further unlabelled training images (the
+recommended recipe of "Distillation"; ``distill_bench.extra_data``). A row records the
 test accuracy (10000 test images) of every input, of their ensemble and of the merge, the
 fraction of parameters aligned, the check's verdict and the merge's wall time. Rows are
 stored in ``results/cnn_zoo.json`` by key and kept unless ``--redo``; the table is written
@@ -27,12 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import models as Mdl  # noqa: E402
 from common import run_worker  # noqa: E402
+from distill_bench import extra_data  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000
 FAMILIES = ("mobilenet", "convnext", "densenet")
 METHODS = ("cca", "average", "permute", "weight-matching", "zipit")
-PLAN = [(f, n, m, refit) for f in FAMILIES for n in (2, 4) for m in METHODS for refit in (1, 0)]
+DISTILLED = "cca, distill 3 on 10000"  # the default merge, then distilled
+PLAN = [
+    (f, n, m, refit)
+    for f in FAMILIES
+    for n in (2, 4)
+    for m, refit in [*((m, r) for m in METHODS for r in (1, 0)), (DISTILLED, 1)]
+]
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +50,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
     files = fmnist.write_npz("cifar")
     paths = [str(Mdl.checkpoint(job["family"], s)) for s in range(job["n"])]
+    distilled = job["method"] == DISTILLED
+    options = {"distill": 3, "distill_data": str(extra_data("cifar"))} if distilled else {}
     t0 = time.perf_counter()
     result = ccamerge.merge(
         paths,
@@ -50,8 +61,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         eval_data=str(files["test"]),
         num_samples=CALIB,
         batch_size=250,
-        method=job["method"],
+        method="cca" if distilled else job["method"],
         refit=bool(job["refit"]),
+        device=job.get("device", "cpu"),
+        **options,
     )
     report = result.report
     evaluation = report["evaluation"]
@@ -81,7 +94,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
         family, n, method, refit = json.loads(k)
         best = max(r["models"])
         merged = f"{100 * r['merged']:.1f}"
-        if method == "cca" and refit:
+        if method.startswith("cca") and refit:  # the default merge, and it distilled
             merged = f"**{merged}**"
         lines.append(
             f"| {family} | {n} | {method} | {'yes' if refit else 'no'} "
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", nargs="*", help="only these methods")
     p.add_argument("--redo", action="store_true", help="recompute stored rows")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         k = key(family, n, method, refit)
         if k in rows and not args.redo:
             continue
-        job = {"family": family, "n": n, "method": method, "refit": refit}
+        job = {"family": family, "n": n, "method": method, "refit": refit, "device": args.device}
         row = run_worker([sys.executable, __file__, "--worker", json.dumps(job)], args.threads, k)
         if row is not None:
             rows[k] = row

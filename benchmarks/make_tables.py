@@ -367,6 +367,8 @@ def main() -> None:
         tables["gpu-check"] = gpu_check_table(json.loads((RESULTS / "gpu_check.json").read_text()))
     if (RESULTS / "distill.md").exists():  # written by distill_bench.py
         tables["distill"] = (RESULTS / "distill.md").read_text().strip()
+    if (RESULTS / "cnn_zoo.md").exists():  # written by cnn_bench.py
+        tables["cnn-zoo"] = (RESULTS / "cnn_zoo.md").read_text().strip()
     if (RESULTS / "training.json").exists():
         tables["training"] = training_table(json.loads((RESULTS / "training.json").read_text()))
     md = "\n\n".join(f"### {k}\n\n{v}" for k, v in tables.items())

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             *common,
             *redo,
         )
+        run("cnn_bench.py", *common, *redo)  # cnn_zoo.py's families, trained above
         run("cost.py", *common, *redo)
         if not args.skip_scaling:
             run("scaling.py", *common)

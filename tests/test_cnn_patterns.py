@@ -46,6 +46,16 @@ def _endpoints(name: str, root: Path) -> tuple[torch.nn.Module, list[str], Path]
     return model, paths, root / "calib.npz"
 
 
+@pytest.mark.parametrize("name", PATTERNS)
+def test_every_hidden_unit_is_in_a_group(name: str) -> None:
+    """Only the logits stay untransformed: the hidden units of a Linear applied to
+    channels-last tensors (a ConvNeXt block's MLP) are collected with their units last."""
+    found = discover(randomise(make_cnn(name)).float(), SHAPE)
+    assert [u.reasons for u in found.untransformed] == [("it reaches the model's output",)]
+    if name == "layer_scale":
+        assert {g.name: g.collect_axis for g in found.spec.groups}["block.fc1"] == -1
+
+
 @pytest.mark.parametrize("refit", [True, False], ids=["refit", "no-refit"])
 @pytest.mark.parametrize("name", PATTERNS)
 def test_permuted_copy_merges_back_to_the_original(name: str, refit: bool, tmp_path) -> None:

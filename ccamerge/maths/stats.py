@@ -380,10 +380,11 @@ def collect_statistics(
     current: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
 
-    def storer(key: tuple[str, int]):
+    def storer(key: tuple[str, int], axis: int):
         def store(x: torch.Tensor) -> None:
             # a copy: later in-place ops cannot change it
-            current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]))
+            x = x.detach().movedim(-1, 1) if axis == -1 else x.detach()
+            current[key] = centre(x, stats.groups[key[0]].shift(key[1]))
 
         return store
 
@@ -404,7 +405,8 @@ def collect_statistics(
         for k, model in enumerate(models):
             model.eval()
             for g in groups:
-                handles.append(_hook_point(model, g.collect_at, g.collect_on, storer((g.name, k))))
+                store = storer((g.name, k), g.collect_axis)
+                handles.append(_hook_point(model, g.collect_at, g.collect_on, store))
             for bn in bns:
                 handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))
         for x in sharded(batches, accumulators):

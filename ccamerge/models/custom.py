@@ -16,7 +16,8 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
                  "collect_at": "fc2", "collect_on": "input", "norms": []}, ...],
      "untransformed": [...], "warnings": [...]}
 
-A group may add ``"permutation": true, "blocks": n`` (its maps are permutations keeping
+A group may add ``"collect_axis": -1`` (its units are the last axis of the collected
+tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation": true, "blocks": n`` (its maps are permutations keeping
 n blocks: a depthwise or grouped conv, a GroupNorm, a gain reads it), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
 (concatenations of groups that layers read, docs/custom-models.md).
@@ -289,6 +290,7 @@ def spec_to_dict(
                 "members": [[t, a] for t, a in g.members],
                 "collect_at": g.collect_at,
                 "collect_on": g.collect_on,
+                **({"collect_axis": -1} if g.collect_axis == -1 else {}),
                 "norms": list(g.norms),
                 **({"permutation": True, "blocks": g.blocks} if g.permutation else {}),
             }
@@ -345,7 +347,8 @@ def save_spec(
 
 
 _GROUP_KEYS = {
-    "name", "size", "members", "collect_at", "collect_on", "norms", "permutation", "blocks"
+    "name", "size", "members", "collect_at", "collect_on", "collect_axis", "norms", "permutation",
+    "blocks",
 }  # fmt: skip
 
 
@@ -388,6 +391,11 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
         on = g.get("collect_on", "output")
         if on not in ("input", "output"):
             raise SpecError(f'{label}: \'collect_on\' must be "input" or "output"')
+        axis = g.get("collect_axis", 1)
+        if axis not in (1, -1) or isinstance(axis, bool):
+            raise SpecError(
+                f"{label}: 'collect_axis' must be 1 (units after the batch axis) or -1 (last)"
+            )
         norms = g.get("norms", [])
         if not isinstance(norms, list) or not all(isinstance(n, str) for n in norms):
             raise SpecError(f"{label}: 'norms' must be a list of module names")
@@ -403,6 +411,7 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 members=tuple((t, a) for t, a in members),
                 collect_at=g["collect_at"],
                 collect_on=on,
+                collect_axis=axis,
                 norms=tuple(norms),
                 permutation=permutation,
                 blocks=blocks,

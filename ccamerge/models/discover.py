@@ -899,6 +899,18 @@ def describe(node: fx.Node, model: nn.Module) -> str:
 # collection points
 
 
+def _hook_with_axis(node: fx.Node, walk: _Walk, tracer: _Tracer) -> tuple[str, str, int] | None:
+    """The best module hook that sees ``node``'s value, with the units' axis (1, or -1
+    for the last axis of a tensor of 3 or more), or None."""
+    shape, axis = walk.shape(node), walk.value[node][1]
+    if not shape or len(shape) < 2 or axis % len(shape) not in (1, len(shape) - 1):
+        return None
+    found = _hooks(node, tracer)
+    if not found:
+        return None
+    return (*found[0], 1 if axis % len(shape) == 1 else -1)
+
+
 def _hooks(node: fx.Node, tracer: _Tracer) -> list[tuple[str, str]]:
     """Module hooks that see exactly ``node``'s value, best first (modules called once)."""
     out: list[tuple[str, str]] = []
@@ -915,21 +927,21 @@ def _hooks(node: fx.Node, tracer: _Tracer) -> list[tuple[str, str]]:
 
 def _collection_point(
     nodes: list[fx.Node], walk: _Walk, tracer: _Tracer
-) -> tuple[tuple[str, str] | None, str | None]:
-    """Where to read a group whose tensors are ``nodes`` (graph order); a warning or None.
+) -> tuple[tuple[str, str, int] | None, str | None]:
+    """Where to read a group whose tensors are ``nodes`` (graph order): (module, "input" or
+    "output", the units' axis: 1, or -1 for channels-last), and a warning or None.
 
     The group's activations are its last tensor after a nonlinearity, norm or
     addition (or an identity/dropout of it). When no module sees that tensor,
     the first later view of it that a module sees (pooled, flattened, scaled)
-    is used, else the latest earlier tensor.
+    is used, else the latest earlier tensor. The units must be the tensor's axis 1
+    or its last axis.
     """
-    values: dict[fx.Node, tuple[str, str] | None] = {}  # distinct values, in graph order
+    values: dict[fx.Node, tuple[str, str, int] | None] = {}  # distinct values, graph order
     for n in nodes:
         key = walk.alias.get(n, n)
         if values.get(key) is None:
-            shape = walk.shape(n)
-            found = _hooks(n, tracer) if shape and len(shape) >= 2 and walk.value[n][1] == 1 else []
-            values[key] = found[0] if found else None
+            values[key] = _hook_with_axis(n, walk, tracer)
     keys = list(values)
     acts = [i for i, k in enumerate(keys) if k in walk.activation]
     last = acts[-1] if acts else len(keys) - 1
@@ -1080,7 +1092,7 @@ def _result(
             hook, note = _collection_point(nodes_of.get(uid, []), walk, tracer)
             if hook is None:
                 units.frozen.append(
-                    ("no module sees its activations with the units on axis 1", False)
+                    ("no module sees its activations with the units on axis 1 or last", False)
                 )
         if units.frozen:
             reasons = tuple(dict.fromkeys(r for r, _ in units.frozen))
@@ -1103,6 +1115,7 @@ def _result(
                 members=tuple(dict.fromkeys(units.members)),
                 collect_at=hook[0],
                 collect_on=hook[1],  # type: ignore[arg-type]
+                collect_axis=hook[2],
                 norms=tuple(units.norms),
                 permutation=units.permutation,
                 blocks=units.blocks,

@@ -40,9 +40,11 @@ class FeatureGroup:
 
     ``members`` are ``(tensor_name, axis)`` pairs; ``collect_at`` is a module
     name (as in ``model.named_modules()``) and ``collect_on`` says whether the
-    group's activations are that module's input or its output. ``norms`` names
-    the BatchNorm modules whose outputs lie in this group (their running
-    statistics are recomputed after a merge).
+    group's activations are that module's input or its output; ``collect_axis``
+    is the units' axis in that tensor: 1 (``(B, C, ...)``, the default) or -1
+    (channels-last ``(B, ..., C)``, as a Linear applied to every position sees
+    it). ``norms`` names the BatchNorm modules whose outputs lie in this group
+    (their running statistics are recomputed after a merge).
     """
 
     name: str
@@ -50,6 +52,7 @@ class FeatureGroup:
     members: tuple[tuple[str, int], ...]
     collect_at: str
     collect_on: CollectOn = "output"
+    collect_axis: int = 1
     norms: tuple[str, ...] = ()
     permutation: bool = False
     blocks: int = 1
@@ -58,6 +61,8 @@ class FeatureGroup:
         for _, axis in self.members:
             if axis not in (0, 1):
                 raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or 1 (input)")
+        if self.collect_axis not in (1, -1):
+            raise SpecError(f"group {self.name}: collect_axis {self.collect_axis} is not 1 or -1")
         if self.blocks < 1 or self.size % self.blocks:
             raise SpecError(f"group {self.name}: {self.blocks} blocks do not divide {self.size}")
         if self.blocks > 1 and not self.permutation:

@@ -34,7 +34,7 @@ def inspect_checkpoint(
     (per sample, or None when the entry does not say); ``num_parameters``
     (elements of the built module's parameters) and ``num_buffer_values``
     (its buffers, e.g. BatchNorm running statistics); ``num_tensors``;
-    ``groups``: one ``{name, size, collect_at, collect_on, norms, members}``
+    ``groups``: one ``{name, size, collect_at, collect_on, collect_axis, norms, members}``
     per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
     role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
@@ -61,6 +61,7 @@ def inspect_checkpoint(
             "size": g.size,
             "collect_at": g.collect_at,
             "collect_on": g.collect_on,
+            "collect_axis": g.collect_axis,
             "norms": list(g.norms),
             "members": [
                 {

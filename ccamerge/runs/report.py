@@ -507,7 +507,13 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     t.add_column("members (tensor:axis)")
     for g in info["groups"]:
         members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
-        t.add_row(g["name"], str(g["size"]), f"{g['collect_on']} of {g['collect_at']}", members)
+        t.add_row(
+            g["name"],
+            str(g["size"]),
+            f"{g['collect_on']} of {g['collect_at']}"
+            + (" (units last)" if g.get("collect_axis") == -1 else ""),
+            members,
+        )
     print_table(t, console)
     if info["ungrouped"]:
         console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
