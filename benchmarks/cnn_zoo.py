@@ -104,24 +104,21 @@ class ConvNeXt(nn.Module):
         return self.classifier(self.norm(x.mean((2, 3))))
 
 
+def _dense_block(width: int, growth: int, layers: int) -> nn.Sequential:
+    """``layers`` dense layers, each adding ``growth`` channels to its input."""
+    return nn.Sequential(*(DenseLayer(width + i * growth, growth) for i in range(layers)))
+
+
 class DenseNet(nn.Module):
     def __init__(self, stem: int = 24, growth: int = 12, layers: int = 4) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
-        width = stem
-        block1 = []
-        for _ in range(layers):
-            block1.append(DenseLayer(width, growth))
-            width += growth
-        self.block1 = nn.Sequential(*block1)
+        self.block1 = _dense_block(stem, growth, layers)
+        width = stem + layers * growth
         self.trans_norm = nn.BatchNorm2d(width)
         self.trans = nn.Conv2d(width, width // 2, 1, bias=False)
-        width //= 2
-        block2 = []
-        for _ in range(layers):
-            block2.append(DenseLayer(width, growth))
-            width += growth
-        self.block2 = nn.Sequential(*block2)
+        self.block2 = _dense_block(width // 2, growth, layers)
+        width = width // 2 + layers * growth
         self.norm = nn.BatchNorm2d(width)
         self.classifier = nn.Linear(width, CLASSES)
 
