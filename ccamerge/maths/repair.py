@@ -166,11 +166,9 @@ def repair_linear(
             continue
         layer = model.get_submodule(w[0])
         acc = JointCovariance(1, g.size, "cpu")
-        units_last = isinstance(layer, nn.Linear)  # a Linear's units: the last axis, always
+        axis = -1 if isinstance(layer, nn.Linear) else 1  # a Linear's units: its last axis
         handle = layer.register_forward_hook(
-            lambda _m, _a, out, acc=acc, last=units_last: acc.add_batch(
-                [centre(out.movedim(-1, 1) if last else out, acc.shift(0))]
-            )
+            lambda _m, _a, out, acc=acc, axis=axis: acc.add_batch([centre(out, acc.shift(0), axis)])
         )
         try:
             for x in sharded(batches, [acc]):

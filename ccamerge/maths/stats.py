@@ -292,9 +292,10 @@ class CentredBatch:
     n: int
 
 
-def centre(x: torch.Tensor, shift: torch.Tensor | None = None) -> CentredBatch:
+def centre(x: torch.Tensor, shift: torch.Tensor | None = None, axis: int = 1) -> CentredBatch:
     """(B, d) or (B, d, *spatial) activations -> :class:`CentredBatch`, centred on
-    ``shift`` (d,) or, when it is None, on the batch mean.
+    ``shift`` (d,) or, when it is None, on the batch mean. ``axis=-1``: the units are
+    the last axis, (B, *positions, d) (a Linear applied at every position).
 
     The accumulators pass their running mean as ``shift`` (after the first batch):
     close enough to every batch's mean for accurate float32 products, and it saves a
@@ -308,6 +309,8 @@ def centre(x: torch.Tensor, shift: torch.Tensor | None = None) -> CentredBatch:
     the covariances then agree with the float64 ones to ~1e-6 relative)."""
     if x.ndim < 2:
         raise SpecError(f"activation of shape {tuple(x.shape)} has no feature axis")
+    if axis == -1:
+        x = x.movedim(-1, 1)
     B, d = x.shape[:2]
     f = x.reshape(B, d, -1)
     dtype = torch.float64 if x.ndim == 2 else torch.promote_types(x.dtype, torch.float32)
@@ -383,8 +386,7 @@ def collect_statistics(
     def storer(key: tuple[str, int], axis: int):
         def store(x: torch.Tensor) -> None:
             # a copy: later in-place ops cannot change it
-            x = x.detach().movedim(-1, 1) if axis == -1 else x.detach()
-            current[key] = centre(x, stats.groups[key[0]].shift(key[1]))
+            current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]), axis)
 
         return store
 

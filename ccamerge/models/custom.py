@@ -17,8 +17,9 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
      "untransformed": [...], "warnings": [...]}
 
 A group may add ``"collect_axis": -1`` (its units are the last axis of the collected
-tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation": true, "blocks": n`` (its maps are permutations keeping
-n blocks: a depthwise or grouped conv, a GroupNorm, a gain reads it), and the document
+tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation": true,
+"blocks": n`` (its maps are permutations keeping n blocks: a depthwise or grouped conv,
+a GroupNorm, a gain reads it), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
 (concatenations of groups that layers read, docs/custom-models.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.

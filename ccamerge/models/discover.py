@@ -902,13 +902,12 @@ def describe(node: fx.Node, model: nn.Module) -> str:
 def _hook_with_axis(node: fx.Node, walk: _Walk, tracer: _Tracer) -> tuple[str, str, int] | None:
     """The best module hook that sees ``node``'s value, with the units' axis (1, or -1
     for the last axis of a tensor of 3 or more), or None."""
-    shape, axis = walk.shape(node), walk.value[node][1]
-    if not shape or len(shape) < 2 or axis % len(shape) not in (1, len(shape) - 1):
+    shape = walk.shape(node)
+    if not shape or len(shape) < 2:
         return None
-    found = _hooks(node, tracer)
-    if not found:
-        return None
-    return (*found[0], 1 if axis % len(shape) == 1 else -1)
+    axis = walk.value[node][1] % len(shape)
+    found = _hooks(node, tracer) if axis in (1, len(shape) - 1) else []
+    return (*found[0], 1 if axis == 1 else -1) if found else None
 
 
 def _hooks(node: fx.Node, tracer: _Tracer) -> list[tuple[str, str]]:
