@@ -357,8 +357,12 @@ def collect_statistics(
     pairwise: bool = False,
     reference: int = 0,
     group_stats: bool = True,
+    forward: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
 ) -> Statistics:
     """Run every model on the same batches and accumulate each group's statistics.
+
+    ``forward(k, model, x)`` runs model k on a batch (default ``model(x)``; the models
+    in order on every batch), e.g. to keep outputs for a later step.
 
     ``pairwise``: keep only the blocks with model ``reference``
     (:class:`PairwiseCovariance`) instead of the full joint covariance;
@@ -413,8 +417,11 @@ def collect_statistics(
                 handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))
         for x in sharded(batches, accumulators):
             x = x.to(device)
-            for model in models:
-                model(x)
+            for k, model in enumerate(models):
+                if forward is None:
+                    model(x)
+                else:
+                    forward(k, model, x)
             for g in groups:
                 parts = [_take(current, (g.name, k), g.collect_at) for k in range(N)]
                 where = f"{g.collect_at} ({g.collect_on} of group {g.name})"

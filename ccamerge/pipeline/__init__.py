@@ -81,7 +81,12 @@ from .load import (
 )
 from .refit import Refitted, assemble_and_refit, refit_merged, refit_or_fix_batchnorm
 from .select import MIN_HELDOUT, Scored, Split, score_outputs, select, split_heldout
-from .statistics import gather_statistics, sample_warnings, statistics_mode
+from .statistics import (
+    gather_statistics,
+    keep_endpoint_outputs,
+    sample_warnings,
+    statistics_mode,
+)
 from .transforms import (
     SavedTransforms,
     check_fits,
@@ -148,6 +153,7 @@ __all__ = [
     "evaluate_all",
     "fix_batchnorm",
     "gather_statistics",
+    "keep_endpoint_outputs",
     "group_report",
     "label",
     "load_models",

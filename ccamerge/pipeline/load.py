@@ -66,11 +66,14 @@ class DataSettings:
 @dataclass(frozen=True)
 class Calibration:
     """Calibration samples as every step reads them: in batches of ``batch_size`` on
-    ``device``."""
+    ``device``; ``kept``: the endpoints' outputs on these batches that the statistics pass
+    kept for the refit (``ccamerge.maths.refit.EndpointOutputs``; None: the refit runs the
+    endpoints itself)."""
 
     data: Dataset
     batch_size: int = 256
     device: str = "cpu"
+    kept: Any = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.data)

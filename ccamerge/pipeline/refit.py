@@ -29,7 +29,8 @@ def refit_merged(
     settings: RefitSettings,
     progress: Progress | None = None,
 ) -> RefitReport:
-    """Refit the assembled ``model`` in place to the loaded endpoints on ``calib``."""
+    """Refit the assembled ``model`` in place to the loaded endpoints on ``calib`` (with
+    the endpoints' outputs the statistics pass kept, ``calib.kept``, when there are)."""
     progress = progress or Progress()
     endpoints = [loaded.build(sd, calib.device) for sd in loaded.state_dicts]
 
@@ -48,6 +49,7 @@ def refit_merged(
             calib.batches,
             settings,
             on_layer,
+            calib.kept,
         )
     finally:
         progress.stop()

@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..maths.refit import (
+    EndpointOutputs,
+    RefitSettings,
+    default_memory_budget,
+    make_plan,
+    output_node,
+)
 from ..maths.stats import (
     STATS_MODES,
     Statistics,
@@ -20,7 +28,7 @@ from ..methods import (
 )
 from ..models.spec import MergeSpec
 from ..runtime.context import Progress
-from ..runtime.errors import OptionError
+from ..runtime.errors import OptionError, RefitError
 from .load import Calibration, LoadedModels
 
 
@@ -31,8 +39,12 @@ def gather_statistics(
     norm_stats: bool = True,
     **options: Any,
 ) -> Statistics:
-    """Statistics of every model on ``calib``; ``options`` go to :func:`collect_statistics`."""
+    """Statistics of every model on ``calib``; ``options`` go to :func:`collect_statistics`.
+    With ``calib.kept`` (:func:`keep_endpoint_outputs`), the models run through the
+    keeper, which keeps their outputs for the refit."""
     models = [loaded.build(sd, calib.device) for sd in loaded.state_dicts]
+    if calib.kept is not None:
+        options["forward"] = calib.kept.forward
     progress.start("statistics", len(calib))
     try:
         return collect_statistics(
@@ -46,6 +58,39 @@ def gather_statistics(
         )
     finally:
         progress.stop()
+
+
+def keep_endpoint_outputs(
+    loaded: LoadedModels, calib: Calibration, settings: RefitSettings
+) -> Calibration:
+    """``calib`` with a keeper of the endpoints' outputs at the refit's points
+    (``kept``: :func:`gather_statistics` then runs each model through the refit's traced
+    plan and keeps them, so that the refit need not run the endpoints again); ``calib``
+    as it is when the refit is off, when the network cannot be traced (the refit then
+    says why), or when a collection point of the statistics is neither a module call of
+    the plan nor the output of a module it traces through (its hook could not be called:
+    the refit then runs the endpoints itself)."""
+    if not settings.enabled:
+        return calib
+    model = loaded.build(loaded.state_dicts[0], calib.device)
+    try:
+        plan = make_plan(model, loaded.spec)
+    except RefitError:
+        return calib
+    calls = {n.target for n in plan.nodes if n.op == "call_module"}
+    points = {(g.collect_at, g.collect_on) for g in loaded.spec.groups}
+    points |= {(bn, "output") for g in loaded.spec.groups for bn in g.norms}
+    routed = {}  # outputs of modules the plan traces through: their hooks are called
+    for name, on in points - {(p, on) for p, on in points if p in calls}:
+        node = output_node(plan, name) if on == "output" else None
+        if node is None:
+            return calib
+        routed[node] = name
+    budget = settings.memory_budget
+    if budget is None:
+        budget = default_memory_budget(torch.device(calib.device))
+    kept = EndpointOutputs(plan, len(calib), settings.max_rows, budget, routed)
+    return dataclasses.replace(calib, kept=kept)
 
 
 def sample_warnings(spec: MergeSpec, stats: Statistics) -> list[str]:

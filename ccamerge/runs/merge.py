@@ -64,6 +64,7 @@ from ..pipeline import (
     gather_statistics,
     group_report,
     hold_out,
+    keep_endpoint_outputs,
     label,
     load_models,
     normalise_weights,
@@ -180,6 +181,7 @@ def run_merge(plan: MergePlan, progress: Progress | None = None) -> MergeResult:
         )
         ctx.warn(*notes)
         with ctx.timer.phase("statistics"):
+            calib = keep_endpoint_outputs(loaded, calib, refit)  # for the refit
             stats = gather_statistics(
                 loaded,
                 calib,

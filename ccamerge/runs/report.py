@@ -188,7 +188,8 @@ def refit_table(refit: dict[str, Any]) -> Table:
     rows = "no row limit" if refit["max_rows"] == 0 else f"at most {refit['max_rows']} rows"
     t = Table(
         title=f"Refit ({refit['mode']} activations, {memory}; ridge {refit['ridge']:g}, "
-        f"{rows} a layer; {refit['seconds']:.2f} s). Residual: |W x - t|^2 / |t|^2",
+        f"{rows} a layer; endpoints' outputs from the {refit['endpoint_outputs']}; "
+        f"{refit['seconds']:.2f} s). Residual: |W x - t|^2 / |t|^2",
         title_justify="left",
     )
     for col in ("layer", "kind", "residual before", "after", "rows", "seconds"):

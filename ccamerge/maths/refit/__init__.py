@@ -27,8 +27,11 @@ The network is traced once with ``torch.fx`` (the tracer of feature-group discov
 a submodule that cannot be traced is an opaque leaf whose layers keep their averaged
 weights and whose BatchNorms are reset); its nodes are executed one by one
 for the merged network and for every endpoint on every calibration chunk.
-"stored" mode keeps every chunk's live values between layers (N + 1 forward
-passes in all); "recompute" mode, used when those would exceed the memory
+The endpoints' outputs at the fits' points are kept from the statistics pass when
+they fit in the memory budget (``EndpointOutputs``: the merge then runs N + 1
+forward passes in all, N for the statistics and one of the merged network), else
+the refit runs the endpoints again (2N + 1).
+"stored" mode keeps every chunk's live values between layers; "recompute" mode, used when those would exceed the memory
 budget, runs every chunk afresh through the already refitted prefix for each
 layer.
 
@@ -47,16 +50,21 @@ from .fit import (
     RefitSettings,
     refit,
 )
+from .interpret import EndpointOutputs
 from .memory import default_memory_budget
+from .plan import make_plan, output_node
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
     "DEFAULT_RIDGE",
+    "EndpointOutputs",
     "MODES",
     "LayerFit",
     "NormalEquations",
     "RefitReport",
     "RefitSettings",
     "default_memory_budget",
+    "make_plan",
+    "output_node",
     "refit",
 ]

@@ -27,9 +27,9 @@ from .equations import (
     rows,
     write_weights,
 )
-from .interpret import Chunk
+from .interpret import Chunk, EndpointOutputs
 from .memory import choose_mode, default_memory_budget, first_and_count
-from .plan import Fit, Norm, Opaque, Step, make_plan
+from .plan import Fit, Norm, Opaque, Plan, Step, make_plan
 
 DEFAULT_RIDGE = 1e-3
 # rows (samples x output positions) a layer is fitted on at most. Measured (2000 images,
@@ -66,6 +66,9 @@ class RefitReport:
     memory_budget: int | None  # bytes that decided the mode (None: free memory unknown)
     ridge: float
     max_rows: int  # the row limit of one layer's fit (0: none)
+    # where the endpoints' outputs came from: "statistics pass" (kept there: N + 1 forward
+    # passes in the merge) or "refit" (the refit ran the endpoints again: 2N + 1)
+    endpoint_outputs: str = "refit"
     layers: list[LayerFit] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # the whole refit
@@ -168,6 +171,7 @@ def refit(
     batches: Callable[[], Iterable[torch.Tensor]],
     settings: RefitSettings = RefitSettings(),
     on_layer: Callable[[str, int, int], None] | None = None,
+    kept: EndpointOutputs | None = None,
 ) -> RefitReport:
     """Refit ``merged`` in place (weights and BatchNorm buffers) to the endpoints.
 
@@ -181,8 +185,10 @@ def refit(
     A layer whose calibration rows (samples x output positions) exceed ``max_rows`` is
     fitted on the rows of the first samples of every chunk, about ``max_rows`` in all
     (0: no limit); every sample still runs through the network and feeds the BatchNorm
-    statistics. Raises :class:`RefitError` when the network cannot be traced or the endpoints
-    differ from it."""
+    statistics. ``kept``: the endpoints' outputs the statistics pass kept on these batches
+    (:class:`EndpointOutputs`); the refit then does not run the endpoints (when they were
+    dropped or do not match, it does, and says why in the warnings). Raises
+    :class:`RefitError` when the network cannot be traced or the endpoints differ from it."""
     _check_options(endpoints, weights, settings)
     ridge, max_rows, memory_budget = settings.ridge, settings.max_rows, settings.memory_budget
     _check_endpoints(merged, endpoints)
@@ -194,22 +200,28 @@ def refit(
         memory_budget = default_memory_budget(device)
     report = RefitReport("stored", memory_budget, ridge, max_rows, warnings=list(plan.warnings))
     first, samples = first_and_count(batches)
+    rows_per_sample = max_rows / samples
+    outputs = _usable(kept, plan, batches, rows_per_sample, report)
+    if outputs is not None:
+        report.endpoint_outputs = "statistics pass"
+        memory_budget = None if memory_budget is None else memory_budget - outputs.nbytes
     with _eval_mode([merged, *endpoints]):
-        report.mode = choose_mode(
-            plan, merged, first, samples, len(endpoints), memory_budget, device
-        )
+        runs = 1 if outputs is not None else len(endpoints) + 1  # networks run per chunk
+        report.mode = choose_mode(plan, merged, first, samples, runs, memory_budget, device)
 
-        def chunk(x: torch.Tensor, wanted: Iterable[Fit]) -> Chunk:
-            return Chunk(plan, merged, endpoints, maps, x.to(device), wanted, max_rows / samples)
+        def chunk(j: int, x: torch.Tensor, wanted: Iterable[Fit]) -> Chunk:
+            part = None if outputs is None else outputs.chunks[j]
+            x = x.to(device)
+            return Chunk(plan, merged, endpoints, maps, x, wanted, rows_per_sample, part)
 
         if report.mode == "stored":
-            stored = [chunk(x, plan.fits) for x in distributed.shard(batches())]
+            stored = [chunk(j, x, plan.fits) for j, x in enumerate(distributed.shard(batches()))]
 
         def chunks(step: Step) -> Iterable[Chunk]:
             if report.mode == "stored":
                 return stored
             wanted = [step] if isinstance(step, Fit) else []
-            return (chunk(x, wanted) for x in distributed.shard(batches()))
+            return (chunk(j, x, wanted) for j, x in enumerate(distributed.shard(batches())))
 
         folded_bias: dict[fx.Node, torch.Tensor] = {}
         fits = plan.fits
@@ -227,6 +239,30 @@ def refit(
                 on_layer(step.name, fits.index(step) + 1, len(fits))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _usable(
+    kept: EndpointOutputs | None,
+    plan: Plan,
+    batches: Callable[[], Iterable[torch.Tensor]],
+    rows_per_sample: float,
+    report: RefitReport,
+) -> EndpointOutputs | None:
+    """``kept`` when it holds the outputs this refit reads; else None, with a warning
+    when outputs were kept but cannot serve."""
+    if kept is None:
+        return None
+    if kept.dropped is not None:
+        report.warnings.append(kept.dropped)
+        return None
+    chunks = sum(1 for _ in distributed.shard(batches()))
+    if not kept.matches(plan, chunks, rows_per_sample):
+        report.warnings.append(
+            "the endpoints' outputs kept by the statistics pass do not match the refit's "
+            "plan and batches: the refit ran the endpoints again"
+        )
+        return None
+    return kept
 
 
 def _inputs(step: Step, chunks: Iterable[Chunk]) -> Iterator[torch.Tensor]:

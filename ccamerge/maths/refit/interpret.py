@@ -79,10 +79,76 @@ def _kept(fit: Fit, value: torch.Tensor, rows_per_sample: float) -> int:
     return value.shape[0]
 
 
+class EndpointOutputs:
+    """The endpoints' outputs at every fit's point, kept from the statistics pass so that
+    the refit need not run the endpoints again: per calibration chunk (this rank's share,
+    in order), per fit (its index in ``plan.fits``), one tensor per model, the rows the fit
+    reads (:func:`_kept`) as the endpoint computed them, before any map.
+
+    :meth:`forward` is the statistics pass's forward of model k on a batch (models in
+    order 0..N-1 on each batch); ``routed`` names the modules the plan traces through
+    whose output (that node's value) the statistics hook. When what is kept would exceed ``budget`` bytes (None:
+    no limit), everything is dropped and ``dropped`` says why; the refit then runs the
+    endpoints again."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        samples: int,
+        max_rows: int,
+        budget: int | None,
+        routed: dict[fx.Node, str] | None = None,
+    ) -> None:
+        self.plan, self.budget, self.routed = plan, budget, routed or {}
+        self.rows_per_sample = max_rows / max(samples, 1)
+        self.fits = [fit.name for fit in plan.fits]
+        self._index = {fit: i for i, fit in enumerate(plan.fits)}
+        self.chunks: list[dict[int, list[torch.Tensor]]] = []
+        self.nbytes = 0
+        self.dropped: str | None = None
+
+    def forward(self, k: int, model: nn.Module, x: torch.Tensor) -> None:
+        if k == 0 and self.dropped is None:
+            self.chunks.append({})
+        routed = {node: model.get_submodule(name) for node, name in self.routed.items()}
+
+        def on_value(node: fx.Node, value: Any) -> None:
+            if node in routed:  # the output of a module the plan traces through: the
+                # forward hooks its own call would run (those of the statistics pass)
+                module = routed[node]
+                for hook in list(module._forward_hooks.values()):
+                    hook(module, (), value)
+            self._keep(node, value)
+
+        Run(self.plan, model, x, on_value).run_to(len(self.plan.nodes))
+
+    def _keep(self, node: fx.Node, value: Any) -> None:
+        for fit in self.plan.taps.get(node, ()):
+            if self.dropped is not None:
+                return
+            rows = value[: _kept(fit, value, self.rows_per_sample)].clone()
+            self.chunks[-1].setdefault(self._index[fit], []).append(rows)
+            self.nbytes += rows.numel() * rows.element_size()
+            if self.budget is not None and self.nbytes > self.budget:
+                self.chunks.clear()
+                self.dropped = (
+                    f"the endpoints' outputs at the refitted layers need more than the memory "
+                    f"budget ({self.budget / 2**30:.2f} GiB): the refit ran the endpoints again"
+                )
+
+    def matches(self, plan: Plan, chunks: int, rows_per_sample: float) -> bool:
+        """Whether these outputs were kept for ``plan``'s fits, over ``chunks`` chunks, with
+        the refit's row limit."""
+        same_fits = self.fits == [f.name for f in plan.fits]
+        same_rows = self.rows_per_sample == rows_per_sample
+        return self.dropped is None and same_fits and same_rows and len(self.chunks) == chunks
+
+
 class Chunk:
-    """One calibration chunk: the merged network's run, every endpoint's run, and the
-    targets (``sum_k w_k M_k z_k`` at each fit's point, on the samples that give the fit
-    rows) of the fits in ``wanted``."""
+    """One calibration chunk: the merged network's run, and the targets (``sum_k w_k M_k
+    z_k`` at each fit's point, on the samples that give the fit rows) of the fits in
+    ``wanted``, from every endpoint's run or, given ``kept`` (this chunk's part of an
+    :class:`EndpointOutputs`), from the outputs the statistics pass kept."""
 
     def __init__(
         self,
@@ -93,23 +159,30 @@ class Chunk:
         x: torch.Tensor,
         wanted: Iterable[Fit],
         rows_per_sample: float,
+        kept: dict[int, list[torch.Tensor]] | None = None,
     ) -> None:
         self.plan, self.maps, self.wanted = plan, maps, set(wanted)
-        self.rows_per_sample = rows_per_sample
+        self.rows_per_sample, self.kept = rows_per_sample, kept
         self.merged = Run(plan, merged, x)
-        self.endpoints = [Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)]
+        self.endpoints = []
+        if kept is None:
+            self.endpoints = [Run(plan, m, x, self._tapper(k)) for k, m in enumerate(endpoints)]
         self.targets: dict[Fit, torch.Tensor] = {}
 
     def _tapper(self, k: int) -> Callable[[fx.Node, Any], None]:
         def tap(node: fx.Node, value: Any) -> None:
             for fit in self.plan.taps.get(node, ()):
-                w, M = self.maps[fit][k]
-                if fit in self.wanted and w:
-                    rows = value[: _kept(fit, value, self.rows_per_sample)]
-                    part = w * _map_channels(rows, M, fit.channel_dim)
-                    self.targets[fit] = self.targets[fit] + part if fit in self.targets else part
+                if fit in self.wanted:
+                    self._add(fit, k, value[: _kept(fit, value, self.rows_per_sample)])
 
         return tap
+
+    def _add(self, fit: Fit, k: int, rows: torch.Tensor) -> None:
+        """Model k's part ``w_k M_k z_k`` of ``fit``'s target."""
+        w, M = self.maps[fit][k]
+        if w:
+            part = w * _map_channels(rows, M, fit.channel_dim)
+            self.targets[fit] = self.targets[fit] + part if fit in self.targets else part
 
     def advance(self, step: Step) -> None:
         """Run the merged network up to ``step``'s node, the endpoints through its point."""
@@ -123,6 +196,9 @@ class Chunk:
         return self.merged.env[step.node.args[0]]
 
     def target_of(self, fit: Fit) -> torch.Tensor:
+        if self.kept is not None:  # read once: freed as it is used
+            for k, rows in enumerate(self.kept.pop(self.plan.fits.index(fit))):
+                self._add(fit, k, rows)
         target = self.targets.pop(fit)
         if fit.other is None:
             return target

@@ -54,18 +54,18 @@ def choose_mode(
     merged: nn.Module,
     first: torch.Tensor,
     samples: int,
-    n_models: int,
+    runs: int,
     budget: int | None,
     device: torch.device,
 ) -> str:
-    """ "stored" when the live values of this rank's share of the ``samples`` for every
-    model fit in ``budget`` bytes (None: no limit known), else "recompute". Under
+    """ "stored" when the live values of this rank's share of the ``samples`` for the
+    ``runs`` networks run on every chunk fit in ``budget`` bytes (None: no limit known), else "recompute". Under
     distribution every rank decides "recompute" when one of them must."""
     stored = True
     if budget is not None:
         per_sample = _peak_bytes(plan, merged, first.to(device)) / first.shape[0]
         share = math.ceil(samples / distributed.world_size())
-        stored = per_sample * share * (n_models + 1) <= budget
+        stored = per_sample * share * runs <= budget
     must_recompute = torch.tensor([0.0 if stored else 1.0], dtype=torch.float64)
     distributed.all_reduce_sum([must_recompute])
     return "stored" if float(must_recompute) == 0 else "recompute"

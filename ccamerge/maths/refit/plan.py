@@ -414,6 +414,20 @@ def _make_fit(
     return Fit(node, layer, norm, bn, point, other, group)
 
 
+def output_node(plan: Plan, module: str) -> fx.Node | None:
+    """The node whose value a module the plan traces through returns: the one node made
+    inside the module that a node outside it reads; None when the module is called more
+    than once or its output is not one node."""
+
+    def inside(n: fx.Node) -> bool:
+        return module in n.meta.get("nn_module_stack", {})
+
+    if any(f"{module}@1" in n.meta.get("nn_module_stack", {}) for n in plan.nodes):
+        return None
+    outs = [n for n in plan.nodes if inside(n) and any(not inside(u) for u in n.users)]
+    return outs[0] if len(outs) == 1 else None
+
+
 def attribute(root: nn.Module, target: str) -> Any:
     value: Any = root
     for part in target.split("."):
