@@ -244,6 +244,20 @@ class Opaque(nn.Module):
         return self.head(self.op2(self.op1(x)))
 
 
+class ChannelMixing(nn.Module):
+    """A cumulative sum over the channels after the second conv: its units stay
+    untransformed, the first conv's are aligned."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.head = _head(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cumsum(self.conv2(F.relu(self.conv1(x))), dim=1))
+
+
 NETS: dict[str, type[nn.Module]] = {
     "subclassed_linear": SubclassedLinear,
     "bn_act": BnAct,
@@ -255,6 +269,7 @@ NETS: dict[str, type[nn.Module]] = {
     "layernorm2d": ChannelNorm,
     "groupnorm": GroupNormNet,
     "opaque": Opaque,
+    "channel_mixing": ChannelMixing,
 }
 
 

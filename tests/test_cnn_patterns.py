@@ -21,7 +21,7 @@ from ccamerge.runs.merge import merge
 
 FACTORY = f"{Path(__file__).parent / 'cnn_nets.py'}:make_cnn"
 SHAPE = (3, 8, 8)
-PATTERNS = [name for name in NETS if name != "opaque"]
+PATTERNS = [name for name in NETS if name not in ("opaque", "channel_mixing")]
 
 
 def _inputs(n: int, seed: int) -> torch.Tensor:
@@ -92,6 +92,20 @@ def test_opaque_network_is_plain_averaging(tmp_path) -> None:
     text = " ".join(report["warnings"])
     assert "plain averaging" in text
     assert "only 0% of the parameters were aligned; kept averaged: Conv2d" in text
+
+
+def test_a_layer_whose_outputs_stay_untransformed_is_not_counted_aligned(tmp_path) -> None:
+    """conv2 reads the aligned units of conv1, but its own outputs are mixed over the
+    channels (a cumulative sum) and stay untransformed: only conv1 counts as aligned."""
+    model, paths, calib = _endpoints("channel_mixing", tmp_path)
+    result = merge(paths, model=FACTORY, model_args={"name": "channel_mixing"}, data=str(calib))
+    aligned = result.report["aligned"]
+    conv1 = sum(p.numel() for p in model.conv1.parameters())
+    assert aligned["parameters"] == conv1, aligned
+    assert aligned["kept_averaged"] == {
+        "Conv2d": sum(p.numel() for p in model.conv2.parameters()),
+        "Linear": sum(p.numel() for p in model.head.parameters()),
+    }
 
 
 def _dense_layers(model: torch.nn.Module) -> set[str]:

@@ -169,7 +169,12 @@ def test_inspect_shows_discovered_groups_and_writes_a_spec(tmp_path: Path) -> No
     assert g["name"] == "conv1" and g["size"] == 5 and set(g["norms"]) == {"bn1", "bn2"}
     assert {m["tensor"] for m in g["members"]} >= {"conv2.weight", "bn2.running_var", "fc.weight"}
     assert info["untransformed"] == [
-        {"writers": ["fc"], "size": 10, "reasons": ["it reaches the model's output"]}
+        {
+            "writers": ["fc"],
+            "size": 10,
+            "reasons": ["it reaches the model's output"],
+            "expected": True,
+        }
     ]
     written = json.loads(spec_path.read_text())
     assert written["untransformed"] == info["untransformed"]

@@ -255,11 +255,13 @@ class Untransformed:
     """Units that some Linear/Conv layers write but that discovery leaves alone.
 
     ``writers`` are the modules writing them, ``reasons`` why (the model's
-    output, a concatenation, ...)."""
+    output, a concatenation, ...); ``expected``: every reason is one no alignment could
+    remove (the logits, which reach the model's output)."""
 
     writers: tuple[str, ...]
     size: int
     reasons: tuple[str, ...]
+    expected: bool = False
 
 
 @dataclass(frozen=True)
@@ -1095,9 +1097,10 @@ def _result(
                 )
         if units.frozen:
             reasons = tuple(dict.fromkeys(r for r, _ in units.frozen))
-            untransformed.append(Untransformed(tuple(units.writers), units.size, reasons))
             # the logits are expected to stay; a residual stream tied to them is worth a word
             unexpected = [r for r, expected in units.frozen if not expected]
+            writers = tuple(units.writers)
+            untransformed.append(Untransformed(writers, units.size, reasons, not unexpected))
             if unexpected or len(units.writers) > 1:
                 warnings.append(
                     f"units written by {', '.join(units.writers)} stay untransformed: "

@@ -207,12 +207,18 @@ def _is_permutation(M: torch.Tensor, blocks: int) -> bool:
     return bool((rows // step == cols // step).all())
 
 
-def aligned_parameters(spec: MergeSpec, model: nn.Module, alignment: Alignment) -> dict[str, Any]:
+def aligned_parameters(
+    spec: MergeSpec,
+    model: nn.Module,
+    alignment: Alignment,
+    unaligned_layers: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     """How many of ``model``'s parameters a feature-group map transforms: those of the
     layers with a tensor in a group whose maps are not all the identity, or in a
     concatenation of such a group (a layer's bias counts with its weight, the logits'
-    bias too); the rest are only averaged, counted by kind of layer (``kept_averaged``,
-    largest first)."""
+    bias too), unless the layer is in ``unaligned_layers`` (its output units were left
+    untransformed: ``LoadedModels.unaligned_layers``); the rest are only averaged, counted
+    by kind of layer (``kept_averaged``, largest first)."""
     moved = {
         name
         for name, ga in alignment.groups.items()
@@ -228,7 +234,8 @@ def aligned_parameters(spec: MergeSpec, model: nn.Module, alignment: Alignment) 
         owner = name.rpartition(".")[0]
         m = modules[owner]
         total += p.numel()
-        if any(_join(owner, t) in transformed for t, _ in m.named_parameters(recurse=False)):
+        tensors = [_join(owner, t) for t, _ in m.named_parameters(recurse=False)]
+        if owner not in unaligned_layers and any(t in transformed for t in tensors):
             aligned += p.numel()
         else:
             kept[_kind(m)] += p.numel()

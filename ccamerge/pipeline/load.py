@@ -16,7 +16,7 @@ from torch import nn
 
 from ..io.files import Dataset, load_checkpoint, load_data
 from ..models.assumptions import state_settings
-from ..models.custom import detect_custom, resolve_spec
+from ..models.custom import detect_custom, resolve_spec, untransformed_of
 from ..models.registry import Detected, detect_architecture
 from ..models.spec import MergeSpec
 from ..runtime import distributed
@@ -95,6 +95,9 @@ class LoadedModels:
     detected: Detected
     spec: MergeSpec
     warnings: list[str] = field(default_factory=list)  # from feature-group discovery
+    # the layers whose output units discovery left untransformed for a reason other than
+    # reaching the model's output: not aligned, whatever their input side
+    unaligned_layers: frozenset[str] = frozenset()
 
     def build(self, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> nn.Module:
         model = self.detected.build()
@@ -186,7 +189,9 @@ def load_models(
         template.load_state_dict(ref, strict=True)
     except RuntimeError as e:
         raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
-    return LoadedModels(list(paths), sds, detected, spec, notes)
+    unaligned = () if spec_file else untransformed_of(detected)
+    writers = frozenset(w for u in unaligned if not u.expected for w in u.writers)
+    return LoadedModels(list(paths), sds, detected, spec, notes, writers)
 
 
 MAX_PREFIXES = 16  # prefixes tried when the whole checkpoint fits no architecture

@@ -143,7 +143,7 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
     if eval_data is not None:
         with ctx.timer.phase("evaluate"):
             evaluation = evaluate_all(loaded, model, eval_data, data.batch_size, device)
-    aligned = aligned_parameters(loaded.spec, model, saved.alignment)
+    aligned = aligned_parameters(loaded.spec, model, saved.alignment, loaded.unaligned_layers)
     if meta["method"] != "average":
         ctx.warn(aligned_warning(aligned) or "")
 

@@ -257,7 +257,7 @@ def aligned_section(
     ctx: RunContext, plan: MergePlan, loaded: LoadedModels, model: nn.Module, alignment: Alignment
 ) -> dict[str, Any]:
     """The report's ``aligned``; under half aligned, a warning (unless averaging was asked)."""
-    aligned = aligned_parameters(loaded.spec, model, alignment)
+    aligned = aligned_parameters(loaded.spec, model, alignment, loaded.unaligned_layers)
     if plan.align.method != "average":
         ctx.warn(aligned_warning(aligned) or "")
     return aligned
