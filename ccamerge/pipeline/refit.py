@@ -5,6 +5,7 @@ to step 4's BatchNorm handling."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +129,8 @@ def refit_or_fix_batchnorm(
     if calib is not None and not (stats and stats.norms):
         if needs_norm_statistics(loaded, recipe.batchnorm):
             with ctx.timer.phase("statistics"):
-                stats = gather_statistics(loaded, calib, ctx.progress, group_stats=False)
+                plain = dataclasses.replace(calib, kept=None)  # keep nothing more
+                stats = gather_statistics(loaded, plain, ctx.progress, group_stats=False)
     with ctx.timer.phase("apply"):
         state, model, bn_done = build_merged(loaded, recipe, calib, stats)
     return state, model, bn_done, None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import fx
 
 from ..maths.refit import (
     EndpointOutputs,
@@ -80,12 +81,12 @@ def keep_endpoint_outputs(
     calls = {n.target for n in plan.nodes if n.op == "call_module"}
     points = {(g.collect_at, g.collect_on) for g in loaded.spec.groups}
     points |= {(bn, "output") for g in loaded.spec.groups for bn in g.norms}
-    routed = {}  # outputs of modules the plan traces through: their hooks are called
+    routed: dict[fx.Node, list[str]] = {}  # nodes that traced-through modules return
     for name, on in points - {(p, on) for p, on in points if p in calls}:
         node = output_node(plan, name) if on == "output" else None
         if node is None:
             return calib
-        routed[node] = name
+        routed.setdefault(node, []).append(name)
     budget = settings.memory_budget
     if budget is None:
         budget = default_memory_budget(torch.device(calib.device))

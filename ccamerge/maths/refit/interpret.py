@@ -86,10 +86,11 @@ class EndpointOutputs:
     reads (:func:`_kept`) as the endpoint computed them, before any map.
 
     :meth:`forward` is the statistics pass's forward of model k on a batch (models in
-    order 0..N-1 on each batch); ``routed`` names the modules the plan traces through
-    whose output (that node's value) the statistics hook. When what is kept would exceed ``budget`` bytes (None:
-    no limit), everything is dropped and ``dropped`` says why; the refit then runs the
-    endpoints again."""
+    order 0..N-1 on each batch); ``routed[node]`` names the modules the plan traces
+    through that return that node's value, whose forward hooks (the statistics') are
+    called with it. When what is kept would exceed ``budget`` bytes (None: no limit),
+    everything is dropped and ``dropped`` says why; the refit then runs the endpoints
+    again."""
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class EndpointOutputs:
         samples: int,
         max_rows: int,
         budget: int | None,
-        routed: dict[fx.Node, str] | None = None,
+        routed: dict[fx.Node, list[str]] | None = None,
     ) -> None:
         self.plan, self.budget, self.routed = plan, budget, routed or {}
         self.rows_per_sample = max_rows / max(samples, 1)
@@ -110,12 +111,10 @@ class EndpointOutputs:
     def forward(self, k: int, model: nn.Module, x: torch.Tensor) -> None:
         if k == 0 and self.dropped is None:
             self.chunks.append({})
-        routed = {node: model.get_submodule(name) for node, name in self.routed.items()}
+        routed = {n: [model.get_submodule(m) for m in ms] for n, ms in self.routed.items()}
 
         def on_value(node: fx.Node, value: Any) -> None:
-            if node in routed:  # the output of a module the plan traces through: the
-                # forward hooks its own call would run (those of the statistics pass)
-                module = routed[node]
+            for module in routed.get(node, ()):  # the hooks a module call would run
                 for hook in list(module._forward_hooks.values()):
                     hook(module, (), value)
             self._keep(node, value)
