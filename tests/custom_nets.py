@@ -48,6 +48,25 @@ def make_net(width: int = 32, hidden: int = 64, depth: int = 2) -> nn.Module:
     return ResidualMLP(width=width, hidden=hidden, depth=depth)
 
 
+class WrappedOutput(ResidualMLP):
+    """The same network with its logits in a tuple (beside an auxiliary output) or a
+    dict, as many models' forwards return them."""
+
+    def __init__(self, output: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.output = output
+
+    def forward(self, x: torch.Tensor):
+        logits = super().forward(x)
+        if self.output == "tuple":
+            return logits, logits.sum(1)
+        return {"logits": logits}
+
+
+def make_wrapped_net(output: str, width: int = 32, hidden: int = 64) -> nn.Module:
+    return WrappedOutput(output, width=width, hidden=hidden)
+
+
 class ConvNet(nn.Module):
     """A small conv net whose input shape discovery cannot guess (--input-shape)."""
 

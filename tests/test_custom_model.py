@@ -28,7 +28,7 @@ from ccamerge.models.custom import load_factory, load_spec, spec_from_dict
 from ccamerge.models.discover import discover
 from ccamerge.models.train import digits, train_classifier
 from ccamerge.pipeline import evaluate
-from ccamerge.runtime.errors import OptionError, SpecError
+from ccamerge.runtime.errors import ArchitectureError, OptionError, SpecError
 
 NETS = Path(__file__).parent / "custom_nets.py"
 MAKE_NET = f"{NETS}:make_net"
@@ -110,6 +110,31 @@ def test_a_custom_model_is_distilled_and_checked(trained: Trained) -> None:
     before, after = plain["check"]["merged"], distilled["check"]["merged"]
     assert distilled["distill"]["epochs_run"] == 2
     assert after["kl"] < before["kl"], (before, after)  # closer to the ensemble
+
+
+@pytest.mark.parametrize("output", ["tuple", "dict"])
+def test_logits_in_a_tuple_or_dict_are_read(trained: Trained, output: str) -> None:
+    """A forward returning its logits in a tuple or a dict merges, checks, distils and
+    evaluates as the same network returning the tensor."""
+    wrapped = ["--model", f"{NETS}:make_wrapped_net", "--model-args",
+               json.dumps({"output": output, "width": 32, "hidden": 64})]  # fmt: skip
+    options = ["--distill", "1", "--method", "average"]
+    plain = merge_json(trained, *options)
+    got = merge_json(trained, *options, *wrapped)
+    assert got["evaluation"] == plain["evaluation"]
+    assert got["check"] == plain["check"]
+    assert [g["name"] for g in got["groups"]] == [g["name"] for g in plain["groups"]]
+
+
+def test_a_forward_without_logits_is_a_one_line_error() -> None:
+    from ccamerge.models.outputs import logits_of
+
+    class Output:
+        logits = None
+
+    assert logits_of(type("HFOutput", (), {"logits": torch.ones(1)})()).shape == (1,)
+    with pytest.raises(ArchitectureError, match="returns Output, with no logits in it"):
+        logits_of(Output())
 
 
 def test_spec_out_then_hand_edited_spec(trained: Trained) -> None:

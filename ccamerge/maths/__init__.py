@@ -5,5 +5,6 @@ Streaming covariances (``stats``), transforming tensors along their feature-grou
 for dense alignment (``repair``), the layer-by-layer least-squares refit (``refit/``: its
 traced plan, interpreter, normal equations and memory policy), training a merge against
 its inputs' mean logits (``distill``). Modules here import only torch, numpy, scipy, the
-models' feature-group spec and tracer, the methods' ``Alignment`` and the runtime.
+models' feature-group spec, tracer and outputs' logits, the methods' ``Alignment`` and the
+runtime.
 """

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.outputs import logits_of
 from ..runtime import distributed
 from ..runtime.errors import DataError, NumericalError, OptionError
 from .bn import has_batchnorm, reset_batchnorm
@@ -202,7 +203,7 @@ class _DistillationLoss(torch.autograd.Function):
 @torch.no_grad()
 def mean_logits(teachers: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor):
     """The teachers' weighted mean logits on ``x`` (teachers in eval mode, float32)."""
-    return sum(w * t(x).float() for t, w in zip(teachers, weights))
+    return sum(w * logits_of(t(x)).float() for t, w in zip(teachers, weights))
 
 
 def cut_batches(
@@ -303,7 +304,7 @@ class _Heldout:
         student.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         for x, target in self.parts:
-            logits = student(x).float()
+            logits = logits_of(student(x)).float()
             sums[0] += float((logits.argmax(1) == target.argmax(1)).sum())
             sums[1] += float(kl_per_sample(target.double(), logits.double()).sum())
         distributed.all_reduce_sum([sums])
@@ -510,5 +511,6 @@ def _loss(model: nn.Module, x: torch.Tensor, run: _Run) -> torch.Tensor:
     k = distributed.world_size()
     part = x.tensor_split(k)[distributed.rank()]
     target = mean_logits(run.teachers, run.weights, part)
-    total = _DistillationLoss.apply(model(part).float(), target, settings.temperature)
+    logits = logits_of(model(part)).float()
+    total = _DistillationLoss.apply(logits, target, settings.temperature)
     return total * (k / x.shape[0])

@@ -25,6 +25,7 @@ import torch
 
 from ..runtime import distributed
 from ..runtime.errors import OptionError
+from .outputs import logits_of
 from .registry import Detected
 
 MIN_GAIN = 0.02  # mean accuracy by which another choice must win to be flagged ...
@@ -120,7 +121,8 @@ def _mean_accuracy(loaded: Any, setting: dict[str, str], data: Any, batch_size: 
         batches = zip(range(0, len(data), batch_size), data.batches(batch_size))
         hits = torch.zeros(1, dtype=torch.float64)  # counts: exact in float64
         for i, x in distributed.shard(batches):
-            hits += int((model(x.to(device)).argmax(1).cpu() == data.y[i : i + len(x)]).sum())
+            predicted = logits_of(model(x.to(device))).argmax(1).cpu()
+            hits += int((predicted == data.y[i : i + len(x)]).sum())
         distributed.all_reduce_sum([hits])
         total += float(hits) / len(data)
     return total / len(loaded.state_dicts)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.files import Dataset
+from ..models.outputs import logits_of
 from ..runtime.distributed import shard, unshard
 from ..runtime.errors import DataError, OptionError
 from .load import LoadedModels
@@ -32,7 +33,7 @@ def predict_logits(
     """Outputs on every sample (float32, CPU). Under distribution each rank runs its share
     of the batches and every rank gets all outputs, in order."""
     model.eval()
-    outs = [model(x.to(device)).float().cpu() for x in shard(data.batches(batch_size))]
+    outs = [logits_of(model(x.to(device))).float().cpu() for x in shard(data.batches(batch_size))]
     return torch.cat(unshard(outs))
 
 

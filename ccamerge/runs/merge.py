@@ -31,6 +31,7 @@ from ..maths.bn import has_batchnorm
 from ..methods import Alignment, MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
 from ..models.custom import save_spec
+from ..models.outputs import logits_of
 from ..pipeline import (
     MIN_HELDOUT,
     AlignSettings,
@@ -439,7 +440,7 @@ def load_inputs(
     eval_data = read_eval_data(data.evaluation, loaded)
     if eval_data is not None:
         with torch.no_grad():  # labels out of range: say so now, not after the merge
-            outputs = loaded.build(loaded.state_dicts[0])(eval_data.x[:1]).shape[1]
+            outputs = logits_of(loaded.build(loaded.state_dicts[0])(eval_data.x[:1])).shape[1]
         check_labels(eval_data, outputs)
     return loaded, calib, eval_data
 
