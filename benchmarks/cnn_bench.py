@@ -8,8 +8,8 @@ The families of ``cnn_zoo.py`` are merged as a user's own models (``--model``), 
 feature groups discovered by tracing. Each row is one ``ccamerge.merge`` in its own
 subprocess (one torch thread): every method with and without the refit, on the first 2000
 calibration images (the check holding out a tenth), N = 2 and 4 seeds, and the default
-merge followed by ``--distill 3`` on 10000 further unlabelled training images (the
-recommended recipe of "Distillation"; ``distill_bench.extra_data``). A row records the
+merge followed by ``--distill 3`` (the recommended recipe of "Distillation") or
+``--distill 10`` on 10000 further unlabelled training images (``distill_bench.extra_data``). A row records the
 test accuracy (10000 test images) of every input, of their ensemble and of the merge, the
 fraction of parameters aligned, the check's verdict and the merge's wall time. Rows are
 stored in ``results/cnn_zoo.json`` by key and kept unless ``--redo``; the table is written
@@ -35,12 +35,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000
 FAMILIES = ("mobilenet", "convnext", "densenet")
 METHODS = ("cca", "average", "permute", "weight-matching", "zipit")
-DISTILLED = "cca, distill 3 on 10000"  # the default merge, then distilled
+DISTILL_EPOCHS = (3, 10)
+DISTILLED = {f"cca, distill {e} on 10000": e for e in DISTILL_EPOCHS}  # default merge, distilled
 PLAN = [
     (f, n, m, refit)
     for f in FAMILIES
     for n in (2, 4)
-    for m, refit in [*((m, r) for m in METHODS for r in (1, 0)), (DISTILLED, 1)]
+    for m, refit in [*((m, r) for m in METHODS for r in (1, 0)), *((d, 1) for d in DISTILLED)]
 ]
 
 
@@ -50,8 +51,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
     files = fmnist.write_npz("cifar")
     paths = [str(Mdl.checkpoint(job["family"], s)) for s in range(job["n"])]
-    distilled = job["method"] == DISTILLED
-    options = {"distill": 3, "distill_data": str(extra_data("cifar"))} if distilled else {}
+    epochs = DISTILLED.get(job["method"])
+    distilled = epochs is not None
+    options = {"distill": epochs, "distill_data": str(extra_data("cifar"))} if distilled else {}
     t0 = time.perf_counter()
     result = ccamerge.merge(
         paths,
