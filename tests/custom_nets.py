@@ -109,3 +109,20 @@ class Gated(nn.Module):
 
 def make_gated(width: int = 8) -> nn.Module:
     return Gated(width)
+
+
+class TokenClassifier(nn.Module):
+    """Token ids -> embedding -> mean over the sequence -> MLP (a text classifier)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(self.embed(ids).mean(1))))
+
+
+def make_token_net() -> nn.Module:
+    return TokenClassifier()

@@ -270,12 +270,14 @@ def _read_shards(index: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Dataset:
-    """Model-ready inputs ``x`` (float32) and optional integer labels ``y``."""
+    """Model-ready inputs ``x`` (float32, or int64 token ids: ``tokens``) and optional
+    integer labels ``y``."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     path: str = ""
     file_dtype: str = "float32"  # the inputs' dtype in the file, before the cast to float32
+    tokens: bool = False  # integer token ids (a file's "input_ids"), fed as int64
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -291,11 +293,14 @@ class Dataset:
         else:
             idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         y = None if self.y is None else self.y[idx]
-        return Dataset(self.x[idx], y, self.path, self.file_dtype)
+        return Dataset(self.x[idx], y, self.path, self.file_dtype, self.tokens)
 
     def scale_warning(self, what: str) -> str | None:
         """A warning when the inputs look unnormalised: integers in the file (e.g. uint8
-        pixels 0..255) or values beyond :data:`MAX_NORMALISED` in magnitude."""
+        pixels 0..255) or values beyond :data:`MAX_NORMALISED` in magnitude; never for
+        token ids."""
+        if self.tokens:
+            return None
         peak = float(self.x.abs().max())
         if self.file_dtype.startswith(("int", "uint")):
             why = f"integer dtype {self.file_dtype}, values up to {peak:g}"
@@ -340,28 +345,27 @@ def load_data(path: str | os.PathLike, require_labels: bool = False) -> Dataset:
                 arrays = {k: f[k] for k in f.files}
         except Exception as e:  # untrusted bytes: BadZipFile, ValueError, TokenError, ...
             raise DataError(f"data file {path} is not a valid .npz ({_first_line(e)})") from None
-        x, y = _pick_xy(arrays, path)
     elif suffix == ".npy":
         try:
-            x, y = np.load(path, allow_pickle=False), None
+            arrays = {"x": np.load(path, allow_pickle=False)}
         except Exception as e:  # untrusted bytes: ValueError, TokenError, ...
             raise DataError(f"data file {path} is not a valid .npy ({_first_line(e)})") from None
     elif suffix in (".pt", ".pth"):
         obj = _read_torch(path, DataError, "data file")
         if isinstance(obj, torch.Tensor):
-            x, y = obj, None
+            arrays = {"x": obj}
         elif isinstance(obj, Mapping):
-            x, y = _pick_xy(dict(obj), path)
+            arrays = dict(obj)
         else:
             raise DataError(f"data file {path} holds neither a tensor nor a dict with 'x'")
     elif suffix == ".safetensors":
-        x, y = _pick_xy(_read_safetensors(path, DataError, "data file"), path)
+        arrays = _read_safetensors(path, DataError, "data file")
     else:
         raise DataError(
             f"data file {path}: unknown file type {suffix!r} "
             f"(expected one of {', '.join(DATA_SUFFIXES)})"
         )
-    return _as_dataset(x, y, path, require_labels)
+    return _as_dataset(arrays, path, require_labels)
 
 
 STREAM_ROWS = 4096  # samples a streamed source yields at a time
@@ -464,6 +468,7 @@ def _data_suffix(raw: bytes) -> str:
 
 
 def _pick_xy(arrays: Mapping[str, Any], path: Path) -> tuple[Any, Any]:
+    """The inputs and labels of a file's arrays: ``x`` and ``y``, or its only array."""
     if "x" in arrays:
         return arrays["x"], arrays.get("y")
     if len(arrays) == 1:
@@ -482,7 +487,38 @@ def _tensor(a: Any, path: Path, what: str) -> torch.Tensor:
     return torch.as_tensor(a)
 
 
-def _as_dataset(x: Any, y: Any, path: Path, require_labels: bool) -> Dataset:
+def _token_ids(arrays: Mapping[str, Any], path: Path) -> torch.Tensor:
+    """``input_ids`` as int64 (integers >= 0; an ``attention_mask`` beside them must be
+    all ones: padding is not masked out of the statistics yet)."""
+    ids = _tensor(arrays["input_ids"], path, "input_ids")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise DataError(f"data file {path}: input_ids have dtype {ids.dtype}, not integers")
+    if ids.numel() and int(ids.min()) < 0:
+        raise DataError(f"data file {path}: input_ids hold negative token ids")
+    mask = arrays.get("attention_mask")
+    if mask is not None:
+        mask = _tensor(mask, path, "attention_mask")
+        if mask.shape != ids.shape:
+            raise DataError(
+                f"data file {path}: attention_mask of shape {tuple(mask.shape)} for input_ids "
+                f"of shape {tuple(ids.shape)}"
+            )
+        if not bool((mask == 1).all()):
+            raise DataError(
+                f"data file {path}: attention_mask marks padding; padded positions are not "
+                "masked out of the statistics yet: give sequences of one length, unpadded"
+            )
+    return ids.to(torch.int64)
+
+
+def _as_dataset(arrays: Mapping[str, Any], path: Path, require_labels: bool) -> Dataset:
+    """A file's arrays as a :class:`Dataset`: ``input_ids`` (token ids, kept integer) or
+    ``x`` (cast to float32), and labels ``y``."""
+    tokens = "input_ids" in arrays and "x" not in arrays
+    if tokens:
+        x, y = _token_ids(arrays, path), arrays.get("y")
+    else:
+        x, y = _pick_xy(arrays, path)
     x = _tensor(x, path, "inputs")
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(
@@ -494,7 +530,7 @@ def _as_dataset(x: Any, y: Any, path: Path, require_labels: bool) -> Dataset:
     ):
         raise DataError(f"data file {path}: inputs have unsupported dtype {x.dtype}")
     file_dtype = str(x.dtype).removeprefix("torch.")
-    x = x.to(torch.float32).contiguous()
+    x = x.contiguous() if tokens else x.to(torch.float32).contiguous()
     if not torch.isfinite(x).all():
         raise DataError(f"data file {path}: inputs contain NaN or Inf")
     if y is not None:
@@ -509,7 +545,7 @@ def _as_dataset(x: Any, y: Any, path: Path, require_labels: bool) -> Dataset:
             raise DataError(f"data file {path}: {tuple(y.shape)} labels for {x.shape[0]} samples")
     elif require_labels:
         raise DataError(f"data file {path} has no labels 'y' (needed for evaluation)")
-    return Dataset(x, y, str(path), file_dtype)
+    return Dataset(x, y, str(path), file_dtype, tokens)
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -188,7 +188,8 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> li
 class CustomArchitecture:
     """A user's factory as an architecture entry; groups from :func:`discover`.
 
-    ``config`` is ``{"factory": ref, "model_args": {...}, "input_shape": [...] or None}``.
+    ``config`` is ``{"factory": ref, "model_args": {...}, "input_shape": [...] or None}``,
+    with ``"input_tokens": true`` when the inputs are integer token ids.
     """
 
     name = "custom"
@@ -200,9 +201,12 @@ class CustomArchitecture:
         self.factory = load_factory(ref)
         self._discoveries: dict[str, Discovery] = {}
 
-    def config(self, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    def config(
+        self, input_shape: Sequence[int] | None = None, tokens: bool = False
+    ) -> dict[str, Any]:
         shape = [int(s) for s in input_shape] if input_shape is not None else None
-        return {"factory": self.ref, "model_args": self.model_args, "input_shape": shape}
+        config = {"factory": self.ref, "model_args": self.model_args, "input_shape": shape}
+        return {**config, "input_tokens": True} if tokens else config
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         problems = fit_problems(self.build(self.config()), state_dict)
@@ -217,7 +221,8 @@ class CustomArchitecture:
         """Discovered groups of ``config``'s model (computed once per config)."""
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._discoveries:
-            self._discoveries[key] = discover(self.build(config), config.get("input_shape"))
+            model, shape = self.build(config), config.get("input_shape")
+            self._discoveries[key] = discover(model, shape, bool(config.get("input_tokens")))
         return self._discoveries[key]
 
     def spec(self, config: Mapping[str, Any]) -> MergeSpec:
@@ -234,11 +239,13 @@ def detect_custom(
     ref: str,
     model_args: Mapping[str, Any] | None = None,
     input_shape: Sequence[int] | None = None,
+    tokens: bool = False,
 ) -> Detected:
     """The :class:`Detected` for a user's factory; a one-line error when ``path`` does not fit.
 
     Without ``input_shape`` the config records ``(in_features,)`` when the model's
-    input feeds Linear layers, else None (discovery then asks for one)."""
+    input feeds Linear layers, else None (discovery then asks for one); ``tokens``: the
+    inputs are integer token ids."""
     arch = CustomArchitecture(ref, model_args)
     try:
         arch.detect(state_dict)
@@ -248,7 +255,7 @@ def detect_custom(
         ) from None
     if input_shape is None:
         input_shape = guess_input_shape(arch.build(arch.config()))
-    return Detected(arch, arch.config(input_shape))
+    return Detected(arch, arch.config(input_shape, tokens))
 
 
 def resolve_spec(detected: Detected, spec_path: str | None = None) -> tuple[MergeSpec, list[str]]:

@@ -997,12 +997,16 @@ def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     return infer_input_shape(graph, model)
 
 
-def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Discovery:
+def discover(
+    model: nn.Module, input_shape: Sequence[int] | None = None, tokens: bool = False
+) -> Discovery:
     """Trace ``model`` and return its feature groups.
 
     ``input_shape`` is one sample's shape (e.g. ``(3, 32, 32)``); without it,
-    it is inferred only when the input feeds a Linear layer. Raises
-    :class:`SpecError` when the model cannot be traced or run on that shape.
+    it is inferred only when the input feeds a Linear layer. The shapes are propagated
+    on two samples of random floats, or of token id 0 when the inputs are integer token
+    ids (``tokens``). Raises :class:`SpecError` when the model cannot be traced or run on
+    that shape.
     """
     was_training = model.training
     model.eval()
@@ -1028,9 +1032,12 @@ def discover(model: nn.Module, input_shape: Sequence[int] | None = None) -> Disc
         input_shape = tuple(int(s) for s in input_shape)
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype = param.dtype if param is not None else torch.float32
-        example = torch.randn(
-            2, *input_shape, dtype=dtype, generator=torch.Generator().manual_seed(0)
-        ).to(param.device if param is not None else "cpu")
+        device = param.device if param is not None else "cpu"
+        if tokens:  # any vocabulary has id 0
+            example = torch.zeros(2, *input_shape, dtype=torch.int64, device=device)
+        else:
+            generator = torch.Generator().manual_seed(0)
+            example = torch.randn(2, *input_shape, dtype=dtype, generator=generator).to(device)
         gm = fx.GraphModule(model, graph)
         try:  # ShapeProp prints a traceback to stderr before raising: the error says it all
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):

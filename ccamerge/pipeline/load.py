@@ -122,12 +122,13 @@ def load_models(
     paths: Sequence[str],
     source: ModelSource | None = None,
     input_shape: Sequence[int] | None = None,
+    tokens: bool = False,
 ) -> LoadedModels:
     """Read every checkpoint, detect the architecture from the first, check the rest fit.
 
     ``source.model`` (a factory, see :mod:`ccamerge.models.custom`) replaces detection; its
-    feature groups are discovered on samples of ``input_shape``. ``source.spec`` replaces
-    the groups.
+    feature groups are discovered on samples of ``input_shape`` (integer token ids with
+    ``tokens``). ``source.spec`` replaces the groups.
     """
     source = source or ModelSource()
     arch, model, model_args, spec_file = source.arch, source.model, source.model_args, source.spec
@@ -137,7 +138,7 @@ def load_models(
         raise OptionError("--model and --arch exclude each other")
     sds = [load_checkpoint(p) for p in paths]
     if model is not None:
-        detect = lambda sd: detect_custom(paths[0], sd, model, model_args, input_shape)  # noqa: E731
+        detect = lambda sd: detect_custom(paths[0], sd, model, model_args, input_shape, tokens)  # noqa: E731
     else:
         detect = lambda sd: detect_architecture(sd, arch)  # noqa: E731
     detected, selection = find_model(sds[0], detect, paths[0], hint=model is None)

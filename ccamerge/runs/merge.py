@@ -433,8 +433,9 @@ def load_inputs(
     others."""
     calib = data.read_calibration()
     shape = tuple(calib.data.x.shape[1:]) if calib is not None else None
+    tokens = calib is not None and calib.data.tokens
     with remedies(**REMEDIES["merge"]):
-        loaded = load_models(checkpoints, source, shape)
+        loaded = load_models(checkpoints, source, shape, tokens)
     if calib is not None:
         check_data_fits(calib.data, loaded, "calibration data")
     eval_data = read_eval_data(data.evaluation, loaded)
