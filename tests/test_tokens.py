@@ -70,6 +70,22 @@ def test_a_text_classifier_merged_from_token_ids_on_standard_input(tmp_path) -> 
     assert evaluation["merged"]["accuracy"] == evaluation["models"][0]["accuracy"]
 
 
+def test_inspect_traces_a_model_that_embeds_its_input_on_token_ids(tmp_path) -> None:
+    """Without data (``inspect --input-shape``), an input that goes straight into an
+    embedding is traced on token ids, not floats."""
+    from typer.testing import CliRunner
+
+    from ccamerge.cli.app import app
+
+    path = tmp_path / "a.pt"
+    torch.save(load_factory(FACTORY)().state_dict(), path)
+    res = CliRunner().invoke(
+        app, ["inspect", str(path), "--model", FACTORY, "--input-shape", "12", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert [g["name"] for g in json.loads(res.stdout)["groups"]] == ["fc1"]
+
+
 def test_token_ids_are_read_as_int64_and_checked(tmp_path) -> None:
     path = tmp_path / "t.npz"
     path.write_bytes(_npz(input_ids=_ids(5, 0).astype(np.int32)))

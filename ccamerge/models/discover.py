@@ -987,6 +987,18 @@ def infer_input_shape(graph: fx.Graph, model: nn.Module) -> tuple[int, ...] | No
     return (features.pop(),) if len(features) == 1 else None
 
 
+def feeds_embedding(graph: fx.Graph, model: nn.Module) -> bool:
+    """Whether the input goes straight into an embedding (token ids)."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][:1]:
+        for user in node.users:
+            if user.op == "call_module":
+                if isinstance(model.get_submodule(str(user.target)), nn.Embedding):
+                    return True
+            elif user.op == "call_function" and user.target is F.embedding:
+                return True
+    return False
+
+
 def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     """``(in_features,)`` when ``model``'s input feeds only Linear layers; None otherwise
     (also when the model cannot be traced)."""
@@ -1005,7 +1017,7 @@ def discover(
     ``input_shape`` is one sample's shape (e.g. ``(3, 32, 32)``); without it,
     it is inferred only when the input feeds a Linear layer. The shapes are propagated
     on two samples of random floats, or of token id 0 when the inputs are integer token
-    ids (``tokens``). Raises :class:`SpecError` when the model cannot be traced or run on
+    ids (``tokens``, or the input goes straight into an embedding). Raises :class:`SpecError` when the model cannot be traced or run on
     that shape.
     """
     was_training = model.training
@@ -1033,7 +1045,7 @@ def discover(
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else "cpu"
-        if tokens:  # any vocabulary has id 0
+        if tokens or feeds_embedding(graph, model):  # any vocabulary has id 0
             example = torch.zeros(2, *input_shape, dtype=torch.int64, device=device)
         else:
             generator = torch.Generator().manual_seed(0)
