@@ -343,7 +343,12 @@ def _hook_point(model: nn.Module, module_name: str, on: str, store: Callable[[to
         raise SpecError(f"collection point {module_name!r} is not a module of the model") from None
     if on == "input":
         return module.register_forward_pre_hook(lambda _m, args: store(args[0]))
-    return module.register_forward_hook(lambda _m, _a, out: store(out))
+
+    def hook(_m: nn.Module, _args: object, out: torch.Tensor) -> None:
+        store(out)
+
+    hook.statistics_output = True  # type: ignore[attr-defined]  # see EndpointOutputs
+    return module.register_forward_hook(hook)
 
 
 @torch.no_grad()

@@ -87,8 +87,8 @@ class EndpointOutputs:
 
     :meth:`forward` is the statistics pass's forward of model k on a batch (models in
     order 0..N-1 on each batch); ``routed[node]`` names the modules the plan traces
-    through that return that node's value, whose forward hooks (the statistics') are
-    called with it. When what is kept would exceed ``budget`` bytes (None: no limit),
+    through that return that node's value: the statistics pass's output hooks on them
+    (marked ``statistics_output``; no other hook) are called with it. When what is kept would exceed ``budget`` bytes (None: no limit),
     everything is dropped and ``dropped`` says why; the refit then runs the endpoints
     again."""
 
@@ -114,9 +114,10 @@ class EndpointOutputs:
         routed = {n: [model.get_submodule(m) for m in ms] for n, ms in self.routed.items()}
 
         def on_value(node: fx.Node, value: Any) -> None:
-            for module in routed.get(node, ()):  # the hooks a module call would run
+            for module in routed.get(node, ()):  # the statistics' output hooks on it
                 for hook in list(module._forward_hooks.values()):
-                    hook(module, (), value)
+                    if getattr(hook, "statistics_output", False):
+                        hook(module, (), value)
             self._keep(node, value)
 
         Run(self.plan, model, x, on_value).run_to(len(self.plan.nodes))
