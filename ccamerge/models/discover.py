@@ -1017,8 +1017,8 @@ def discover(
     ``input_shape`` is one sample's shape (e.g. ``(3, 32, 32)``); without it,
     it is inferred only when the input feeds a Linear layer. The shapes are propagated
     on two samples of random floats, or of token id 0 when the inputs are integer token
-    ids (``tokens``, or the input goes straight into an embedding). Raises :class:`SpecError` when the model cannot be traced or run on
-    that shape.
+    ids (``tokens``, or the input goes straight into an embedding). Raises
+    :class:`SpecError` when the model cannot be traced or run on that shape.
     """
     was_training = model.training
     model.eval()
