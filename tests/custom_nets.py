@@ -126,3 +126,21 @@ class TokenClassifier(nn.Module):
 
 def make_token_net() -> nn.Module:
     return TokenClassifier()
+
+
+class TokenLM(nn.Module):
+    """A language model of one token at a time: embedding, MLP, logits over the vocabulary
+    at every position ((batch, length, vocabulary) outputs)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(self.embed(ids))))
+
+
+def make_token_lm() -> nn.Module:
+    return TokenLM()

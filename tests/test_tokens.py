@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from ccamerge.cli.app import app
 from ccamerge.io.files import load_data
 from ccamerge.maths.algebra import permute_state_dict, random_permutations
 from ccamerge.models.custom import load_factory
@@ -73,10 +76,6 @@ def test_a_text_classifier_merged_from_token_ids_on_standard_input(tmp_path) -> 
 def test_inspect_traces_a_model_that_embeds_its_input_on_token_ids(tmp_path) -> None:
     """Without data (``inspect --input-shape``), an input that goes straight into an
     embedding is traced on token ids, not floats."""
-    from typer.testing import CliRunner
-
-    from ccamerge.cli.app import app
-
     path = tmp_path / "a.pt"
     torch.save(load_factory(FACTORY)().state_dict(), path)
     res = CliRunner().invoke(
@@ -84,6 +83,43 @@ def test_inspect_traces_a_model_that_embeds_its_input_on_token_ids(tmp_path) -> 
     )
     assert res.exit_code == 0, res.output
     assert [g["name"] for g in json.loads(res.stdout)["groups"]] == ["fc1"]
+
+
+def test_a_language_model_is_scored_on_next_tokens(tmp_path) -> None:
+    """A model with (batch, length, vocabulary) logits on token ids without labels: every
+    position but the last predicts the next token; the report gives next-token accuracy,
+    loss and perplexity of the inputs, the ensemble and the merge (a merge with a
+    hidden-permuted copy scores as the original), the check agrees on every token, and
+    distillation, which does not train sequence logits yet, is a one-line error."""
+    lm = f"{Path(__file__).parent / 'custom_nets.py'}:make_token_lm"
+    torch.manual_seed(0)
+    model = load_factory(lm)()
+    spec = discover(model, (12,), tokens=True).spec
+    permuted = permute_state_dict(model.state_dict(), spec, random_permutations(spec, 1))
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    torch.save(model.state_dict(), paths[0])
+    torch.save(permuted, paths[1])
+    (tmp_path / "calib.npz").write_bytes(_npz(input_ids=_ids(300, 0)))
+    (tmp_path / "eval.npz").write_bytes(_npz(input_ids=_ids(100, 2)))
+    args = ["merge", *map(str, paths), "--model", lm, "--data", str(tmp_path / "calib.npz"),
+            "--eval-data", str(tmp_path / "eval.npz"), "--json", "-q"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    evaluation = report["evaluation"]
+    assert evaluation["predicted_tokens"] == 100 * 11
+    ids = torch.as_tensor(_ids(100, 2))
+    with torch.no_grad():
+        logits = model(ids)[:, :-1].reshape(-1, 50).double()
+    loss = float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)))
+    for row in (evaluation["models"][0], evaluation["merged"]):
+        assert row["loss"] == pytest.approx(loss, rel=1e-5)
+        assert row["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert report["check"]["merged"]["top1_agreement"] == 1.0
+    assert report["check"]["num_samples"] == 64 * 11  # the least held out (64) x next tokens
+    res = CliRunner().invoke(app, [*args, "--distill", "1"])
+    assert res.exit_code == 1
+    assert "sequence logits are not distilled yet" in res.stderr
 
 
 def test_token_ids_are_read_as_int64_and_checked(tmp_path) -> None:

@@ -292,6 +292,10 @@ class Dataset:
             idx = torch.arange(n)
         else:
             idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.take(idx)
+
+    def take(self, idx: torch.Tensor) -> Dataset:
+        """The samples at ``idx`` (with their labels)."""
         y = None if self.y is None else self.y[idx]
         return Dataset(self.x[idx], y, self.path, self.file_dtype, self.tokens)
 
@@ -543,7 +547,7 @@ def _as_dataset(arrays: Mapping[str, Any], path: Path, require_labels: bool) -> 
         y = y.reshape(-1).to(torch.int64) if y.ndim <= 1 else y
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"data file {path}: {tuple(y.shape)} labels for {x.shape[0]} samples")
-    elif require_labels:
+    elif require_labels and not tokens:  # token ids without labels: next-token prediction
         raise DataError(f"data file {path} has no labels 'y' (needed for evaluation)")
     return Dataset(x, y, str(path), file_dtype, tokens)
 

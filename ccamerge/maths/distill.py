@@ -257,8 +257,9 @@ def _scan(batches: Callable[[], Iterable[torch.Tensor]], settings: DistillSettin
     """One pass over the training source: its row count and sample shape, checked."""
     rows, shape = 0, None
     for chunk in batches():
-        if not isinstance(chunk, torch.Tensor) or chunk.ndim < 2 or not chunk.is_floating_point():
-            raise DataError("distillation data must be floating-point tensors of shape (N, ...)")
+        numbers = isinstance(chunk, torch.Tensor) and chunk.dtype != torch.bool
+        if not numbers or chunk.ndim < 2 or chunk.is_complex():  # token ids are integers
+            raise DataError("distillation data must be tensors of numbers of shape (N, ...)")
         if shape is not None and chunk.shape[1:] != shape:
             raise DataError(
                 f"distillation data changes shape: rows of {tuple(shape)} then {tuple(chunk.shape[1:])}"
@@ -297,6 +298,13 @@ class _Heldout:
             for x in distributed.shard(heldout.split(batch_size))
         ]
         self.size = heldout.shape[0]
+        shapes = {tuple(target.shape[1:]) for _, target in self.parts}
+        if any(len(shape) != 1 for shape in shapes):
+            raise OptionError(
+                f"distillation trains on (batch, classes) logits; the models give outputs of "
+                f"shape (batch, {', '.join(map(str, next(iter(shapes))))}) (a language model's "
+                "sequence logits are not distilled yet)"
+            )
 
     @torch.no_grad()
     def score(self, student: nn.Module, epoch: int, train_loss: float | None) -> EpochMetrics:

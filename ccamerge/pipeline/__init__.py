@@ -62,7 +62,10 @@ from .evaluate import (
     ensemble_logits,
     evaluate,
     evaluate_all,
+    labels_of,
+    next_token,
     predict_logits,
+    score_data,
     score_logits,
 )
 from .load import (
@@ -162,6 +165,8 @@ __all__ = [
     "needs_norm_statistics",
     "normalise_weights",
     "parse_reference",
+    "labels_of",
+    "next_token",
     "predict_logits",
     "provenance",
     "read_calibration",
@@ -173,6 +178,7 @@ __all__ = [
     "resolve_device",
     "sample_warnings",
     "save_transforms",
+    "score_data",
     "score_logits",
     "score_outputs",
     "select",

@@ -1,7 +1,14 @@
-"""Accuracy and cross-entropy of models, their ensemble and the merge."""
+"""Accuracy and cross-entropy of models, their ensemble and the merge.
+
+A classifier is scored on the labels ``y``. A language model, whose forward gives
+(batch, length, vocabulary) logits, is scored on unlabelled token ids (``input_ids``
+without ``y``) as next-token prediction: every position but the last is a row whose
+label is the next token; its scores add the perplexity ``exp(loss)``. The check, the
+ensemble and the selection read the same rows."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,38 +28,75 @@ from .load import LoadedModels
 class Score:
     accuracy: float
     loss: float
+    perplexity: float | None = None  # next-token prediction: exp(loss)
 
     def to_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "loss": self.loss}
+        out = {"accuracy": self.accuracy, "loss": self.loss}
+        return out if self.perplexity is None else {**out, "perplexity": self.perplexity}
+
+
+def next_token(data: Dataset) -> bool:
+    """Whether ``data`` is scored as next-token prediction: token ids without labels."""
+    return data.tokens and data.y is None
+
+
+def labels_of(data: Dataset) -> torch.Tensor | None:
+    """The label of every row: ``y``, or the next token of every position but the last."""
+    return data.x[:, 1:].reshape(-1) if next_token(data) else data.y
 
 
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, data: Dataset, batch_size: int = 512, device="cpu"
 ) -> torch.Tensor:
-    """Outputs on every sample (float32, CPU). Under distribution each rank runs its share
-    of the batches and every rank gets all outputs, in order."""
+    """Logits of every row (float32, CPU): one a sample, or for a language model on token
+    ids without labels one a position but the last. Under distribution each rank runs
+    its share of the batches and every rank gets all outputs, in order."""
     model.eval()
-    outs = [logits_of(model(x.to(device))).float().cpu() for x in shard(data.batches(batch_size))]
+    outs = []
+    for x in shard(data.batches(batch_size)):
+        out = logits_of(model(x.to(device))).float().cpu()
+        if out.ndim == 3 and next_token(data):  # (batch, length, vocabulary)
+            out = out[:, :-1].reshape(-1, out.shape[-1])
+        outs.append(out)
     return torch.cat(unshard(outs))
 
 
 def check_labels(data: Dataset, num_classes: int) -> None:
-    if data.y is None:
+    """One-line errors for evaluation data without labels, or with labels (next tokens)
+    outside the model's ``num_classes`` outputs."""
+    y = labels_of(data)
+    if y is None:
         raise DataError(f"evaluation data {data.path} has no labels 'y'")
-    lo, hi = int(data.y.min()), int(data.y.max())
+    lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
+        what = "token ids" if next_token(data) else "labels"
         raise DataError(
-            f"evaluation data {data.path}: labels range over [{lo}, {hi}] "
+            f"evaluation data {data.path}: {what} range over [{lo}, {hi}] "
             f"but the model has {num_classes} outputs"
         )
 
 
-def score_logits(logits: torch.Tensor, y: torch.Tensor) -> Score:
+def score_logits(logits: torch.Tensor, y: torch.Tensor, next_token: bool = False) -> Score:
+    """Accuracy and mean cross-entropy of ``logits`` on labels ``y``; with ``next_token``,
+    the perplexity too."""
+    loss = float(F.cross_entropy(logits.double(), y))
     return Score(
         accuracy=float((logits.argmax(1) == y).float().mean()),
-        loss=float(F.cross_entropy(logits.double(), y)),
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)) if next_token else None,
     )
+
+
+def score_data(logits: torch.Tensor, data: Dataset) -> Score:
+    """:func:`score_logits` on ``data``'s rows (:func:`labels_of`)."""
+    y = labels_of(data)
+    if y is None or y.shape[0] != logits.shape[0]:
+        raise DataError(
+            f"evaluation data {data.path} has no labels 'y' (token ids without labels are "
+            "scored as next tokens, which needs (batch, length, vocabulary) logits)"
+        )
+    return score_logits(logits, y, next_token(data))
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None):
@@ -64,7 +108,7 @@ def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | N
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512, device="cpu") -> Score:
     logits = predict_logits(model, data, batch_size, device)
     check_labels(data, logits.shape[1])
-    return score_logits(logits, data.y)
+    return score_data(logits, data)
 
 
 def evaluate_all(
@@ -82,17 +126,19 @@ def evaluate_all(
     check_labels(data, logits[0].shape[1])
     evaluation = {
         "models": [
-            {"path": p, **score_logits(lg, data.y).to_dict()} for p, lg in zip(loaded.paths, logits)
+            {"path": p, **score_data(lg, data).to_dict()} for p, lg in zip(loaded.paths, logits)
         ],
         "ensemble": {
             "kind": "mean of logits",
-            **score_logits(ensemble_logits(logits), data.y).to_dict(),
+            **score_data(ensemble_logits(logits), data).to_dict(),
         },
         "num_samples": len(data),
     }
+    if next_token(data):
+        evaluation["predicted_tokens"] = logits[0].shape[0]
     if merged_model is not None:
         merged = predict_logits(merged_model, data, batch_size, device)
-        evaluation["merged"] = score_logits(merged, data.y).to_dict()
+        evaluation["merged"] = score_data(merged, data).to_dict()
     return evaluation
 
 
@@ -107,7 +153,7 @@ def choose_best_reference(
     it the lowest cross-entropy on the labelled calibration data."""
     if eval_data is not None:
         data, by = eval_data, "accuracy on the evaluation data"
-    elif calib is not None and calib.y is not None:
+    elif calib is not None and labels_of(calib) is not None:
         data, by = calib, "cross-entropy on the calibration data"
     else:
         raise OptionError(
@@ -117,7 +163,7 @@ def choose_best_reference(
     for sd in loaded.state_dicts:
         logits = predict_logits(loaded.build(sd, device), data, batch_size, device)
         check_labels(data, logits.shape[1])
-        scores.append(score_logits(logits, data.y))
+        scores.append(score_data(logits, data))
     if eval_data is not None:
         best = max(range(len(scores)), key=lambda k: (scores[k].accuracy, -scores[k].loss, -k))
     else:

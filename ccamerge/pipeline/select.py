@@ -25,13 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..io.files import Dataset
 from ..maths.stats import Statistics
 from ..methods import Alignment, MergeMethod
 from ..runtime.errors import DataError, OptionError
 from .align import align_models, label
 from .assemble import MergeRecipe, build_merged
-from .evaluate import ensemble_logits, predict_logits
+from .evaluate import ensemble_logits, labels_of, predict_logits
 from .load import Calibration, LoadedModels
 
 SELECT_BY = ("agreement", "loss")
@@ -64,9 +63,7 @@ def split_heldout(
     held, rest = order[:n_held].sort().values, order[n_held:].sort().values
 
     def take(idx: torch.Tensor) -> Calibration:
-        return calib.with_data(
-            Dataset(data.x[idx], None if data.y is None else data.y[idx], data.path)
-        )
+        return calib.with_data(data.take(idx))
 
     return Split(take(rest), take(held), rest, held)
 
@@ -137,7 +134,10 @@ def select(
         merge = recipe.aligned(alignment, method)
         state, model, bn_done = build_merged(loaded, merge, split.stats, stats)
         s, kl, agree, loss = score_outputs(
-            predict_logits(model, held.data, batch_size, device), ens, held.data.y, select_by
+            predict_logits(model, held.data, batch_size, device),
+            ens,
+            labels_of(held.data),
+            select_by,
         )
         scored.append(Scored(method, alignment, s, kl, agree, loss))
         if best is None or s < best[0]:

@@ -76,7 +76,7 @@ from ..pipeline import (
     read_eval_data,
     resolve_device,
     sample_warnings,
-    score_logits,
+    score_data,
 )
 from ..runtime.errors import OptionError, remedies
 from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
@@ -253,7 +253,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
                         model, bn_done[method.name] = path_model(loaded, sides, t, calib, stats)
                     with ctx.timer.phase("evaluate"):
                         logits = predict_logits(model, eval_data, data.batch_size, data.device)
-                        score = score_logits(logits, eval_data.y).to_dict()
+                        score = score_data(logits, eval_data).to_dict()
                 points.append({"t": t, "loss": score["loss"], "accuracy": score["accuracy"]})
                 ctx.progress.advance(1)
             curves[method.name] = points

@@ -31,7 +31,6 @@ from ..maths.bn import has_batchnorm
 from ..methods import Alignment, MergeMethod, list_methods, make_method, method_parameters
 from ..models.assumptions import check_settings, describe
 from ..models.custom import save_spec
-from ..models.outputs import logits_of
 from ..pipeline import (
     MIN_HELDOUT,
     AlignSettings,
@@ -70,6 +69,7 @@ from ..pipeline import (
     load_models,
     normalise_weights,
     parse_reference,
+    predict_logits,
     provenance,
     read_eval_data,
     recorded_settings,
@@ -440,9 +440,9 @@ def load_inputs(
         check_data_fits(calib.data, loaded, "calibration data")
     eval_data = read_eval_data(data.evaluation, loaded)
     if eval_data is not None:
-        with torch.no_grad():  # labels out of range: say so now, not after the merge
-            outputs = logits_of(loaded.build(loaded.state_dicts[0])(eval_data.x[:1])).shape[1]
-        check_labels(eval_data, outputs)
+        # labels out of range: say so now, not after the merge
+        outputs = predict_logits(loaded.build(loaded.state_dicts[0]), eval_data.subset(1))
+        check_labels(eval_data, outputs.shape[1])
     return loaded, calib, eval_data
 
 

@@ -140,25 +140,30 @@ def _num(v: float | None, fmt: str = ".3f") -> str:
 def evaluation_table(
     evaluation: dict[str, Any], title: str = "Evaluation", merged_label: str = "merged"
 ) -> Table:
-    t = Table(title=f"{title} ({evaluation.get('num_samples', '?')} samples)", title_justify="left")
+    samples = f"{evaluation.get('num_samples', '?')} samples"
+    tokens = "predicted_tokens" in evaluation  # a language model: next-token prediction
+    if tokens:
+        samples += f", {evaluation['predicted_tokens']} next tokens"
+    t = Table(title=f"{title} ({samples})", title_justify="left")
     t.add_column("model")
-    t.add_column("accuracy %", justify="right")
+    t.add_column("next-token accuracy %" if tokens else "accuracy %", justify="right")
     t.add_column("loss", justify="right")
+    if tokens:
+        t.add_column("perplexity", justify="right")
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        out = [_pct(r["accuracy"]), _num(r["loss"], ".4f")]
+        return out + [_num(r["perplexity"], ".3f")] if tokens else out
+
     for m in evaluation.get("models", []):
-        t.add_row(str(m["path"]), _pct(m["accuracy"]), _num(m["loss"], ".4f"))
+        t.add_row(str(m["path"]), *cells(m))
     if "ensemble" in evaluation:
         e = evaluation["ensemble"]
-        t.add_row(
-            f"ensemble ({e.get('kind', 'mean of logits')})",
-            _pct(e["accuracy"]),
-            _num(e["loss"], ".4f"),
-        )
+        t.add_row(f"ensemble ({e.get('kind', 'mean of logits')})", *cells(e))
     for key, label in (("average", "direct averaging"), ("merged", merged_label)):
         if key in evaluation:
-            r = evaluation[key]
-            t.add_row(
-                f"[bold]{label}[/]", f"[bold]{_pct(r['accuracy'])}[/]", _num(r["loss"], ".4f")
-            )
+            first, *rest = cells(evaluation[key])
+            t.add_row(f"[bold]{label}[/]", f"[bold]{first}[/]", *rest)
     return t
 
 
