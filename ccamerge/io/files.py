@@ -188,7 +188,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = _read_shards(files[0], files[1:])
     else:
         sd = _read_checkpoint_file(files[0])
-    path = Path(path)
+    return checked_checkpoint(sd, path)
+
+
+def checked_checkpoint(sd: Mapping[str, torch.Tensor], path: str | os.PathLike):
+    """``sd`` with contiguous tensors, refused when one holds NaN or Inf values."""
     for name, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise CheckpointError(f"checkpoint {path}: tensor {name} has NaN or Inf values")

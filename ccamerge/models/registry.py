@@ -98,6 +98,12 @@ class Detected:
     def spec(self) -> MergeSpec:
         return self.arch.spec(self.config)
 
+    def saved_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A merged state dict as this model's files hold it: the entry's optional
+        ``saved_tensors(config, state)`` (a Hugging Face model's own layout), else as is."""
+        fn = getattr(self.arch, "saved_tensors", None)
+        return fn(self.config, state) if fn else state
+
     def input_shape(self) -> tuple[int, ...] | None:
         fn: Callable[[Mapping[str, Any]], tuple[int, ...] | None] | None = getattr(
             self.arch, "input_shape", None

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..runtime.errors import OptionError
-from .evaluate import ensemble_logits, predict_logits
+from .evaluate import ensemble_logits, next_token, predict_logits
 from .load import Calibration, LoadedModels
 from .select import MIN_HELDOUT, Split, score_outputs, split_heldout
 
@@ -76,7 +76,8 @@ class Agreement:
 class MergeCheck:
     merged: Agreement
     inputs: tuple[Agreement, ...]
-    num_samples: int
+    num_samples: int  # rows compared: samples, or a language model's next tokens
+    unit: str = "samples"  # what a row is: "samples" or "next tokens"
 
     @property
     def beaten_by(self) -> list[str]:
@@ -99,7 +100,7 @@ class MergeCheck:
         n = self.num_samples
         return (
             f"the merge agrees with the inputs' ensemble on {round(self.merged.agreement * n)} "
-            f"of {n} held-out samples ({100 * self.merged.agreement:.1f} %), {best.name} alone "
+            f"of {n} held-out {self.unit} ({100 * self.merged.agreement:.1f} %), {best.name} alone "
             f"on {round(best.agreement * n)} ({100 * best.agreement:.1f} %; {len(beaten)} of "
             f"{len(self.inputs)} inputs do better than the merge): keep the better input, or "
             f"{remedy}"
@@ -108,6 +109,7 @@ class MergeCheck:
     def to_dict(self) -> dict[str, Any]:
         return {
             "num_samples": self.num_samples,
+            "unit": self.unit,
             "merged": self.merged.to_dict(),
             "inputs": [m.to_dict() for m in self.inputs],
             "beaten_by": self.beaten_by,
@@ -119,8 +121,10 @@ def check_outputs(
     inputs: Sequence[torch.Tensor],
     names: Sequence[str],
     weights: Sequence[float],
+    unit: str = "samples",
 ) -> MergeCheck:
-    """The check from held-out logits: the merge's and each input model's."""
+    """The check from held-out logits: the merge's and each input model's (``unit``: what
+    a row of them is)."""
     ensemble = ensemble_logits(list(inputs), list(weights))
 
     def against_ensemble(name: str, logits: torch.Tensor) -> Agreement:
@@ -131,6 +135,7 @@ def check_outputs(
         against_ensemble("merged", merged),
         tuple(against_ensemble(n, lg) for n, lg in zip(names, inputs, strict=True)),
         merged.shape[0],
+        unit,
     )
 
 
@@ -149,4 +154,5 @@ def check_merge(
         for sd in loaded.state_dicts
     ]
     merged = predict_logits(merged_model, data, batch_size, device)
-    return check_outputs(merged, inputs, loaded.paths, weights)
+    unit = "next tokens" if next_token(data) else "samples"
+    return check_outputs(merged, inputs, loaded.paths, weights, unit)

@@ -17,6 +17,7 @@ from torch import nn
 from ..io.files import Dataset, load_checkpoint, load_data
 from ..models.assumptions import state_settings
 from ..models.custom import detect_custom, resolve_spec, untransformed_of
+from ..models.hf import HF_NAME, detect_hf, hf_config, read_hf
 from ..models.registry import Detected, detect_architecture
 from ..models.spec import MergeSpec
 from ..runtime import distributed
@@ -128,7 +129,8 @@ def load_models(
 
     ``source.model`` (a factory, see :mod:`ccamerge.models.custom`) replaces detection; its
     feature groups are discovered on samples of ``input_shape`` (integer token ids with
-    ``tokens``). ``source.spec`` replaces the groups.
+    ``tokens``). A Hugging Face folder (a ``config.json`` naming a ``model_type``) is
+    built from its config (:mod:`ccamerge.models.hf`). ``source.spec`` replaces the groups.
     """
     source = source or ModelSource()
     arch, model, model_args, spec_file = source.arch, source.model, source.model_args, source.spec
@@ -136,9 +138,14 @@ def load_models(
         raise OptionError("no checkpoints given")
     if model is not None and arch is not None:
         raise OptionError("--model and --arch exclude each other")
-    sds = [load_checkpoint(p) for p in paths]
+    hf = hf_config(paths[0]) if model is None and arch in (None, HF_NAME) else None
+    sds = [read_hf(p, hf) if hf and hf_config(p) else load_checkpoint(p) for p in paths]
     if model is not None:
         detect = lambda sd: detect_custom(paths[0], sd, model, model_args, input_shape, tokens)  # noqa: E731
+    elif hf is not None:
+        detect = lambda sd: detect_hf(paths[0], sd, hf, input_shape, tokens)  # noqa: E731
+    elif arch == HF_NAME:
+        raise ArchitectureError(f"{paths[0]} is not a folder with a Hugging Face config.json")
     else:
         detect = lambda sd: detect_architecture(sd, arch)  # noqa: E731
     detected, selection = find_model(sds[0], detect, paths[0], hint=model is None)

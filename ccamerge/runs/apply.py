@@ -184,7 +184,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
                 "name": Path(plan.transforms).name,
                 "sha256": report["transforms"]["sha256"],
             }
-            write_model(state, plan.output, inputs, plan.force, metadata)
+            write_model(
+                loaded.detected.saved_tensors(state), plan.output, inputs, plan.force, metadata
+            )
     return MergeResult(state, model, saved.alignment, report)
 
 

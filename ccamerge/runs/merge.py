@@ -407,7 +407,8 @@ def write_outputs(plan: MergePlan, loaded: LoadedModels, result: MergeResult) ->
     out_path, transforms_path, spec_path = check_outputs(output_options(plan), inputs, plan.force)
     if out_path is not None:
         metadata = provenance(result.report, plan.data)
-        write_model(result.state_dict, plan.output, inputs, plan.force, metadata)
+        state = loaded.detected.saved_tensors(result.state_dict)
+        write_model(state, plan.output, inputs, plan.force, metadata)
     if transforms_path is not None:
         report = result.report
         fraction = None  # of the samples held out of the merge: selection's, else the check's

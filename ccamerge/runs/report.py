@@ -215,8 +215,8 @@ def refit_table(refit: dict[str, Any]) -> Table:
 def check_table(check: dict[str, Any]) -> Table:
     """The merge and each input against the inputs' ensemble on the held-out samples."""
     t = Table(
-        title=f"Check on {check['num_samples']} held-out calibration samples (agreement with "
-        "the inputs' ensemble; no labels used)",
+        title=f"Check on {check['num_samples']} held-out calibration {check['unit']} "
+        "(agreement with the inputs' ensemble; no labels used)",
         title_justify="left",
     )
     t.add_column("model")
@@ -365,10 +365,16 @@ def aligned_line(aligned: dict[str, Any]) -> str:
     return line
 
 
+def _setting(value: Any) -> str:
+    """A configuration value on one line: a nested mapping (a Hugging Face config.json) by
+    its size; the JSON report has it whole."""
+    return f"{{{len(value)} settings}}" if isinstance(value, dict) else str(value)
+
+
 def render_merge_report(report: dict[str, Any], console: Console, verbose: bool = False) -> None:
     """The merge (or apply) report on stderr; ``verbose``: every warning listed."""
     arch = report["architecture"]
-    cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
+    cfg = ", ".join(f"{k}={_setting(v)}" for k, v in arch["config"].items())
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items()) or "-"
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
     console.print(aligned_line(report["aligned"]))
@@ -381,7 +387,8 @@ def render_merge_report(report: dict[str, Any], console: Console, verbose: bool 
     choice = report.get("reference_choice") or {}
     if choice.get("rule") == "best":
         console.print(f"[bold]reference[/] model {report['reference']} (best by {choice['by']})")
-    console.print(f"[bold]calibration samples[/] {report['num_samples']}")
+    used = report["num_samples"] or "none used (nothing to align or refit)"
+    console.print(f"[bold]calibration samples[/] {used}")
     console.print(f"[bold]BatchNorm[/] {report['batchnorm']}")
 
     groups = Table(title="Feature groups", title_justify="left")
@@ -404,7 +411,8 @@ def render_merge_report(report: dict[str, Any], console: Console, verbose: bool 
         if per_model:
             row.append(" ".join("ref" if q is None else f"{q:.2f}" for q in g["per_model"]))
         groups.add_row(*row)
-    print_table(groups, console)
+    if report["groups"]:
+        print_table(groups, console)
     if "selection" in report:
         print_table(selection_table(report["selection"]), console)
     if "refit" in report:
@@ -494,7 +502,7 @@ def render_barrier_report(
 
 def render_inspection(info: dict[str, Any], console: Console) -> None:
     arch = info["architecture"]
-    cfg = ", ".join(f"{k}={v}" for k, v in arch["config"].items())
+    cfg = ", ".join(f"{k}={_setting(v)}" for k, v in arch["config"].items())
     console.print(f"[bold]{info['path']}[/]")
     console.print(f"[bold]architecture[/] {arch['name']} ({cfg})")
     render_assumptions(info, console)

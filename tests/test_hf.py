@@ -1,0 +1,161 @@
+"""Hugging Face folders in and out without ``--model``: a folder with config.json is built
+with ``transformers`` from its config and read by its class's ``from_pretrained``; the
+merged ``-o DIR/`` holds the inputs' file layout and loads back with ``from_pretrained``,
+giving the numbers the report gave. No network: every model is built from a config."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from ccamerge.cli.app import app
+from ccamerge.models.hf import HF_EXTRA
+from ccamerge.pipeline import load_models
+from ccamerge.runtime.errors import ArchitectureError, CheckpointError
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+VOCAB = 40
+
+
+def _gpt2(**overrides):
+    cfg = dict(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16)
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**{**cfg, **overrides}, bos_token_id=0, eos_token_id=0)
+    )
+
+
+def _vit():
+    cfg = transformers.ViTConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        image_size=8, patch_size=4, num_channels=1, num_labels=5,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _save(model, folder, seed: int):
+    torch.manual_seed(seed)
+    model.apply(model._init_weights)  # a different seed's weights
+    model.save_pretrained(folder)
+    return folder
+
+
+def _npz(path, **arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+def _keys(folder) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
+def _merge(*args: str) -> dict:
+    res = CliRunner().invoke(app, ["merge", *args, "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path) -> None:
+    """Two GPT-2 folders (tied embeddings, Conv1D layers) merge without --model into a
+    folder with the inputs' tensor names (the tied head written once) and config.json;
+    ``from_pretrained`` gives the reported next-token loss; the report says plainly that
+    nothing was aligned (torch.fx cannot trace the model) and that the inputs beat it."""
+    folders = [_save(_gpt2(), tmp_path / f"g{k}", k) for k in range(2)]
+    rng = np.random.default_rng(0)
+    calib = _npz(tmp_path / "calib.npz", input_ids=rng.integers(0, VOCAB, (200, 12)))
+    ids = rng.integers(0, VOCAB, (50, 12))
+    evaluation = _npz(tmp_path / "eval.npz", input_ids=ids)
+    out = tmp_path / "out"
+    report = _merge(*map(str, folders), "--data", calib, "--eval-data", evaluation, "-o", f"{out}/")
+    assert report["architecture"]["name"] == "huggingface"
+    assert report["architecture"]["config"]["class"] == "GPT2LMHeadModel"
+    assert report["method"] == "average" and report["aligned"]["fraction"] == 0.0
+    assert any("torch.fx cannot trace" in w for w in report["warnings"])
+    assert _keys(out) == _keys(folders[0]) and "lm_head.weight" not in _keys(out)
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (folders[0] / "config.json").read_text()
+    )
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()
+    ids = torch.as_tensor(ids)
+    with torch.no_grad():
+        logits = merged(ids).logits[:, :-1].reshape(-1, VOCAB).double()
+    loss = float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)))
+    assert report["evaluation"]["merged"]["loss"] == pytest.approx(loss, rel=1e-6)
+    inputs = [transformers.GPT2LMHeadModel.from_pretrained(str(f)) for f in folders]
+    for name, tensor in merged.state_dict().items():
+        mean = (inputs[0].state_dict()[name] + inputs[1].state_dict()[name]) / 2
+        torch.testing.assert_close(tensor, mean, rtol=1e-6, atol=1e-7)
+
+
+def test_a_vit_folder_is_written_in_its_files_layout(tmp_path) -> None:
+    """transformers may name a model's tensors otherwise than its files do (ViT's
+    ``vit.encoder.layer.*`` on disk): the merged folder holds the files' names, and a model
+    merged with itself is returned unchanged with the reported accuracy."""
+    folder = _save(_vit(), tmp_path / "v", 0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((120, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 120)
+    data = _npz(tmp_path / "data.npz", x=x, y=y)
+    out = tmp_path / "out"
+    report = _merge(str(folder), str(folder), "--data", data, "--eval-data", data, "-o", f"{out}/")
+    assert _keys(out) == _keys(folder)
+    merged = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+    original = transformers.ViTForImageClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        logits = merged(torch.as_tensor(x)).logits
+        torch.testing.assert_close(logits, original(torch.as_tensor(x)).logits)
+    accuracy = float((logits.argmax(1) == torch.as_tensor(y)).float().mean())
+    assert report["evaluation"]["merged"]["accuracy"] == pytest.approx(accuracy)
+
+
+def _folder_with_config(tmp_path, **changes):
+    folder = _save(_gpt2(), tmp_path / "g", 0)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(folder)
+
+
+def test_a_config_asking_for_its_own_code_is_refused(tmp_path) -> None:
+    folder = _folder_with_config(tmp_path, auto_map={"AutoModel": "modeling_x.Model"})
+    with pytest.raises(ArchitectureError, match="never runs code from a checkpoint"):
+        load_models([folder, folder])
+
+
+def test_a_class_transformers_does_not_know_is_refused(tmp_path) -> None:
+    folder = _folder_with_config(tmp_path, architectures=["os.system"])
+    with pytest.raises(ArchitectureError, match="not a class of the installed transformers"):
+        load_models([folder, folder])
+
+
+def test_weights_transformers_would_initialise_at_random_are_an_error(tmp_path) -> None:
+    """A folder whose config asks for more layers than its weights hold."""
+    folder = _folder_with_config(tmp_path, n_layer=3)
+    with pytest.raises(CheckpointError, match="at random"):
+        load_models([folder, folder])
+
+
+def test_folders_of_different_configs_do_not_merge(tmp_path) -> None:
+    a = _save(_gpt2(), tmp_path / "a", 0)
+    b = _save(_gpt2(n_layer=1), tmp_path / "b", 1)
+    with pytest.raises(ArchitectureError, match="does not match"):
+        load_models([str(a), str(b)])
+
+
+def test_without_transformers_the_error_names_the_extra(tmp_path, monkeypatch) -> None:
+    folder = str(_save(_gpt2(), tmp_path / "g", 0))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    with pytest.raises(ArchitectureError, match=HF_EXTRA.replace("[", r"\[").replace("]", r"\]")):
+        load_models([folder, folder])
