@@ -159,3 +159,32 @@ def test_without_transformers_the_error_names_the_extra(tmp_path, monkeypatch) -
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
     with pytest.raises(ArchitectureError, match=HF_EXTRA.replace("[", r"\[").replace("]", r"\]")):
         load_models([folder, folder])
+
+
+def test_apply_and_barrier_take_hf_folders(tmp_path) -> None:
+    """``apply`` with the merge's transforms writes the same tensors and config.json into
+    a folder; ``barrier`` on models with no feature group draws only the average path
+    (every method would be plain averaging) and says so."""
+    folders = [str(_save(_gpt2(), tmp_path / f"g{k}", k)) for k in range(2)]
+    ids = np.random.default_rng(2).integers(0, VOCAB, (200, 12))
+    calib = _npz(tmp_path / "calib.npz", input_ids=ids)
+    merged, applied = tmp_path / "merged", tmp_path / "applied"
+    transforms = str(tmp_path / "t.safetensors")
+    _merge(*folders, "--data", calib, "-o", f"{merged}/", "--save-transforms", transforms)
+    res = CliRunner().invoke(
+        app, ["apply", *folders, "--transforms", transforms, "--data", calib, "-o", f"{applied}/"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (applied / "config.json").read_bytes() == (tmp_path / "g0" / "config.json").read_bytes()
+    with safe_open(str(merged / "model.safetensors"), "pt") as a:
+        with safe_open(str(applied / "model.safetensors"), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for k in a.keys():
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k))
+    res = CliRunner().invoke(
+        app, ["barrier", *folders, "--data", calib, "--eval-data", calib, "--steps", "3", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert list(report["methods"]) == ["average"]
+    assert "only the average path is drawn" in res.stderr

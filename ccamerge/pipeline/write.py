@@ -52,8 +52,9 @@ def write_model(
     state: dict[str, torch.Tensor], path: str, inputs: list[str], force: bool, metadata: dict
 ) -> None:
     """Check the output path again (minutes may have passed) and write atomically, as
-    safetensors with ``metadata``, a plain state dict, or a folder with the first input's
-    config.json (:func:`save_checkpoint_atomic`)."""
+    safetensors with ``metadata``, a plain state dict, or a folder with a copy of the
+    config.json of the first input folder that has one (:func:`save_checkpoint_atomic`)."""
     check_output_path(path, inputs, force, suffixes=OUTPUT_SUFFIXES)
-    config = Path(inputs[0]) / "config.json"  # a folder output copies the first input's
-    save_checkpoint_atomic(state, path, metadata, config if config.is_file() else None)
+    configs = (Path(p) / "config.json" for p in inputs)
+    config = next((c for c in configs if c.is_file()), None)
+    save_checkpoint_atomic(state, path, metadata, config)

@@ -92,7 +92,9 @@ def run_apply(plan: ApplyPlan, progress: Progress | None = None) -> MergeResult:
         settings, assumed = recorded_settings(meta)
         source = ModelSource(arch=arch, activation=settings.get("activation"))
         try:
-            loaded = load_models(plan.checkpoints, source)
+            recorded = meta["architecture"].get("config") or {}  # a discovered model's input
+            shape, tokens = recorded.get("input_shape"), bool(recorded.get("input_tokens"))
+            loaded = load_models(plan.checkpoints, source, shape, tokens)
         except ArchitectureError as e:
             raise ArchitectureError(
                 f"transforms {plan.transforms} were computed for a {arch}, "

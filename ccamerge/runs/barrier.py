@@ -219,6 +219,12 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         if calib is not None:
             check_data_fits(calib.data, loaded, "calibration data")
         eval_data = read_eval_data(data.evaluation, loaded)
+    if not loaded.spec.groups and any(m.name != "average" for m in methods):
+        ctx.warn(
+            "no feature group to align: every method is plain averaging on these models, "
+            "so only the average path is drawn"
+        )
+        methods, needy = make_methods(["average"], {}), []
 
     stated = plan.source.stated
     ctx.warn(*check_settings(loaded, eval_data, stated, data.batch_size, data.device))
