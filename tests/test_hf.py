@@ -188,3 +188,24 @@ def test_apply_and_barrier_take_hf_folders(tmp_path) -> None:
     report = json.loads(res.stdout)
     assert list(report["methods"]) == ["average"]
     assert "only the average path is drawn" in res.stderr
+
+
+def test_bfloat16_sharded_folders_merge_into_bfloat16(tmp_path) -> None:
+    """Sharded bfloat16 folders (``max_shard_size``) read as one checkpoint each; the
+    merged folder keeps their dtype and names."""
+    folders = []
+    for k in range(2):
+        model = _gpt2()
+        torch.manual_seed(k)
+        model.apply(model._init_weights)
+        model.to(torch.bfloat16).save_pretrained(tmp_path / f"h{k}", max_shard_size="4KB")
+        folders.append(tmp_path / f"h{k}")
+    assert (folders[0] / "model.safetensors.index.json").is_file()
+    ids = np.random.default_rng(3).integers(0, VOCAB, (200, 12))
+    calib = _npz(tmp_path / "calib.npz", input_ids=ids)
+    out = tmp_path / "out"
+    _merge(*map(str, folders), "--data", calib, "-o", f"{out}/")
+    single = transformers.GPT2LMHeadModel.from_pretrained(str(folders[0]))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert set(f.keys()) == set(single.state_dict()) - {"lm_head.weight"}

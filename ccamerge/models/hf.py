@@ -234,7 +234,8 @@ class HuggingFaceArchitecture(CustomArchitecture):
         """``state`` as ``save_pretrained`` writes it: the names and layout of the
         model's files, each tied tensor once."""
         model = self.build(config)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # the state's dtypes
+        model.tie_weights()  # assigning replaced the tensors that tied names share
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             return {k: v.clone() for k, v in load_checkpoint(folder).items()}
