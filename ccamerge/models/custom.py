@@ -201,11 +201,15 @@ class CustomArchitecture:
         self.factory = load_factory(ref)
         self._discoveries: dict[str, Discovery] = {}
 
+    def source(self) -> dict[str, Any]:
+        """What builds the model, as its config records it."""
+        return {"factory": self.ref, "model_args": self.model_args}
+
     def config(
         self, input_shape: Sequence[int] | None = None, tokens: bool = False
     ) -> dict[str, Any]:
         shape = [int(s) for s in input_shape] if input_shape is not None else None
-        config = {"factory": self.ref, "model_args": self.model_args, "input_shape": shape}
+        config = {**self.source(), "input_shape": shape}
         return {**config, "input_tokens": True} if tokens else config
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -222,8 +226,11 @@ class CustomArchitecture:
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._discoveries:
             model, shape = self.build(config), config.get("input_shape")
-            self._discoveries[key] = discover(model, shape, bool(config.get("input_tokens")))
+            self._discoveries[key] = self.discover(model, shape, bool(config.get("input_tokens")))
         return self._discoveries[key]
+
+    def discover(self, model: nn.Module, shape: Sequence[int] | None, tokens: bool) -> Discovery:
+        return discover(model, shape, tokens)
 
     def spec(self, config: Mapping[str, Any]) -> MergeSpec:
         return self.discovery(config).spec

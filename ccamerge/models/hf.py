@@ -207,26 +207,17 @@ class HuggingFaceArchitecture(CustomArchitecture):
         self.hf = dict(hf)
         self._discoveries: dict[str, Discovery] = {}
 
-    def config(
-        self, input_shape: Sequence[int] | None = None, tokens: bool = False
-    ) -> dict[str, Any]:
-        shape = [int(s) for s in input_shape] if input_shape is not None else None
-        config = {"class": self.ref, "hf_config": self.hf, "input_shape": shape}
-        return {**config, "input_tokens": True} if tokens else config
+    def source(self) -> dict[str, Any]:
+        return {"class": self.ref, "hf_config": self.hf}
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         return build_hf(config)
 
-    def discovery(self, config: Mapping[str, Any]) -> Discovery:
-        key = json.dumps(config, sort_keys=True, default=str)
-        if key not in self._discoveries:
-            model, shape = self.build(config), config.get("input_shape")
-            try:
-                found = discover(model, shape, bool(config.get("input_tokens")))
-            except SpecError as e:
-                found = Discovery(MergeSpec(groups=()), (), (_untraced(self.ref, e),), ())
-            self._discoveries[key] = found
-        return self._discoveries[key]
+    def discover(self, model: nn.Module, shape: Sequence[int] | None, tokens: bool) -> Discovery:
+        try:
+            return discover(model, shape, tokens)
+        except SpecError as e:
+            return Discovery(MergeSpec(groups=()), (), (_untraced(self.ref, e),), ())
 
     def saved_tensors(
         self, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
