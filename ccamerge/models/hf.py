@@ -79,8 +79,9 @@ def _transformers() -> Any:
     return transformers
 
 
-def _known_classes(transformers: Any) -> set[str]:
+def _known_classes() -> set[str]:
     """Every class name that one of the ``transformers`` auto classes maps to."""
+    _transformers()
     from transformers.models.auto import modeling_auto
 
     names: set[str] = set()
@@ -99,7 +100,7 @@ def model_class(config: Mapping[str, Any]) -> str:
             "from a checkpoint: give --model with a factory you trust"
         )
     name = config["architectures"][0]
-    if not isinstance(name, str) or name not in _known_classes(_transformers()):
+    if not isinstance(name, str) or name not in _known_classes():
         raise ArchitectureError(
             f"config.json names {name!r}, which is not a class of the installed transformers "
             "(upgrade transformers, or give --model)"
@@ -117,12 +118,13 @@ def build_hf(config: Mapping[str, Any]) -> nn.Module:
     in eval mode, tied duplicates left out of its state dict."""
     transformers = _transformers()
     hf = dict(config["hf_config"])
+    name = model_class(hf)  # checked again: only a class transformers' auto classes know
     try:
         cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-        model = getattr(transformers, config["class"])(cfg)
+        model = getattr(transformers, name)(cfg)
     except Exception as e:
         raise ArchitectureError(
-            f"transformers cannot build {config['class']} from config.json ({_failure(e)})"
+            f"transformers cannot build {name} from config.json ({_failure(e)})"
         ) from None
     return _prepared(model)
 
