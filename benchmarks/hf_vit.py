@@ -11,7 +11,8 @@ Each pair is written with ``save_pretrained``, merged with ccamerge's defaults (
 on, ``-o DIR/``), and the merged folder is loaded back with ``from_pretrained`` and scored
 on the 10000 test images beside the inputs and their ensemble. torch.fx cannot trace
 transformers' ViT, so nothing is aligned: the merge is a plain average, and the numbers
-show where that is enough. One thread; about 3 minutes on a laptop-class core.
+show where that is enough; each pair is merged again with ``--distill auto`` on 10000
+unlabelled training images (``--distill-data``). One thread; a few minutes.
 
     python benchmarks/hf_vit.py [--out benchmarks/results/hf_vit.json]
 """
@@ -69,14 +70,14 @@ def accuracy(lg, y) -> float:
     return round(100 * float((lg.argmax(1) == y).float().mean()), 2)
 
 
-def run_pair(name, models, calib, test, root: Path, merge):
+def run_pair(name, models, calib, test, root: Path, merge, **options):
     folders = []
     for k, m in enumerate(models):
         folders.append(str(root / f"{name}{k}"))
         m.save_pretrained(folders[-1])
     out = root / f"{name}-merged"
     start = time.perf_counter()
-    result = merge(folders, data=str(calib), output=f"{out}/")
+    result = merge(folders, data=str(calib), output=f"{out}/", force=True, **options)
     seconds = time.perf_counter() - start
     import transformers
 
@@ -85,8 +86,13 @@ def run_pair(name, models, calib, test, root: Path, merge):
     ins = [logits(m.eval(), x) for m in models]
     report = result.report
     check = report.get("check", {})
+    distill = report.get("distill")
     return {
         "pair": name,
+        "options": {k: Path(v).name if k.endswith("_data") else v for k, v in options.items()},
+        "distill_epochs": None
+        if distill is None
+        else [distill["epochs_run"], distill["epoch_kept"]],
         "inputs": [accuracy(lg, y) for lg in ins],
         "ensemble": accuracy(sum(ins) / len(ins), y),
         "merged": accuracy(logits(merged, x), y),
@@ -139,6 +145,11 @@ def main() -> None:
                 train(vit(transformers), images[base_idx], labels[base_idx], seed, 2, 2e-3)
             )
         rows.append(run_pair("seeds", seeds, calib, test, root, merge))
+        unlabelled = root / "unlabelled.npy"  # 10000 training images, no labels
+        np.save(unlabelled, images[rest[:10000]].numpy())
+        for pair, models in (("fine-tunes", tunes), ("seeds", seeds)):
+            options = {"distill": "auto", "distill_data": str(unlabelled)}
+            rows.append(run_pair(pair, models, calib, test, root, merge, **options))
         total = round(time.perf_counter() - started, 1)
     result = {"rows": rows, "total_seconds": total, "transformers": transformers.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
