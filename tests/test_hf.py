@@ -187,6 +187,7 @@ def test_apply_and_barrier_take_hf_folders(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert list(report["methods"]) == ["average"]
+    assert report["predicted_tokens"] == 200 * 11  # a language model: scored on next tokens
     assert "only the average path is drawn" in res.stderr
 
 

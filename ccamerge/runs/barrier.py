@@ -81,7 +81,7 @@ from ..pipeline import (
 from ..runtime.errors import OptionError, remedies
 from .options import BATCHNORM_OPTIONS, DATA_OPTIONS, SOURCE_OPTIONS, FromOptions
 from .remedies import REMEDIES
-from .report import BarrierReport, describe_architecture
+from .report import BarrierReport, describe_architecture, samples_scored
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn, not at start-up
     from matplotlib.figure import Figure
@@ -290,6 +290,7 @@ def run_barrier(plan: BarrierPlan, progress: Progress | None = None) -> dict[str
         eval_samples=len(eval_data),
         warnings=ctx.warnings,
         timings=ctx.timer.timings,
+        predicted_tokens=evaluation.get("predicted_tokens"),
     ).to_dict()
 
 
@@ -337,14 +338,15 @@ def plot_barrier(report: dict[str, Any], path: str | Path | None = None) -> Figu
             ms=4,
             label=f"{name} (barrier {100 * bar['accuracy']:.1f} pts)",
         )
-    for ax, ylabel in ((ax_loss, "loss (cross-entropy)"), (ax_acc, "accuracy (%)")):
+    accuracy = "next-token accuracy (%)" if report.get("predicted_tokens") else "accuracy (%)"
+    for ax, ylabel in ((ax_loss, "loss (cross-entropy)"), (ax_acc, accuracy)):
         ax.set_xlabel(f"t  (0 = {a}, 1 = {b})")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     data = Path(report["eval_data"]).name
-    fig.suptitle(f"Interpolation {a} \u2192 {b}, on {data} ({report['eval_samples']} samples)")
+    fig.suptitle(f"Interpolation {a} \u2192 {b}, on {data} ({samples_scored(report)})")
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")

@@ -105,6 +105,16 @@ class BarrierReport(Report):
     eval_samples: int
     warnings: list[str]
     timings: dict[str, float]
+    predicted_tokens: int | None = None  # a language model: accuracy is next-token accuracy
+
+    OPTIONAL = ("predicted_tokens",)
+
+
+def samples_scored(report: dict[str, Any]) -> str:
+    """'N samples', and for a language model the next tokens they predict."""
+    tokens = report.get("predicted_tokens")
+    more = f", {tokens} next tokens" if tokens else ""
+    return f"{report['eval_samples']} samples{more}"
 
 
 # piped, a table is as wide as its rows: no cell is cut or wrapped (grep and cut see it whole)
@@ -463,7 +473,7 @@ def render_barrier_report(
     )
     names = list(report["curves"])
     curve = Table(
-        title=f"Accuracy % / loss along the path ({report['eval_samples']} samples)",
+        title=f"Accuracy % / loss along the path ({samples_scored(report)})",
         title_justify="left",
     )
     curve.add_column("t", justify="right")
