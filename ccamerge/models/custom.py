@@ -72,7 +72,9 @@ def load_factory(ref: str) -> Callable[..., Any]:
         except ModuleNotFoundError as e:
             raise OptionError(f"--model {ref}: cannot import module {where!r} ({e})") from None
         except Exception as e:
-            raise OptionError(f"--model {ref}: importing {where} failed ({_line(e)})") from None
+            raise OptionError(
+                f"--model {ref}: importing {where} failed ({first_line(e)})"
+            ) from None
     factory = getattr(module, attr, None)
     if factory is None:
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -101,7 +103,7 @@ def _load_file(path: Path, ref: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise OptionError(f"--model {ref}: importing {path} failed ({_line(e)})") from None
+        raise OptionError(f"--model {ref}: importing {path} failed ({first_line(e)})") from None
     return module
 
 
@@ -133,7 +135,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
@@ -148,7 +150,7 @@ def build_model(factory: Callable[..., Any], ref: str, model_args: Mapping[str, 
     try:
         model = factory(**model_args)
     except Exception as e:
-        raise OptionError(f"--model: {_call(ref, model_args)} raised {_line(e)}") from None
+        raise OptionError(f"--model: {_call(ref, model_args)} raised {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise OptionError(
             f"--model: {_call(ref, model_args)} returned a {type(model).__name__}, "
@@ -157,7 +159,7 @@ def build_model(factory: Callable[..., Any], ref: str, model_args: Mapping[str, 
     return model
 
 
-def _few(names: Sequence[str]) -> str:
+def few_names(names: Sequence[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
@@ -175,9 +177,9 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> li
     ]
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {few_names(unexpected)}")
     return problems + wrong[:2]
 
 
@@ -446,7 +448,7 @@ def load_spec(path: str | os.PathLike) -> MergeSpec:
     try:
         doc = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"spec file {p} is not valid JSON ({_line(e)})") from None
+        raise SpecError(f"spec file {p} is not valid JSON ({first_line(e)})") from None
     return spec_from_dict(doc, f"spec file {p}")
 
 

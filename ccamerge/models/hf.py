@@ -18,6 +18,7 @@ leaves them out.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..io.files import checked_checkpoint, load_checkpoint
 from ..runtime.errors import ArchitectureError, CheckpointError, SpecError
-from .custom import CustomArchitecture, fit_problems
+from .custom import CustomArchitecture, few_names, first_line
 from .discover import Discovery, discover
 from .registry import Detected
 from .spec import MergeSpec
@@ -79,8 +80,10 @@ def _transformers() -> Any:
     return transformers
 
 
-def _known_classes() -> set[str]:
-    """Every class name that one of the ``transformers`` auto classes maps to."""
+@functools.cache
+def _known_classes() -> frozenset[str]:
+    """Every class name that one of the ``transformers`` auto classes maps to (read once:
+    every model built checks its class)."""
     _transformers()
     from transformers.models.auto import modeling_auto
 
@@ -89,7 +92,7 @@ def _known_classes() -> set[str]:
         if attr.endswith("_MAPPING_NAMES") and attr != "CONFIG_MAPPING_NAMES":
             for value in getattr(modeling_auto, attr).values():
                 names.update([value] if isinstance(value, str) else value)
-    return names
+    return frozenset(names)
 
 
 def model_class(config: Mapping[str, Any]) -> str:
@@ -108,11 +111,6 @@ def model_class(config: Mapping[str, Any]) -> str:
     return name
 
 
-def _failure(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-
-
 def build_hf(config: Mapping[str, Any]) -> nn.Module:
     """The model of ``{"class": name, "hf_config": config.json}`` with random weights,
     in eval mode, tied duplicates left out of its state dict."""
@@ -124,7 +122,7 @@ def build_hf(config: Mapping[str, Any]) -> nn.Module:
         model = getattr(transformers, name)(cfg)
     except Exception as e:
         raise ArchitectureError(
-            f"transformers cannot build {name} from config.json ({_failure(e)})"
+            f"transformers cannot build {name} from config.json ({first_line(e)})"
         ) from None
     return _prepared(model)
 
@@ -147,24 +145,20 @@ def read_hf(folder: str | Path, hf: Mapping[str, Any]) -> dict[str, torch.Tensor
         )
     except Exception as e:
         raise CheckpointError(
-            f"transformers cannot read {folder} as {name} ({_failure(e)})"
+            f"transformers cannot read {folder} as {name} ({first_line(e)})"
         ) from None
     absent = list(info.get("missing_keys", ())) + [
         str(k[0]) for k in info.get("mismatched_keys", ())
     ]
     if absent:
         raise CheckpointError(
-            f"checkpoint {folder}: {name} would initialise {_few(sorted(absent))} at random "
+            f"checkpoint {folder}: {name} would initialise {few_names(sorted(absent))} at random "
             "(the folder's weights lack them or have other shapes)"
         )
     return checked_checkpoint(_prepared(model).state_dict(), folder)
 
 
-def _few(names: Sequence[str]) -> str:
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def tied_duplicates(model: nn.Module) -> list[str]:
+def _tied_duplicates(model: nn.Module) -> list[str]:
     """The names under which a tensor shared under several names appears after its first."""
     first: set[int] = set()
     duplicates = []
@@ -179,7 +173,7 @@ def tied_duplicates(model: nn.Module) -> list[str]:
 def _hide_tied_duplicates(model: nn.Module) -> None:
     """State-dict hooks: a tensor shared under several names is saved under its first name
     only, and loading does not miss the others (they are the same tensor)."""
-    duplicates = tied_duplicates(model)
+    duplicates = _tied_duplicates(model)
     if not duplicates:
         return
 
@@ -243,20 +237,9 @@ def _untraced(name: str, e: SpecError) -> str:
 
 
 def detect_hf(
-    path: str,
-    state_dict: Mapping[str, torch.Tensor],
-    hf: Mapping[str, Any],
-    input_shape: Sequence[int] | None = None,
-    tokens: bool = False,
+    hf: Mapping[str, Any], input_shape: Sequence[int] | None = None, tokens: bool = False
 ) -> Detected:
-    """The :class:`Detected` for a Hugging Face folder; a one-line error when its
-    weights do not fit its config."""
+    """The :class:`Detected` for a Hugging Face folder's config. Its weights need no fit
+    check here: :func:`read_hf` read them with this very model class."""
     arch = HuggingFaceArchitecture(hf)
-    model = arch.build(arch.config())
-    shared = set(tied_duplicates(model))  # a checkpoint may hold them or not
-    problems = fit_problems(model, {k: v for k, v in state_dict.items() if k not in shared})
-    if problems:
-        raise ArchitectureError(
-            f"{path} does not fit its config.json ({arch.ref}): {'; '.join(problems)}"
-        )
     return Detected(arch, arch.config(input_shape, tokens))

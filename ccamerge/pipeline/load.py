@@ -143,7 +143,7 @@ def load_models(
     if model is not None:
         detect = lambda sd: detect_custom(paths[0], sd, model, model_args, input_shape, tokens)  # noqa: E731
     elif hf is not None:
-        detect = lambda sd: detect_hf(paths[0], sd, hf, input_shape, tokens)  # noqa: E731
+        detect = lambda sd: detect_hf(hf, input_shape, tokens)  # noqa: E731
     elif arch == HF_NAME:
         raise ArchitectureError(f"{paths[0]} is not a folder with a Hugging Face config.json")
     else:
