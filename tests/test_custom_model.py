@@ -333,7 +333,7 @@ def test_spec_documents_are_checked() -> None:
         ({**good, "groups": [{**good["groups"][0], "colect_at": "b"}]}, "unknown key(s) colect_at"),
         ({**good, "groups": [{**good["groups"][0], "members": [["a.weight"]]}]}, "[tensor, axis]"),
         ({**good, "groups": [{**good["groups"][0], "collect_on": "middle"}]}, "'collect_on' must"),
-        ({**good, "groups": [{**good["groups"][0], "members": [["a.weight", 2]]}]}, "axis 2"),
+        ({**good, "groups": [{**good["groups"][0], "members": [["a.weight", -1]]}]}, "axis -1"),
         ({**good, "groups": good["groups"] * 2}, "duplicate group name 'h'"),
     ]
     for doc, message in bad_cases:

@@ -70,8 +70,9 @@ def _merge(*args: str) -> dict:
 def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path) -> None:
     """Two GPT-2 folders (tied embeddings, Conv1D layers) merge without --model into a
     folder with the inputs' tensor names (the tied head written once) and config.json;
-    ``from_pretrained`` gives the reported next-token loss; the report says plainly that
-    nothing was aligned (torch.fx cannot trace the model) and that the inputs beat it."""
+    ``from_pretrained`` gives the reported next-token loss; the family's layout aligns
+    the model, and the report says that the refit could not run (torch.fx cannot trace
+    it)."""
     folders = [_save(_gpt2(), tmp_path / f"g{k}", k) for k in range(2)]
     rng = np.random.default_rng(0)
     calib = _npz(tmp_path / "calib.npz", input_ids=rng.integers(0, VOCAB, (200, 12)))
@@ -81,8 +82,8 @@ def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path)
     report = _merge(*map(str, folders), "--data", calib, "--eval-data", evaluation, "-o", f"{out}/")
     assert report["architecture"]["name"] == "huggingface"
     assert report["architecture"]["config"]["class"] == "GPT2LMHeadModel"
-    assert report["method"] == "average" and report["aligned"]["fraction"] == 0.0
-    assert any("torch.fx cannot trace" in w for w in report["warnings"])
+    assert report["method"] == "cca" and report["aligned"]["fraction"] > 0.9
+    assert any("refit skipped: torch.fx cannot trace" in w for w in report["warnings"])
     assert _keys(out) == _keys(folders[0]) and "lm_head.weight" not in _keys(out)
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (folders[0] / "config.json").read_text()
@@ -94,10 +95,38 @@ def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path)
         logits = merged(ids).logits[:, :-1].reshape(-1, VOCAB).double()
     loss = float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)))
     assert report["evaluation"]["merged"]["loss"] == pytest.approx(loss, rel=1e-6)
-    inputs = [transformers.GPT2LMHeadModel.from_pretrained(str(f)) for f in folders]
-    for name, tensor in merged.state_dict().items():
-        mean = (inputs[0].state_dict()[name] + inputs[1].state_dict()[name]) / 2
+
+
+def _opt():
+    cfg = transformers.OPTConfig(
+        num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, word_embed_proj_dim=16,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(cfg)
+
+
+def test_a_family_without_a_layout_is_averaged_and_the_report_says_so(tmp_path) -> None:
+    """OPT has no layout in ccamerge and torch.fx cannot trace it: its folders are averaged
+    as they are, the method is reported as plain averaging, a warning says why, and
+    ``barrier`` draws only the average path."""
+    folders = [str(_save(_opt(), tmp_path / f"o{k}", k)) for k in range(2)]
+    ids = np.random.default_rng(0).integers(0, VOCAB, (100, 12))
+    calib = _npz(tmp_path / "calib.npz", input_ids=ids)
+    out = tmp_path / "out"
+    report = _merge(*folders, "--data", calib, "-o", f"{out}/")
+    assert report["method"] == "average" and report["aligned"]["fraction"] == 0.0
+    assert any("no feature group found" in w for w in report["warnings"])
+    merged = transformers.OPTForCausalLM.from_pretrained(str(out)).state_dict()
+    inputs = [transformers.OPTForCausalLM.from_pretrained(f).state_dict() for f in folders]
+    for name, tensor in merged.items():
+        mean = (inputs[0][name] + inputs[1][name]) / 2
         torch.testing.assert_close(tensor, mean, rtol=1e-6, atol=1e-7)
+    res = CliRunner().invoke(
+        app, ["barrier", *folders, "--data", calib, "--eval-data", calib, "--steps", "2", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["methods"]) == ["average"]
+    assert "only the average path is drawn" in res.stderr
 
 
 def test_a_vit_folder_is_written_in_its_files_layout(tmp_path) -> None:
@@ -163,8 +192,7 @@ def test_without_transformers_the_error_names_the_extra(tmp_path, monkeypatch) -
 
 def test_apply_and_barrier_take_hf_folders(tmp_path) -> None:
     """``apply`` with the merge's transforms writes the same tensors and config.json into
-    a folder; ``barrier`` on models with no feature group draws only the average path
-    (every method would be plain averaging) and says so."""
+    a folder; ``barrier`` draws every method's path, scored on next tokens."""
     folders = [str(_save(_gpt2(), tmp_path / f"g{k}", k)) for k in range(2)]
     ids = np.random.default_rng(2).integers(0, VOCAB, (200, 12))
     calib = _npz(tmp_path / "calib.npz", input_ids=ids)
@@ -186,9 +214,8 @@ def test_apply_and_barrier_take_hf_folders(tmp_path) -> None:
     )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert list(report["methods"]) == ["average"]
+    assert list(report["methods"]) == ["average", "permute", "cca"]
     assert report["predicted_tokens"] == 200 * 11  # a language model: scored on next tokens
-    assert "only the average path is drawn" in res.stderr
 
 
 def test_bfloat16_sharded_folders_merge_into_bfloat16(tmp_path) -> None:

@@ -3,8 +3,9 @@
 For model k and group g, ``M[g]`` (d x d) maps the model's unit activations
 (column vectors) into the shared space and ``U[g]`` maps back (normally
 ``U = M^-1``). A weight whose axis 0 lies in group a and axis 1 in group b
-becomes ``M^a W U^b`` (docs/cca.md, 'Transforming and averaging'); kernel axes beyond 1 are
-untouched; tensors with no grouped axis are only averaged. Arithmetic is in
+becomes ``M^a W U^b`` (docs/cca.md, 'Transforming and averaging'); a later grouped axis
+(a ViT's position embeddings) is contracted with ``U`` as axis 1 is, ungrouped axes are
+untouched (conv kernels); tensors with no grouped axis are only averaged. Arithmetic is in
 float64 and the result is cast back to each tensor's dtype; integer tensors
 (``num_batches_tracked``) are copied from the reference model.
 """
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..models.spec import MergeSpec
+from ..models.spec import MergeSpec, head_order
 
 Transforms = Mapping[str, torch.Tensor]
 
@@ -26,17 +27,21 @@ def transform_tensor(
     M: Transforms | None,
     U: Transforms | None,
 ) -> torch.Tensor:
-    """Apply ``M`` on axis 0 and ``U`` on axis 1 of ``t`` (float64 in, float64 out)."""
+    """Apply ``M`` on axis 0 and ``U`` on the other grouped axes of ``t`` (float64 in,
+    float64 out)."""
     out = t
     if 0 in axes and M is not None and axes[0] in M:
         m = M[axes[0]].to(out)
         out = torch.tensordot(m, out, dims=([1], [0]))
-    if 1 in axes and U is not None and axes[1] in U:
-        u = U[axes[1]].to(out)
-        if out.shape[1] < u.shape[0]:  # a grouped conv: each block reads its own units
-            return _transform_blocks(out, u)
-        # contract axis 1 with U's rows, then move the new axis back to position 1
-        out = torch.movedim(torch.tensordot(out, u, dims=([1], [0])), -1, 1)
+    for axis in sorted(a for a in axes if a > 0):
+        if U is None or axes[axis] not in U:
+            continue
+        u = U[axes[axis]].to(out)
+        if axis == 1 and out.shape[1] < u.shape[0]:  # a grouped conv: each block reads
+            out = _transform_blocks(out, u)  # its own units
+            continue
+        # contract the axis with U's rows, then move the new axis back to its position
+        out = torch.movedim(torch.tensordot(out, u, dims=([axis], [0])), -1, axis)
     return out
 
 
@@ -73,8 +78,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
     ref = state_dicts[reference]
-    Ms = [with_concats(spec, M) for M in Ms]
-    Us = [with_concats(spec, U) for U in Us]
+    Ms = [with_derived(spec, M) for M in Ms]
+    Us = [with_derived(spec, U) for U in Us]
     out: dict[str, torch.Tensor] = {}
     for name, t_ref in ref.items():
         if not (t_ref.is_floating_point() or t_ref.is_complex()):
@@ -90,12 +95,16 @@ def merge_state_dicts(
     return out
 
 
-def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
-    """``maps`` and, for each concatenation of the spec, the block-diagonal map of its
-    parts' maps (the identity for a part without one)."""
-    if maps is None or not spec.concats:
+def with_derived(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
+    """``maps`` and the maps derived from them: for each concatenation of the spec, the
+    block-diagonal map of its parts' maps (the identity for a part without one); for each
+    group with ``head_members``, the order of its heads (:func:`head_order_map`)."""
+    heads = [g for g in spec.groups if g.head_members and maps is not None and g.name in maps]
+    if maps is None or not (spec.concats or heads):
         return maps
     out = dict(maps)
+    for g in heads:
+        out[head_order(g.name)] = head_order_map(maps[g.name], g.heads)
     for c in spec.concats:
         blocks = [
             maps[g] if g is not None and g in maps else torch.eye(n, dtype=torch.float64)
@@ -104,6 +113,18 @@ def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
         device = next((m.device for m in maps.values()), "cpu")
         out[c.name] = torch.block_diag(*(b.to(device, torch.float64) for b in blocks))
     return out
+
+
+def head_order_map(m: torch.Tensor, heads: int) -> torch.Tensor:
+    """The permutation of whole heads that ``m`` (a heads group's map: one dense block
+    per head, the blocks permuted) makes, each head's units kept in order: block row h
+    takes the column block of largest norm. For ``U = M^-1`` (its blocks transposed),
+    this is the transpose of ``M``'s, as it should be."""
+    step = m.shape[0] // heads
+    mass = m.reshape(heads, step, heads, step).square().sum((1, 3))
+    order = mass.argmax(1)
+    eye = torch.eye(step, dtype=m.dtype, device=m.device)
+    return torch.kron(permutation_matrix(order).to(m), eye)
 
 
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
@@ -126,11 +147,15 @@ def permute_state_dict(
 
 
 def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random permutation per group, keeping each group's ``blocks``."""
+    """A random permutation per group, keeping each group's ``blocks`` (a heads group:
+    its heads reordered, and the units within each)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for g in spec.groups:
-        step = g.size // g.blocks
-        parts = [b + torch.randperm(step, generator=gen) for b in range(0, g.size, step)]
+        step = g.size // max(g.blocks, g.heads)
+        starts = torch.arange(0, g.size, step)
+        if g.heads > 1:
+            starts = starts[torch.randperm(g.heads, generator=gen)]
+        parts = [int(b) + torch.randperm(step, generator=gen) for b in starts]
         out[g.name] = torch.cat(parts)
     return out

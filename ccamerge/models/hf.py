@@ -32,6 +32,7 @@ from ..io.files import checked_checkpoint, load_checkpoint
 from ..runtime.errors import ArchitectureError, CheckpointError, SpecError
 from .custom import CustomArchitecture, few_names, first_line
 from .discover import Discovery, discover
+from .hf_layouts import LAYOUTS, canonical_layout, layout_spec, native_layout
 from .registry import Detected
 from .spec import MergeSpec
 
@@ -130,6 +131,7 @@ def build_hf(config: Mapping[str, Any]) -> nn.Module:
 def _prepared(model: nn.Module) -> nn.Module:
     model.config.use_cache = False  # no key/value cache among the outputs
     _hide_tied_duplicates(model)
+    canonical_layout(model, model.config.model_type)
     return model.eval()
 
 
@@ -210,10 +212,17 @@ class HuggingFaceArchitecture(CustomArchitecture):
         return build_hf(config)
 
     def discover(self, model: nn.Module, shape: Sequence[int] | None, tokens: bool) -> Discovery:
+        """The family's layout (:mod:`.hf_layouts`) when it has one that covers the model;
+        else torch.fx discovery; else no group (the models are averaged as they are)."""
+        spec, misfit = layout_spec(
+            self.hf["model_type"], model.config.to_dict(), model.state_dict()
+        )
+        if spec is not None:
+            return Discovery(spec, (), (), tuple(shape or ()))
         try:
             return discover(model, shape, tokens)
         except SpecError as e:
-            return Discovery(MergeSpec(groups=()), (), (_untraced(self.ref, e),), ())
+            return Discovery(MergeSpec(groups=()), (), (_untraced(self.ref, misfit or e),), ())
 
     def saved_tensors(
         self, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
@@ -224,15 +233,15 @@ class HuggingFaceArchitecture(CustomArchitecture):
         model.load_state_dict(state, strict=True, assign=True)  # the state's dtypes
         model.tie_weights()  # assigning replaced the tensors that tied names share
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
+            native_layout(model).save_pretrained(folder)
             return {k: v.clone() for k, v in load_checkpoint(folder).items()}
 
 
-def _untraced(name: str, e: SpecError) -> str:
+def _untraced(name: str, why: object) -> str:
     return (
-        f"{e}: no feature group found, so {name} models are averaged as they are (fine for "
-        "fine-tunes of one pretrained model; models trained from different seeds need the "
-        "transformer alignment, not built yet)"
+        f"{why}: no feature group found, so {name} models are averaged as they are (fine "
+        "for fine-tunes of one pretrained model; models trained from different seeds need "
+        f"the transformer alignment, built for the families {', '.join(LAYOUTS)})"
     )
 
 

@@ -8,8 +8,10 @@ calibration data. Merge methods see nothing else of the architecture.
 Axis roles follow PyTorch's layouts: axis 0 of a tensor is an *output* axis
 (a Linear/Conv weight's rows, a bias, a BatchNorm vector) and is transformed
 by ``M`` (``W -> M W``); axis 1 is an *input* axis and is transformed by ``U``
-(``W -> W U``). Axes not listed are left alone (conv kernels' spatial axes,
-the network's input and its logits).
+(``W -> W U``); a later axis is transformed by ``U`` along it (a ViT's position
+embeddings ``(1, positions, d)`` on axis 2: for the permutations such groups take,
+``U = M^T`` moves the units as ``M`` does). Axes not listed are left alone (conv
+kernels' spatial axes, the network's input and its logits).
 
 Some layers can follow only some maps exactly: a depthwise or grouped convolution,
 a GroupNorm and a per-channel gain (layer scale) keep their function under a
@@ -19,6 +21,12 @@ map. Such a group says so: ``permutation`` (its maps are permutations) and
 :func:`ccamerge.pipeline.align.constrain` turns any method's maps into such
 permutations. A grouped convolution's input axis holds one block's units
 (``size / blocks`` of them) and is transformed block by block.
+
+Attention heads are units of their own: a group with ``heads`` (the value/output
+space of one attention layer, docs/transformers.md) takes maps that permute whole
+heads and map each head's units densely; its ``head_members`` (the query and key
+rows) follow only the order of the heads (the scores of a head are kept by moving the
+head, not by a map of its values), under the derived name ``head_order(name)``.
 """
 
 from __future__ import annotations
@@ -56,17 +64,28 @@ class FeatureGroup:
     norms: tuple[str, ...] = ()
     permutation: bool = False
     blocks: int = 1
+    heads: int = 1
+    head_members: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        for _, axis in self.members:
-            if axis not in (0, 1):
-                raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or 1 (input)")
+        for _, axis in (*self.members, *self.head_members):
+            if not isinstance(axis, int) or axis < 0:
+                raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or >= 1 (input)")
         if self.collect_axis not in (1, -1):
             raise SpecError(f"group {self.name}: collect_axis {self.collect_axis} is not 1 or -1")
         if self.blocks < 1 or self.size % self.blocks:
             raise SpecError(f"group {self.name}: {self.blocks} blocks do not divide {self.size}")
         if self.blocks > 1 and not self.permutation:
             raise SpecError(f"group {self.name}: blocks are only kept by permutations")
+        if self.heads < 1 or self.size % self.heads or (self.heads > 1 and self.blocks > 1):
+            raise SpecError(f"group {self.name}: {self.heads} heads do not divide {self.size}")
+        if self.head_members and self.heads == 1:
+            raise SpecError(f"group {self.name}: head_members need heads > 1")
+
+
+def head_order(group: str) -> str:
+    """The derived name under which a heads group's ``head_members`` are transformed."""
+    return f"{group}:heads"
 
 
 @dataclass(frozen=True)
@@ -103,17 +122,21 @@ class MergeSpec:
             unknown = [p for p, _ in c.parts if p is not None and p not in known]
             if unknown:
                 raise SpecError(f"concatenation {c.name}: unknown part {unknown[0]!r}")
+        followers = [(head_order(g.name), g.head_members) for g in self.groups]
         for g in (*self.groups, *self.concats):
             if g.name in names:
                 raise SpecError(f"duplicate group name {g.name!r}")
             names.add(g.name)
-            for tensor, axis in g.members:
+        for name, members in [
+            (g.name, g.members) for g in (*self.groups, *self.concats)
+        ] + followers:
+            for tensor, axis in members:
                 slot = axes.setdefault(tensor, {})
                 if axis in slot:
                     raise SpecError(
-                        f"{tensor} axis {axis} is in two groups: {slot[axis]!r} and {g.name!r}"
+                        f"{tensor} axis {axis} is in two groups: {slot[axis]!r} and {name!r}"
                     )
-                slot[axis] = g.name
+                slot[axis] = name
         object.__setattr__(self, "axes", axes)
 
     def group(self, name: str) -> FeatureGroup:
@@ -129,7 +152,7 @@ class MergeSpec:
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check every member tensor exists and has the group's size on its axis."""
         for g in (*self.groups, *self.concats):
-            for tensor, axis in g.members:
+            for tensor, axis in (*g.members, *getattr(g, "head_members", ())):
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)

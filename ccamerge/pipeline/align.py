@@ -25,7 +25,7 @@ from ..methods import (
 )
 from ..methods.base import AUTO, GroupAlignment
 from ..methods.permute import cross_correlation, match
-from ..models.spec import FeatureGroup, MergeSpec
+from ..models.spec import FeatureGroup, MergeSpec, head_order
 from ..runtime.errors import OptionError
 from .load import LoadedModels
 
@@ -173,10 +173,44 @@ def constrain(
     correlation on the calibration data (without statistics: by the map's entries)."""
     groups = dict(alignment.groups)
     for g in spec.groups:
-        if g.permutation and g.name in groups:
-            jc = stats.groups.get(g.name) if stats is not None else None
+        jc = stats.groups.get(g.name) if stats is not None else None
+        if g.heads > 1 and g.name in groups:
+            groups[g.name] = _by_heads(g, groups[g.name], reference, jc)
+        elif g.permutation and g.name in groups:
             groups[g.name] = _permutations(g, groups[g.name], reference, jc)
     return Alignment(groups)
+
+
+def _by_heads(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
+    """The maps of an attention layer's value space made head by head: each model's heads
+    matched to the reference's by the mass of their correlation (without statistics: of
+    the map), then within each matched pair the method's block of the map (its inverse
+    for ``U``), or, for a permutation group or a method that permutes, the units matched
+    by their correlation."""
+    Ms, Us = [], []
+    step = g.size // g.heads
+    for k, (M, U) in enumerate(zip(ga.M, ga.U)):
+        if k == reference:
+            Ms.append(M)
+            Us.append(U)
+            continue
+        score = (cross_correlation(jc, reference, k) if jc is not None else M).nan_to_num()
+        blocks = score.reshape(g.heads, step, g.heads, step)
+        order = match(blocks.square().sum((1, 3)))  # reference head h <- model head order[h]
+        permutes = g.permutation or _is_permutation(M, 1)
+        Mh, Uh = torch.zeros_like(M), torch.zeros_like(M)
+        for h, o in enumerate(order.tolist()):
+            rows, cols = slice(h * step, (h + 1) * step), slice(o * step, (o + 1) * step)
+            if permutes:
+                block = permutation_matrix(match(blocks[h, :, o, :])).to(M)
+            else:
+                block = M[rows, cols]
+            Mh[rows, cols] = block
+            Uh[cols, rows] = block.T if permutes else torch.linalg.pinv(block)
+        Ms.append(Mh)
+        Us.append(Uh)
+    details = {**ga.details, "heads": f"{g.heads} matched"}
+    return GroupAlignment(Ms, Us, list(ga.quality), details)
 
 
 def _permutations(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
@@ -227,15 +261,15 @@ def aligned_parameters(
         )
     }
     moved |= {c.name for c in spec.concats if any(p in moved for p, _ in c.parts)}
-    transformed = {t for t, axes in spec.axes.items() if moved & set(axes.values())}
+    moved |= {head_order(name) for name in moved}
+    owners = {t.rpartition(".")[0] for t, axes in spec.axes.items() if moved & set(axes.values())}
     aligned, total, kept = 0, 0, Counter()
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
         m = modules[owner]
         total += p.numel()
-        tensors = [_join(owner, t) for t, _ in m.named_parameters(recurse=False)]
-        if owner not in unaligned_layers and any(t in transformed for t in tensors):
+        if owner not in unaligned_layers and owner in owners:
             aligned += p.numel()
         else:
             kept[_kind(m)] += p.numel()
@@ -245,10 +279,6 @@ def aligned_parameters(
         "fraction": aligned / total if total else 0.0,
         "kept_averaged": dict(kept.most_common()),
     }
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _kind(m: nn.Module) -> str:

@@ -133,12 +133,10 @@ def select(
         alignment = align_models(method, loaded, recipe.reference, stats)
         merge = recipe.aligned(alignment, method)
         state, model, bn_done = build_merged(loaded, merge, split.stats, stats)
-        s, kl, agree, loss = score_outputs(
-            predict_logits(model, held.data, batch_size, device),
-            ens,
-            labels_of(held.data),
-            select_by,
-        )
+        logits = predict_logits(model, held.data, batch_size, device)
+        labels = labels_of(held.data)  # none for token ids a classifier reads
+        labels = labels if labels is not None and labels.shape[0] == logits.shape[0] else None
+        s, kl, agree, loss = score_outputs(logits, ens, labels, select_by)
         scored.append(Scored(method, alignment, s, kl, agree, loss))
         if best is None or s < best[0]:
             best = (s, len(scored) - 1, (state, model, bn_done))

@@ -1,0 +1,229 @@
+"""Feature groups of the Hugging Face transformer families whose layout ccamerge knows.
+
+torch.fx cannot trace ``transformers`` models, so their groups are written here from
+each family's module names (docs/transformers.md): per block, the attention layer's
+value/output space as a group of heads (the query and key rows follow the order of the
+heads), the MLP's hidden units as for any MLP, and the residual stream as one group
+that every embedding, every block's output projections, every LayerNorm and every layer
+reading the stream share. The stream is aligned by permutations: they are exact through
+LayerNorm (its gain and bias permuted with it), before or after the residual addition,
+and keep tied input and output embeddings tied.
+
+A layout is used only when it covers the model: every tensor with a hidden-size axis
+must be in a group (else the model is averaged as it is, and the report says which
+tensors were not known). GPT-2's ``Conv1D`` layers store their weights as (in, out) and
+its attention's query, key and value as one fused tensor: the model built for ccamerge
+presents them as PyTorch's (out, in) and as three tensors (``c_attn.q_weight``, ...)
+through state-dict hooks, and loads them back the same way, so the merged folder has the
+model's own layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .spec import FeatureGroup, MergeSpec
+
+Members = list[tuple[str, int]]
+Layout = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], list[FeatureGroup]]
+
+QKV = ("q", "k", "v")
+
+
+def _affine(module: str) -> Members:
+    """A LayerNorm's gain and bias (units on axis 0)."""
+    return [(f"{module}.weight", 0), (f"{module}.bias", 0)]
+
+
+def _writes(module: str) -> Members:
+    return _affine(module)  # a Linear's rows and bias: axis 0 too
+
+
+def _stream(d: int, members: Members, collect_at: str, on: str = "input") -> FeatureGroup:
+    return FeatureGroup(
+        "stream", d, tuple(members), collect_at, on, collect_axis=-1, permutation=True
+    )
+
+
+def _mlp(name: str, fc1: str, fc2: str, size: int) -> FeatureGroup:
+    members = (*_writes(fc1), (f"{fc2}.weight", 1))
+    return FeatureGroup(name, size, members, fc2, "input", collect_axis=-1)
+
+
+def _heads(name: str, qkv: Mapping[str, str], out: str, d: int, heads: int) -> FeatureGroup:
+    """An attention layer's value/output space: ``qkv`` maps q, k, v to each projection's
+    weight name (its bias: the same with ``bias``)."""
+    bias = {k: w.removesuffix("weight") + "bias" for k, w in qkv.items()}
+    members = ((qkv["v"], 0), (bias["v"], 0), (f"{out}.weight", 1))
+    follow = tuple((t, 0) for k in ("q", "k") for t in (qkv[k], bias[k]))
+    return FeatureGroup(
+        name, d, members, out, "input", collect_axis=-1, heads=heads, head_members=follow
+    )
+
+
+def _readers(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> Members:
+    """Heads reading the final stream (axis 1), those of ``names`` the model has."""
+    return [(n, 1) for n in names if n in state]
+
+
+def _prefix(state: Mapping[str, torch.Tensor], marker: str) -> str:
+    """The base model's prefix: what comes before ``marker`` in the first name with it."""
+    for name in state:
+        if marker in name:
+            return name[: name.index(marker)]
+    return ""
+
+
+def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    p = _prefix(state, "wte.weight")
+    d, heads = config["n_embd"], config["n_head"]
+    stream = [(f"{p}wte.weight", 1), (f"{p}wpe.weight", 1)]
+    groups = []
+    for i in range(config["n_layer"]):
+        b = f"{p}h.{i}."
+        qkv = {k: f"{b}attn.c_attn.{k}_weight" for k in QKV}
+        stream += _affine(f"{b}ln_1") + [(w, 1) for w in qkv.values()]
+        stream += _writes(f"{b}attn.c_proj") + _affine(f"{b}ln_2")
+        stream += [(f"{b}mlp.c_fc.weight", 1)] + _writes(f"{b}mlp.c_proj")
+        groups.append(_heads(f"h{i}.attn", qkv, f"{b}attn.c_proj", d, heads))
+        size = state[f"{b}mlp.c_fc.weight"].shape[0]
+        groups.append(_mlp(f"h{i}.mlp", f"{b}mlp.c_fc", f"{b}mlp.c_proj", size))
+    stream += _affine(f"{p}ln_f") + _readers(state, ("lm_head.weight", "score.weight"))
+    return [_stream(d, stream, f"{p}ln_f"), *groups]
+
+
+def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    p = _prefix(state, "embeddings.cls_token")
+    d, heads = config["hidden_size"], config["num_attention_heads"]
+    e = f"{p}embeddings."
+    stream = [(f"{e}cls_token", 2), (f"{e}position_embeddings", 2)]
+    stream += _writes(f"{e}patch_embeddings.projection")
+    groups = []
+    for i in range(config["num_hidden_layers"]):
+        b = f"{p}layers.{i}."
+        qkv = {k: f"{b}attention.{k}_proj.weight" for k in QKV}
+        stream += _affine(f"{b}layernorm_before") + [(w, 1) for w in qkv.values()]
+        stream += _writes(f"{b}attention.o_proj") + _affine(f"{b}layernorm_after")
+        stream += [(f"{b}mlp.fc1.weight", 1)] + _writes(f"{b}mlp.fc2")
+        groups.append(_heads(f"layer{i}.attn", qkv, f"{b}attention.o_proj", d, heads))
+        size = state[f"{b}mlp.fc1.weight"].shape[0]
+        groups.append(_mlp(f"layer{i}.mlp", f"{b}mlp.fc1", f"{b}mlp.fc2", size))
+    stream += _affine(f"{p}layernorm")
+    stream += _readers(state, ("classifier.weight", f"{p}pooler.dense.weight"))
+    return [_stream(d, stream, f"{p}layernorm"), *groups]
+
+
+def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """Post-LN: the stream is each block's last LayerNorm's output."""
+    p = _prefix(state, "embeddings.word_embeddings.weight")
+    d, heads = config["hidden_size"], config["num_attention_heads"]
+    e = f"{p}embeddings."
+    stream = [(f"{e}{k}_embeddings.weight", 1) for k in ("word", "position", "token_type")]
+    stream += _affine(f"{e}LayerNorm")
+    groups = []
+    last = config["num_hidden_layers"] - 1
+    for i in range(last + 1):
+        b = f"{p}encoder.layer.{i}."
+        names = {"q": "query", "k": "key", "v": "value"}
+        qkv = {k: f"{b}attention.self.{n}.weight" for k, n in names.items()}
+        stream += [(w, 1) for w in qkv.values()] + _writes(f"{b}attention.output.dense")
+        stream += _affine(f"{b}attention.output.LayerNorm")
+        stream += [(f"{b}intermediate.dense.weight", 1)] + _writes(f"{b}output.dense")
+        stream += _affine(f"{b}output.LayerNorm")
+        groups.append(_heads(f"layer{i}.attn", qkv, f"{b}attention.output.dense", d, heads))
+        size = state[f"{b}intermediate.dense.weight"].shape[0]
+        groups.append(_mlp(f"layer{i}.mlp", f"{b}intermediate.dense", f"{b}output.dense", size))
+    if f"{p}pooler.dense.weight" in state:  # tanh(dense(first token)): its own units
+        stream += [(f"{p}pooler.dense.weight", 1)]
+        pooled = (*_writes(f"{p}pooler.dense"), *_readers(state, ("classifier.weight",)))
+        groups.append(FeatureGroup("pooler", d, pooled, f"{p}pooler", collect_axis=-1))
+    # the masked-LM head's transform maps the stream to the space the (tied) decoder reads:
+    # the word embeddings' units, so it moves with the stream on both sides
+    t = "cls.predictions.transform."
+    if f"{t}dense.weight" in state:
+        stream += [(f"{t}dense.weight", 0), (f"{t}dense.weight", 1), (f"{t}dense.bias", 0)]
+        stream += _affine(f"{t}LayerNorm")
+        stream += _readers(state, ("cls.predictions.decoder.weight",))
+    collect = f"{p}encoder.layer.{last}.output.LayerNorm"
+    return [_stream(d, stream, collect, "output"), *groups]
+
+
+LAYOUTS: dict[str, Layout] = {"gpt2": gpt2, "vit": vit, "bert": bert}
+FUSED_QKV = {"gpt2": ".attn.c_attn"}  # model_type -> the fused projection's name suffix
+
+
+def layout_spec(
+    model_type: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> tuple[MergeSpec | None, str | None]:
+    """The spec of a known family's model (``state``: its state dict as ccamerge sees
+    it), or None and why not: an unknown family, or a layout that does not cover the
+    model (a tensor it does not name, or one with a hidden-size axis left in no group)."""
+    layout = LAYOUTS.get(model_type)
+    if layout is None:
+        return None, None
+    try:
+        spec = MergeSpec(tuple(layout(config, state)))
+        spec.validate(state)
+    except (KeyError, ValueError) as e:  # a name or shape this layout does not know
+        return None, f"the {model_type} layout does not fit this model ({e})"
+    d = spec.group("stream").size
+    left = [n for n, t in state.items() if n not in spec.axes and d in t.shape]
+    if left:
+        return None, f"the {model_type} layout leaves {', '.join(left[:3])} in no group"
+    return spec, None
+
+
+# ---------------------------------------------------------------------------
+# the layout ccamerge sees: (out, in) weights, fused projections split
+
+
+def canonical_layout(model: nn.Module, model_type: str) -> None:
+    """State-dict hooks on ``model``: transformers' ``Conv1D`` weights appear transposed
+    to (out, in) and, for the families in :data:`FUSED_QKV`, the fused query/key/value
+    projection as three (``{name}.q_weight``, ``q_bias``, ...); loading takes that layout
+    back. :func:`native_layout` removes the hooks (``save_pretrained`` writes the
+    model's own layout)."""
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    suffix = FUSED_QKV.get(model_type)
+    fused = [n for n in conv1d if suffix and n.endswith(suffix)]
+    if not conv1d:
+        return
+
+    def present(module, state_dict, prefix, local_metadata):
+        for name in conv1d:
+            key = f"{prefix}{name}.weight"
+            state_dict[key] = state_dict[key].t()
+        for name in fused:
+            for part in ("weight", "bias"):
+                whole = state_dict.pop(f"{prefix}{name}.{part}")
+                for k, t in zip(QKV, whole.chunk(3)):
+                    state_dict[f"{prefix}{name}.{k}_{part}"] = t
+
+    def take(module, state_dict, prefix, *args):
+        for name in fused:
+            for part in ("weight", "bias"):
+                keys = [f"{prefix}{name}.{k}_{part}" for k in QKV]
+                if all(k in state_dict for k in keys):
+                    parts = [state_dict.pop(k) for k in keys]
+                    state_dict[f"{prefix}{name}.{part}"] = torch.cat(parts)
+        for name in conv1d:
+            key = f"{prefix}{name}.weight"
+            if key in state_dict:
+                state_dict[key] = state_dict[key].t().contiguous()
+
+    hooks = (
+        model._register_state_dict_hook(present),
+        model.register_load_state_dict_pre_hook(take),
+    )
+    model._ccamerge_layout_hooks = hooks
+
+
+def native_layout(model: nn.Module) -> nn.Module:
+    """``model`` without :func:`canonical_layout`'s hooks: its state dict is its own."""
+    for hook in getattr(model, "_ccamerge_layout_hooks", ()):
+        hook.remove()
+    return model

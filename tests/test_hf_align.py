@@ -1,0 +1,133 @@
+"""Transformer alignment of Hugging Face folders (GPT-2, ViT, BERT): a model merged with
+a copy of itself whose attention heads, units within heads, residual stream and MLP units
+were moved (and, with ``--param gamma=0``, whose heads' value spaces were mixed by dense
+invertible maps) is returned as the original function, with and without the refit step."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ccamerge.cli.app import app
+from ccamerge.maths.algebra import permutation_matrix, random_permutations, transform_state_dict
+from ccamerge.models import hf
+from ccamerge.models.hf_layouts import layout_spec, native_layout
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 40
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=4, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _vit():
+    cfg = transformers.ViTConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
+        image_size=8, patch_size=4, num_channels=1, num_labels=5,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _bert(cls):
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
+        vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    return cls(cfg)
+
+
+FAMILIES = {
+    "gpt2": (_gpt2, "tokens"),
+    "vit": (_vit, "images"),
+    "bert-mlm": (lambda: _bert(transformers.BertForMaskedLM), "tokens"),
+    "bert-cls": (lambda: _bert(transformers.BertForSequenceClassification), "tokens"),
+}
+
+
+def _inputs(kind: str, rng) -> np.ndarray:
+    if kind == "tokens":
+        return rng.integers(0, VOCAB, (160, 10))
+    return rng.standard_normal((160, 1, 8, 8)).astype(np.float32)
+
+
+def _moved_copy(model, dense_heads: bool):
+    """``model``'s tensors (as ccamerge sees them) with every group's units permuted and,
+    with ``dense_heads``, each head's value space mixed by a random invertible map."""
+    state = model.state_dict()
+    spec, why = layout_spec(model.config.model_type, model.config.to_dict(), state)
+    assert spec is not None, why
+    M = {g: permutation_matrix(p) for g, p in random_permutations(spec, seed=3).items()}
+    gen = torch.Generator().manual_seed(4)
+    for g in spec.groups:
+        if dense_heads and g.heads > 1:
+            step = g.size // g.heads
+            mixes = [
+                torch.randn(step, step, generator=gen, dtype=torch.float64)
+                + 2 * torch.eye(step, dtype=torch.float64)
+                for _ in range(g.heads)
+            ]
+            M[g.name] = torch.block_diag(*mixes) @ M[g.name]
+    U = {g: torch.linalg.inv(m) for g, m in M.items()}
+    return spec, transform_state_dict(state, spec, M, U)
+
+
+def _save(model, folder, state=None):
+    if state is not None:
+        model.load_state_dict(state)
+    native_layout(model).save_pretrained(folder)
+    return str(folder)
+
+
+def _npz(path, **arrays) -> str:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("options", [(), ("--no-refit",), ("--param", "gamma=0")])
+def test_a_transformer_merged_with_its_moved_copy_is_returned(tmp_path, family, options):
+    build, kind = FAMILIES[family]
+    torch.manual_seed(0)
+    original = hf._prepared(build())
+    dense = "gamma=0" in options  # an unregularised CCA recovers dense maps exactly
+    spec, moved = _moved_copy(original, dense_heads=dense)
+    a = _save(original, tmp_path / "a")
+    b = _save(hf._prepared(build()), tmp_path / "b", moved)
+    x = _inputs(kind, np.random.default_rng(0))
+    data = _npz(tmp_path / "calib.npz", **({"input_ids": x} if kind == "tokens" else {"x": x}))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["merge", a, b, "--data", data, *options, "-o", f"{out}/", "--json", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["method"] == "cca"
+    assert report["aligned"]["fraction"] > 0.9
+    loaded = type(original).from_pretrained(str(out)).eval()
+    reference = type(original).from_pretrained(a).eval()
+    inputs = torch.as_tensor(x[:20])
+    with torch.no_grad():
+        expected, got = reference(inputs).logits, loaded(inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    other = type(original).from_pretrained(b).eval()
+    with torch.no_grad():  # the copy is the same function in other coordinates
+        torch.testing.assert_close(other(inputs).logits, expected, rtol=1e-4, atol=1e-5)
+    if not dense:  # permutations only: the merge is the original, tensor by tensor
+        moved_back = loaded.state_dict()
+        for name, t in reference.state_dict().items():
+            # CCA's maps: permutations up to the round-off of float32 features
+            torch.testing.assert_close(moved_back[name], t, rtol=1e-4, atol=1e-5)
