@@ -131,3 +131,21 @@ def test_a_transformer_merged_with_its_moved_copy_is_returned(tmp_path, family, 
         for name, t in reference.state_dict().items():
             # CCA's maps: permutations up to the round-off of float32 features
             torch.testing.assert_close(moved_back[name], t, rtol=1e-4, atol=1e-5)
+
+
+def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> None:
+    """``inspect --spec-out`` writes the heads and the rows that follow them; reading the
+    file back gives the same spec; the table names the maps each group takes."""
+    from ccamerge.models.custom import spec_from_dict, spec_to_dict
+
+    model = hf._prepared(_gpt2())
+    spec, _ = layout_spec("gpt2", model.config.to_dict(), model.state_dict())
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+    folder = _save(model, tmp_path / "g")
+    res = CliRunner().invoke(app, ["inspect", folder, "--json"])
+    assert res.exit_code == 0, res.output
+    groups = {g["name"]: g for g in json.loads(res.stdout)["groups"]}
+    assert groups["stream"]["maps"] == "permutation"
+    assert groups["h0.attn"]["maps"] == "4 heads, dense per head"
+    roles = [m["role"] for m in groups["h0.attn"]["members"]]
+    assert roles == ["output", "output", "input"] + ["head order"] * 4

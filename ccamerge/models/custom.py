@@ -19,7 +19,9 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
 A group may add ``"collect_axis": -1`` (its units are the last axis of the collected
 tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation": true,
 "blocks": n`` (its maps are permutations keeping n blocks: a depthwise or grouped conv,
-a GroupNorm, a gain reads it), and the document
+a GroupNorm, a gain reads it), ``"heads": h, "head_members": [...]`` (an attention
+layer's value space: whole heads permuted, a map per head; the members listed there, the
+query and key rows, take only the heads' order; docs/transformers.md), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
 (concatenations of groups that layers read, docs/custom-models.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
@@ -310,6 +312,7 @@ def spec_to_dict(
                 **({"collect_axis": -1} if g.collect_axis == -1 else {}),
                 "norms": list(g.norms),
                 **({"permutation": True, "blocks": g.blocks} if g.permutation else {}),
+                **(_heads_doc(g) if g.heads > 1 else {}),
             }
             for g in spec.groups
         ],
@@ -317,6 +320,10 @@ def spec_to_dict(
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
+
+
+def _heads_doc(g: FeatureGroup) -> dict[str, Any]:
+    return {"heads": g.heads, "head_members": [[t, a] for t, a in g.head_members]}
 
 
 def _concat_doc(c: Concat) -> dict[str, Any]:
@@ -365,8 +372,23 @@ def save_spec(
 
 _GROUP_KEYS = {
     "name", "size", "members", "collect_at", "collect_on", "collect_axis", "norms", "permutation",
-    "blocks",
+    "blocks", "heads", "head_members",
 }  # fmt: skip
+
+
+def _member_list(group: dict[str, Any], key: str, label: str) -> tuple[tuple[str, int], ...]:
+    """A group's ``members`` or ``head_members``: [tensor, axis] pairs."""
+    members = group.get(key, [])
+    if not isinstance(members, list) or not all(
+        isinstance(m, list)
+        and len(m) == 2
+        and isinstance(m[0], str)
+        and isinstance(m[1], int)
+        and not isinstance(m[1], bool)
+        for m in members
+    ):
+        raise SpecError(f"{label}: '{key}' must be a list of [tensor, axis] pairs")
+    return tuple((t, a) for t, a in members)
 
 
 def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
@@ -392,16 +414,7 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 f"missing {', '.join(missing)}" if missing else ""
             )
             raise SpecError(f"{label}: {what}")
-        members = g["members"]
-        if not isinstance(members, list) or not all(
-            isinstance(m, list)
-            and len(m) == 2
-            and isinstance(m[0], str)
-            and isinstance(m[1], int)
-            and not isinstance(m[1], bool)
-            for m in members
-        ):
-            raise SpecError(f"{label}: 'members' must be a list of [tensor, axis] pairs")
+        members = _member_list(g, "members", label)
         size = g["size"]
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise SpecError(f"{label}: 'size' must be a positive integer")
@@ -421,17 +434,22 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
         permutation, blocks = g.get("permutation", False), g.get("blocks", 1)
         if not isinstance(permutation, bool) or not isinstance(blocks, int) or blocks < 1:
             raise SpecError(f"{label}: 'permutation' must be true/false, 'blocks' an integer >= 1")
+        heads = g.get("heads", 1)
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise SpecError(f"{label}: 'heads' must be an integer >= 1")
         out.append(
             FeatureGroup(
                 name=g["name"],
                 size=size,
-                members=tuple((t, a) for t, a in members),
+                members=members,
                 collect_at=g["collect_at"],
                 collect_on=on,
                 collect_axis=axis,
                 norms=tuple(norms),
                 permutation=permutation,
                 blocks=blocks,
+                heads=heads,
+                head_members=_member_list(g, "head_members", label),
             )
         )
     try:

@@ -14,6 +14,7 @@ from typing import Any
 from ..io.files import check_output_path
 from ..models.assumptions import describe
 from ..models.custom import save_spec, untransformed_of
+from ..models.spec import FeatureGroup
 from ..pipeline import ModelSource, load_models
 from ..runtime.errors import remedies
 from .remedies import REMEDIES
@@ -34,9 +35,10 @@ def inspect_checkpoint(
     (per sample, or None when the entry does not say); ``num_parameters``
     (elements of the built module's parameters) and ``num_buffer_values``
     (its buffers, e.g. BatchNorm running statistics); ``num_tensors``;
-    ``groups``: one ``{name, size, collect_at, collect_on, collect_axis, norms, members}``
-    per feature group, ``members`` being ``{tensor, axis, role, shape}`` with
-    role ``output`` (axis 0, transformed by M) or ``input`` (axis 1, by U);
+    ``groups``: one ``{name, size, collect_at, collect_on, collect_axis, norms, maps,
+    members}`` per feature group (``maps``: dense, permutation, or per head), ``members``
+    being ``{tensor, axis, role, shape}`` with role ``output`` (axis 0, transformed by
+    M), ``input`` (a later axis, by U) or ``head order`` (moved as whole heads);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
     With ``source.model`` (``--model``, see :mod:`ccamerge.models.custom`) the groups are discovered
     on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
@@ -63,14 +65,16 @@ def inspect_checkpoint(
             "collect_on": g.collect_on,
             "collect_axis": g.collect_axis,
             "norms": list(g.norms),
+            "maps": _maps(g),
             "members": [
                 {
                     "tensor": tensor,
                     "axis": axis,
-                    "role": "output" if axis == 0 else "input",
+                    "role": role if role else "output" if axis == 0 else "input",
                     "shape": list(sd[tensor].shape),
                 }
-                for tensor, axis in g.members
+                for members, role in ((g.members, None), (g.head_members, "head order"))
+                for tensor, axis in members
             ],
         }
         for g in loaded.spec.groups
@@ -89,3 +93,12 @@ def inspect_checkpoint(
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": loaded.warnings,
     }
+
+
+def _maps(g: FeatureGroup) -> str:
+    """What maps the group takes: dense, permutations (within blocks), or per head."""
+    if g.heads > 1:
+        return f"{g.heads} heads, " + ("permuted" if g.permutation else "dense per head")
+    if g.permutation:
+        return "permutation" + (f" within {g.blocks} blocks" if g.blocks > 1 else "")
+    return "dense"

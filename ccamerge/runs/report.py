@@ -527,13 +527,22 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     t = Table(title=f"Feature groups ({len(info['groups'])})", title_justify="left")
     t.add_column("group")
     t.add_column("size", justify="right")
+    maps = any(g["maps"] != "dense" for g in info["groups"])  # the column when it says more
+    if maps:
+        t.add_column("maps")
     t.add_column("collected at")
-    t.add_column("members (tensor:axis)")
+    t.add_column(
+        "members (tensor:axis; :heads moved as whole heads)" if maps else "members (tensor:axis)"
+    )
     for g in info["groups"]:
-        members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
+        members = " ".join(
+            f"{m['tensor']}:{m['axis']}" + (":heads" if m["role"] == "head order" else "")
+            for m in g["members"]
+        )
         t.add_row(
             g["name"],
             str(g["size"]),
+            *([g["maps"]] if maps else []),
             f"{g['collect_on']} of {g['collect_at']}"
             + (" (units last)" if g.get("collect_axis") == -1 else ""),
             members,

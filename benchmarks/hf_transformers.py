@@ -1,0 +1,240 @@
+"""Hugging Face transformers (built from configs) merged from folders without ``--model``
+(docs/benchmarks.md, "Hugging Face transformers").
+
+* **ViT** on Fashion-MNIST (28 px, patches of 7, width 64, 3 layers, 4 heads): four
+  models trained from scratch with different seeds, merged N = 2 and N = 4; and two
+  fine-tunes of one base model (trained on disjoint halves of further data).
+* **GPT-2** as a byte-level language model (width 64, 2 layers, 4 heads, context 64) on
+  the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2 and 4, scored by next-byte
+  accuracy and perplexity on held-out files.
+
+Each set is written with ``save_pretrained``, merged with every method (the default,
+``cca``, as a user runs it; ``permute``; plain ``average``), and the merged folder is
+loaded back with ``from_pretrained`` and scored beside the inputs and their ensemble (the
+mean of their logits). torch.fx cannot trace transformers' models, so the refit step is
+skipped (the report says so): the methods differ by the alignment alone. The ViT sets are
+merged again with ``--distill auto`` on 10000 unlabelled training images. One thread.
+
+    python benchmarks/hf_transformers.py [--out benchmarks/results/hf_transformers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fmnist import prepare, splits
+
+torch.set_num_threads(1)
+METHODS = ("cca", "permute", "average")
+CONTEXT = 64
+
+
+def vit(transformers):
+    config = transformers.ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=128, num_labels=10,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config)
+
+
+def gpt2(transformers):
+    config = transformers.GPT2Config(
+        vocab_size=256, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def train(model, x, y, seed: int, steps: int, lr: float, loss_of, batch: int = 128):
+    """AdamW with a one-cycle schedule (``y`` None: a language model)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    order = torch.randperm(len(x), generator=g)
+    for step in range(steps):
+        k = (step * batch) % (len(x) - batch + 1)
+        if k < batch and step:
+            order = torch.randperm(len(x), generator=g)
+        idx = order[k : k + batch]
+        loss = loss_of(model, x[idx], None if y is None else y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def classify_loss(model, x, y):
+    return F.cross_entropy(model(x).logits, y)
+
+
+def lm_loss(model, x, y):
+    out = model(x).logits[:, :-1]
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), x[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def logits(model, x):
+    """Logits of every scored row: a sample, or (a language model) every position but
+    the last."""
+    outs = []
+    for k in range(0, len(x), 500):
+        out = model(x[k : k + 500]).logits
+        outs.append(out[:, :-1].reshape(-1, out.shape[-1]) if out.ndim == 3 else out)
+    return torch.cat(outs)
+
+
+def score(lg, y) -> dict:
+    loss = float(F.cross_entropy(lg.double(), y))
+    accuracy = round(100 * float((lg.argmax(1) == y).float().mean()), 2)
+    return {"accuracy": accuracy, "perplexity": round(math.exp(loss), 3)}
+
+
+def run_set(name, models, calib, test, root: Path, merge, **options) -> dict:
+    """Merge ``models`` (written as folders) with ``options``; score the written folder."""
+    folders = []
+    for k, m in enumerate(models):
+        folders.append(str(root / f"{name}-{k}"))
+        if not Path(folders[-1]).exists():
+            m.save_pretrained(folders[-1])
+    out = root / f"{name}-merged"
+    start = time.perf_counter()
+    result = merge(folders, data=str(calib), output=f"{out}/", force=True, **options)
+    seconds = time.perf_counter() - start
+    merged = type(models[0]).from_pretrained(str(out)).eval()
+    x, y = test
+    ins = [logits(m.eval(), x) for m in models]
+    report = result.report
+    distill = report.get("distill")
+    return {
+        "set": name,
+        "n": len(models),
+        "options": {k: Path(v).name if k.endswith("_data") else v for k, v in options.items()},
+        "method": report["method"],
+        "aligned_fraction": round(report["aligned"]["fraction"], 3),
+        "distill_epochs": None
+        if distill is None
+        else [distill["epochs_run"], distill["epoch_kept"]],
+        "inputs": [score(lg, y) for lg in ins],
+        "ensemble": score(sum(ins) / len(ins), y),
+        "merged": score(logits(merged, x), y),
+        "check_beaten_by": len(report.get("check", {}).get("beaten_by", [])),
+        "merge_seconds": round(seconds, 1),
+    }
+
+
+def vit_sets(transformers, root: Path, merge) -> list[dict]:
+    data = prepare("flat")
+    split = splits()
+    images = torch.as_tensor(data["train_x"]).reshape(-1, 1, 28, 28)
+    labels = torch.as_tensor(data["train_y"])
+    train_idx = torch.as_tensor(split["train"])
+    base_idx, rest = train_idx[:20000], train_idx[20000:]
+    halves = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+    calib = root / "vit-calib.npz"
+    calib_idx = torch.as_tensor(split["calib"][:2000])
+    np.savez(calib, x=images[calib_idx].numpy(), y=labels[calib_idx].numpy())
+    test = torch.as_tensor(data["test_x"]).reshape(-1, 1, 28, 28), torch.as_tensor(data["test_y"])
+    unlabelled = root / "unlabelled.npy"  # 10000 training images, no labels
+    np.save(unlabelled, images[rest[:10000]].numpy())
+    steps = 2 * len(base_idx) // 128  # two epochs
+
+    def fit(model, idx, seed, n_steps, lr):
+        return train(model, images[idx], labels[idx], seed, n_steps, lr, classify_loss)
+
+    torch.manual_seed(0)
+    base = fit(vit(transformers), base_idx, 0, steps, 2e-3)
+    tunes = []
+    for k, half in enumerate(halves):
+        tune = vit(transformers)
+        tune.load_state_dict(base.state_dict())
+        tunes.append(fit(tune, half, 10 + k, len(half) // 128, 5e-4))
+    seeds = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        seeds.append(fit(vit(transformers), base_idx, seed, steps, 2e-3))
+    rows = []
+    for name, models in (("vit fine-tunes", tunes), ("vit seeds", seeds[:2]), ("vit seeds", seeds)):
+        tag = f"{name} n{len(models)}"
+        for method in METHODS:
+            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
+        distilled = {"distill": "auto", "distill_data": str(unlabelled)}
+        rows.append(run_set(tag, models, calib, test, root, merge, **distilled))
+    return rows
+
+
+def stdlib_bytes() -> tuple[np.ndarray, np.ndarray]:
+    """The standard library's top-level ``.py`` files as bytes: files in sorted order, the
+    first 90% for training and calibration, the rest held out for the test."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    cut = int(0.9 * len(files))
+    parts = [b"".join(f.read_bytes() for f in group) for group in (files[:cut], files[cut:])]
+    return tuple(np.frombuffer(p, dtype=np.uint8) for p in parts)
+
+
+def windows(text: np.ndarray, n: int, seed: int) -> torch.Tensor:
+    starts = np.random.default_rng(seed).integers(0, len(text) - CONTEXT, n)
+    return torch.as_tensor(np.stack([text[s : s + CONTEXT] for s in starts]).astype(np.int64))
+
+
+def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
+    train_text, test_text = stdlib_bytes()
+    x = windows(train_text, 60_000, 0)
+    calib = root / "lm-calib.npz"
+    np.savez(calib, input_ids=windows(train_text, 500, 1).numpy())  # 31500 next bytes
+    test_x = windows(test_text, 2000, 2)
+    test = test_x, test_x[:, 1:].reshape(-1)
+    seeds = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        seeds.append(train(gpt2(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
+    rows = []
+    for models in (seeds[:2], seeds):
+        for method in METHODS:
+            rows.append(
+                run_set(
+                    f"gpt2 seeds n{len(models)}", models, calib, test, root, merge, method=method
+                )
+            )
+    return rows
+
+
+def main() -> None:
+    import transformers
+
+    from ccamerge.runs.merge import merge
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = Path(__file__).parent / "results" / "hf_transformers.json"
+    parser.add_argument("--out", default=str(default))
+    parser.add_argument("--only", choices=("vit", "gpt2"), default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "vit"):
+            rows += vit_sets(transformers, Path(tmp), merge)
+        if args.only in (None, "gpt2"):
+            rows += gpt2_sets(transformers, Path(tmp), merge)
+    total = round(time.perf_counter() - started, 1)
+    result = {"rows": rows, "total_seconds": total, "transformers": transformers.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
