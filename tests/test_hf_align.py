@@ -1,7 +1,8 @@
 """Transformer alignment of Hugging Face folders (GPT-2, ViT, BERT): a model merged with
 a copy of itself whose attention heads, units within heads, residual stream and MLP units
 were moved (and, with ``--param gamma=0``, whose heads' value spaces were mixed by dense
-invertible maps) is returned as the original function, with and without the refit step."""
+invertible maps and their query/key spaces by orthogonal ones) is returned as the
+original function, with and without the refit step."""
 
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def _moved_copy(model, dense_heads: bool):
                 + 2 * torch.eye(step, dtype=torch.float64)
                 for _ in range(g.heads)
             ]
+            if g.follows is not None:  # query/key: orthogonal maps keep the scores
+                mixes = [torch.linalg.qr(m)[0] for m in mixes]
             M[g.name] = torch.block_diag(*mixes) @ M[g.name]
     U = {g: torch.linalg.inv(m) for g, m in M.items()}
     return spec, transform_state_dict(state, spec, M, U)
@@ -134,8 +137,8 @@ def test_a_transformer_merged_with_its_moved_copy_is_returned(tmp_path, family, 
 
 
 def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> None:
-    """``inspect --spec-out`` writes the heads and the rows that follow them; reading the
-    file back gives the same spec; the table names the maps each group takes."""
+    """``inspect --spec-out`` writes the groups of heads; reading the file back gives the
+    same spec; ``inspect`` names the maps each group takes."""
     from ccamerge.models.custom import spec_from_dict, spec_to_dict
 
     model = hf._prepared(_gpt2())
@@ -146,6 +149,5 @@ def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> 
     assert res.exit_code == 0, res.output
     groups = {g["name"]: g for g in json.loads(res.stdout)["groups"]}
     assert groups["stream"]["maps"] == "permutation"
-    assert groups["h0.attn"]["maps"] == "4 heads, dense per head"
-    roles = [m["role"] for m in groups["h0.attn"]["members"]]
-    assert roles == ["output", "output", "input"] + ["head order"] * 4
+    assert groups["h0.attn.values"]["maps"] == "4 heads, dense per head"
+    assert groups["h0.attn.scores"]["maps"].startswith("4 heads in the order of h0.attn.values")

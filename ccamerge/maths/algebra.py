@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..models.spec import MergeSpec, head_order
+from ..models.spec import MergeSpec
 
 Transforms = Mapping[str, torch.Tensor]
 
@@ -78,8 +78,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
     ref = state_dicts[reference]
-    Ms = [with_derived(spec, M) for M in Ms]
-    Us = [with_derived(spec, U) for U in Us]
+    Ms = [with_concats(spec, M) for M in Ms]
+    Us = [with_concats(spec, U) for U in Us]
     out: dict[str, torch.Tensor] = {}
     for name, t_ref in ref.items():
         if not (t_ref.is_floating_point() or t_ref.is_complex()):
@@ -95,16 +95,12 @@ def merge_state_dicts(
     return out
 
 
-def with_derived(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
-    """``maps`` and the maps derived from them: for each concatenation of the spec, the
-    block-diagonal map of its parts' maps (the identity for a part without one); for each
-    group with ``head_members``, the order of its heads (:func:`head_order_map`)."""
-    heads = [g for g in spec.groups if g.head_members and maps is not None and g.name in maps]
-    if maps is None or not (spec.concats or heads):
+def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
+    """``maps`` and, for each concatenation of the spec, the block-diagonal map of its
+    parts' maps (the identity for a part without one)."""
+    if maps is None or not spec.concats:
         return maps
     out = dict(maps)
-    for g in heads:
-        out[head_order(g.name)] = head_order_map(maps[g.name], g.heads)
     for c in spec.concats:
         blocks = [
             maps[g] if g is not None and g in maps else torch.eye(n, dtype=torch.float64)
@@ -113,18 +109,6 @@ def with_derived(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
         device = next((m.device for m in maps.values()), "cpu")
         out[c.name] = torch.block_diag(*(b.to(device, torch.float64) for b in blocks))
     return out
-
-
-def head_order_map(m: torch.Tensor, heads: int) -> torch.Tensor:
-    """The permutation of whole heads that ``m`` (a heads group's map: one dense block
-    per head, the blocks permuted) makes, each head's units kept in order: block row h
-    takes the column block of largest norm. For ``U = M^-1`` (its blocks transposed),
-    this is the transpose of ``M``'s, as it should be."""
-    step = m.shape[0] // heads
-    mass = m.reshape(heads, step, heads, step).square().sum((1, 3))
-    order = mass.argmax(1)
-    eye = torch.eye(step, dtype=m.dtype, device=m.device)
-    return torch.kron(permutation_matrix(order).to(m), eye)
 
 
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
@@ -148,14 +132,16 @@ def permute_state_dict(
 
 def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random permutation per group, keeping each group's ``blocks`` (a heads group:
-    its heads reordered, and the units within each)."""
+    its heads reordered, as the group it follows orders them, and the units within each
+    head)."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
+    out, head_starts = {}, {}
     for g in spec.groups:
         step = g.size // max(g.blocks, g.heads)
         starts = torch.arange(0, g.size, step)
         if g.heads > 1:
-            starts = starts[torch.randperm(g.heads, generator=gen)]
+            starts = head_starts.get(g.follows, starts[torch.randperm(g.heads, generator=gen)])
+            head_starts[g.name] = starts
         parts = [int(b) + torch.randperm(step, generator=gen) for b in starts]
         out[g.name] = torch.cat(parts)
     return out

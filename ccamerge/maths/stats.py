@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.spec import MergeSpec
+from ..models.spec import FeatureGroup, MergeSpec
 from ..runtime import distributed
 from ..runtime.errors import NumericalError, OptionError, SpecError
 
@@ -392,10 +392,12 @@ def collect_statistics(
     current: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
 
-    def storer(key: tuple[str, int], axis: int):
+    def storer(key: tuple[str, int], g: FeatureGroup):
         def store(x: torch.Tensor) -> None:
+            if g.collect_from is not None:  # units of a fused projection's output
+                x = x.narrow(g.collect_axis, g.collect_from, g.size)
             # a copy: later in-place ops cannot change it
-            current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]), axis)
+            current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]), g.collect_axis)
 
         return store
 
@@ -416,7 +418,7 @@ def collect_statistics(
         for k, model in enumerate(models):
             model.eval()
             for g in groups:
-                store = storer((g.name, k), g.collect_axis)
+                store = storer((g.name, k), g)
                 handles.append(_hook_point(model, g.collect_at, g.collect_on, store))
             for bn in bns:
                 handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .base import AlignContext, Alignment, GroupAlignment, MergeMethod, Param, register_method
+from .permute import head_similarity, match
 
 _EIG_FLOOR = 1e-12  # relative to the largest eigenvalue
 _RIDGE_FLOOR = 1e-12  # absolute, keeps an all-dead group invertible
@@ -177,19 +178,48 @@ class CCA(MergeMethod):
                     ga.details["min_correlation"].append(None)
                     ga.details["cond"].append(None)
                     continue
-                res = cca_transform(
-                    C_xx,
-                    jc.block(k, k),
-                    jc.block(ref, k),
-                    self.gamma,
-                    self.ridge == "relative",
-                    eig_x,
-                    _eig(jc, k),
-                )
-                ga.M.append(res.T.T.contiguous())
-                ga.U.append(res.T_inv.T.contiguous())
+                if g.heads > 1 and g.follows is None:
+                    M, U, res = self._by_heads(jc, ref, k, g.heads)
+                else:
+                    res = cca_transform(
+                        C_xx,
+                        jc.block(k, k),
+                        jc.block(ref, k),
+                        self.gamma,
+                        self.ridge == "relative",
+                        eig_x,
+                        _eig(jc, k),
+                    )
+                    M, U = res.T.T.contiguous(), res.T_inv.T.contiguous()
+                ga.M.append(M)
+                ga.U.append(U)
                 ga.quality.append(float(res.corr.mean()))
                 ga.details["min_correlation"].append(float(res.corr.min()))
                 ga.details["cond"].append(res.cond)
             groups[g.name] = ga
         return Alignment(groups)
+
+    def _by_heads(
+        self, jc: Any, ref: int, k: int, heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, CCAResult]:
+        """An attention layer's values (docs/transformers.md): model k's heads matched to
+        the reference's (:func:`head_similarity`), then a CCA per matched pair of heads;
+        the maps are block-permuted block-diagonal. The result's correlations are all
+        heads'."""
+        step = jc.d // heads
+        order = match(head_similarity(jc, ref, k, heads))
+        Cr, Ck, Crk = jc.block(ref, ref), jc.block(k, k), jc.block(ref, k)
+        M, U = torch.zeros_like(Cr), torch.zeros_like(Cr)
+        results = []
+        for h, o in enumerate(order.tolist()):
+            rows, cols = slice(h * step, (h + 1) * step), slice(o * step, (o + 1) * step)
+            res = cca_transform(
+                Cr[rows, rows], Ck[cols, cols], Crk[rows, cols], self.gamma,
+                self.ridge == "relative",
+            )  # fmt: skip
+            M[rows, cols], U[cols, rows] = res.T.T, res.T_inv.T
+            results.append(res)
+        corr = torch.cat([r.corr for r in results])
+        rho = torch.cat([r.rho for r in results])
+        worst = max(r.cond for r in results)
+        return M, U, CCAResult(T=M.T, T_inv=U.T, rho=rho, corr=corr, cond=worst)

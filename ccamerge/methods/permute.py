@@ -45,6 +45,26 @@ def cross_correlation(jc: JointCovariance, i: int, j: int) -> torch.Tensor:
     return correlation(jc.block(i, j), var_i, var_j)
 
 
+def head_similarity(jc: JointCovariance, i: int, j: int, heads: int) -> torch.Tensor:
+    """(heads, heads): for each head of model i and head of model j, the sum of the
+    squared canonical correlations of their units: ``|C_ii^-1/2 C_ij C_jj^-1/2|_F^2``,
+    the head's width when one head is an invertible map of the other, whatever map
+    (a small ridge keeps a singular head finite)."""
+    step = jc.d // heads
+    whiten = []
+    for m in (i, j):
+        C = jc.block(m, m)
+        parts = []
+        for h in range(heads):
+            block = C[h * step : (h + 1) * step, h * step : (h + 1) * step]
+            evals, evecs = torch.linalg.eigh(block)
+            floor = 1e-9 * float(evals.max().clamp_min(1e-300))
+            parts.append(evecs @ torch.diag(evals.clamp_min(floor).rsqrt()) @ evecs.T)
+        whiten.append(torch.block_diag(*parts))
+    K = whiten[0] @ jc.block(i, j) @ whiten[1]
+    return K.reshape(heads, step, heads, step).square().sum((1, 3))
+
+
 def match(score: torch.Tensor) -> torch.Tensor:
     """The permutation ``perm`` (int64, (d,)) maximising ``sum_i score[i, perm[i]]``."""
     from scipy.optimize import linear_sum_assignment  # imported when used: slow to import

@@ -19,9 +19,11 @@ Spec files (``--spec-out`` writes one, ``--spec`` reads one back) are JSON::
 A group may add ``"collect_axis": -1`` (its units are the last axis of the collected
 tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation": true,
 "blocks": n`` (its maps are permutations keeping n blocks: a depthwise or grouped conv,
-a GroupNorm, a gain reads it), ``"heads": h, "head_members": [...]`` (an attention
-layer's value space: whole heads permuted, a map per head; the members listed there, the
-query and key rows, take only the heads' order; docs/transformers.md), and the document
+a GroupNorm, a gain reads it), ``"heads": h`` (a group of attention heads: whole heads
+permuted, a map per head), ``"follows": group`` (heads in the order of another group's:
+an attention layer's query/key space follows its values) and ``"collect_from": i`` (the
+group's units start at index i of the collected tensor: a fused projection;
+docs/transformers.md), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
 (concatenations of groups that layers read, docs/custom-models.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
@@ -323,7 +325,12 @@ def spec_to_dict(
 
 
 def _heads_doc(g: FeatureGroup) -> dict[str, Any]:
-    return {"heads": g.heads, "head_members": [[t, a] for t, a in g.head_members]}
+    doc: dict[str, Any] = {"heads": g.heads}
+    if g.follows is not None:
+        doc["follows"] = g.follows
+    if g.collect_from is not None:
+        doc["collect_from"] = g.collect_from
+    return doc
 
 
 def _concat_doc(c: Concat) -> dict[str, Any]:
@@ -372,13 +379,13 @@ def save_spec(
 
 _GROUP_KEYS = {
     "name", "size", "members", "collect_at", "collect_on", "collect_axis", "norms", "permutation",
-    "blocks", "heads", "head_members",
+    "blocks", "heads", "follows", "collect_from",
 }  # fmt: skip
 
 
 def _member_list(group: dict[str, Any], key: str, label: str) -> tuple[tuple[str, int], ...]:
-    """A group's ``members`` or ``head_members``: [tensor, axis] pairs."""
-    members = group.get(key, [])
+    """A group's ``members``: [tensor, axis] pairs."""
+    members = group.get(key)
     if not isinstance(members, list) or not all(
         isinstance(m, list)
         and len(m) == 2
@@ -434,9 +441,11 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
         permutation, blocks = g.get("permutation", False), g.get("blocks", 1)
         if not isinstance(permutation, bool) or not isinstance(blocks, int) or blocks < 1:
             raise SpecError(f"{label}: 'permutation' must be true/false, 'blocks' an integer >= 1")
-        heads = g.get("heads", 1)
+        heads, follows, start = g.get("heads", 1), g.get("follows"), g.get("collect_from")
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
             raise SpecError(f"{label}: 'heads' must be an integer >= 1")
+        if not isinstance(follows, str | None) or not isinstance(start, int | None):
+            raise SpecError(f"{label}: 'follows' must be a group name, 'collect_from' an index")
         out.append(
             FeatureGroup(
                 name=g["name"],
@@ -449,7 +458,8 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 permutation=permutation,
                 blocks=blocks,
                 heads=heads,
-                head_members=_member_list(g, "head_members", label),
+                follows=follows,
+                collect_from=start,
             )
         )
     try:

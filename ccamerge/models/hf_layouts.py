@@ -54,15 +54,32 @@ def _mlp(name: str, fc1: str, fc2: str, size: int) -> FeatureGroup:
     return FeatureGroup(name, size, members, fc2, "input", collect_axis=-1)
 
 
-def _heads(name: str, qkv: Mapping[str, str], out: str, d: int, heads: int) -> FeatureGroup:
-    """An attention layer's value/output space: ``qkv`` maps q, k, v to each projection's
-    weight name (its bias: the same with ``bias``)."""
+def _attention(
+    name: str, qkv: Mapping[str, str], out: str, d: int, heads: int, fused: bool = False
+) -> list[FeatureGroup]:
+    """An attention layer's two groups of heads: the value/output space (collected at the
+    output projection's input) and the query/key space that follows it (collected at
+    the query projection's output: with ``fused``, the first ``d`` units of the fused
+    projection's). ``qkv`` maps q, k, v to each projection's weight name (its bias: the
+    same with ``bias``)."""
     bias = {k: w.removesuffix("weight") + "bias" for k, w in qkv.items()}
-    members = ((qkv["v"], 0), (bias["v"], 0), (f"{out}.weight", 1))
-    follow = tuple((t, 0) for k in ("q", "k") for t in (qkv[k], bias[k]))
-    return FeatureGroup(
-        name, d, members, out, "input", collect_axis=-1, heads=heads, head_members=follow
-    )
+    values = ((qkv["v"], 0), (bias["v"], 0), (f"{out}.weight", 1))
+    scores = tuple((t, 0) for k in ("q", "k") for t in (qkv[k], bias[k]))
+    query = qkv["q"].removesuffix(".q_weight" if fused else ".weight")
+    return [
+        FeatureGroup(f"{name}.values", d, values, out, "input", collect_axis=-1, heads=heads),
+        FeatureGroup(
+            f"{name}.scores",
+            d,
+            scores,
+            query,
+            "output",
+            collect_axis=-1,
+            heads=heads,
+            follows=f"{name}.values",
+            collect_from=0 if fused else None,
+        ),  # fmt: skip
+    ]
 
 
 def _readers(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> Members:
@@ -89,7 +106,7 @@ def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[F
         stream += _affine(f"{b}ln_1") + [(w, 1) for w in qkv.values()]
         stream += _writes(f"{b}attn.c_proj") + _affine(f"{b}ln_2")
         stream += [(f"{b}mlp.c_fc.weight", 1)] + _writes(f"{b}mlp.c_proj")
-        groups.append(_heads(f"h{i}.attn", qkv, f"{b}attn.c_proj", d, heads))
+        groups += _attention(f"h{i}.attn", qkv, f"{b}attn.c_proj", d, heads, fused=True)
         size = state[f"{b}mlp.c_fc.weight"].shape[0]
         groups.append(_mlp(f"h{i}.mlp", f"{b}mlp.c_fc", f"{b}mlp.c_proj", size))
     stream += _affine(f"{p}ln_f") + _readers(state, ("lm_head.weight", "score.weight"))
@@ -109,7 +126,7 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
         stream += _affine(f"{b}layernorm_before") + [(w, 1) for w in qkv.values()]
         stream += _writes(f"{b}attention.o_proj") + _affine(f"{b}layernorm_after")
         stream += [(f"{b}mlp.fc1.weight", 1)] + _writes(f"{b}mlp.fc2")
-        groups.append(_heads(f"layer{i}.attn", qkv, f"{b}attention.o_proj", d, heads))
+        groups += _attention(f"layer{i}.attn", qkv, f"{b}attention.o_proj", d, heads)
         size = state[f"{b}mlp.fc1.weight"].shape[0]
         groups.append(_mlp(f"layer{i}.mlp", f"{b}mlp.fc1", f"{b}mlp.fc2", size))
     stream += _affine(f"{p}layernorm")
@@ -134,7 +151,7 @@ def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[F
         stream += _affine(f"{b}attention.output.LayerNorm")
         stream += [(f"{b}intermediate.dense.weight", 1)] + _writes(f"{b}output.dense")
         stream += _affine(f"{b}output.LayerNorm")
-        groups.append(_heads(f"layer{i}.attn", qkv, f"{b}attention.output.dense", d, heads))
+        groups += _attention(f"layer{i}.attn", qkv, f"{b}attention.output.dense", d, heads)
         size = state[f"{b}intermediate.dense.weight"].shape[0]
         groups.append(_mlp(f"layer{i}.mlp", f"{b}intermediate.dense", f"{b}output.dense", size))
     if f"{p}pooler.dense.weight" in state:  # tanh(dense(first token)): its own units

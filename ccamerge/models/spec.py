@@ -22,11 +22,15 @@ map. Such a group says so: ``permutation`` (its maps are permutations) and
 permutations. A grouped convolution's input axis holds one block's units
 (``size / blocks`` of them) and is transformed block by block.
 
-Attention heads are units of their own: a group with ``heads`` (the value/output
-space of one attention layer, docs/transformers.md) takes maps that permute whole
-heads and map each head's units densely; its ``head_members`` (the query and key
-rows) follow only the order of the heads (the scores of a head are kept by moving the
-head, not by a map of its values), under the derived name ``head_order(name)``.
+Attention heads are units of their own (docs/transformers.md): a group with ``heads``
+takes maps that permute whole heads and map each head's units by a block of their own.
+An attention layer has two such groups: its value/output space (dense blocks: any
+invertible map of a head's values is undone by the output projection), and its
+query/key space, which ``follows`` the first (its heads in the same order) and takes
+orthogonal blocks (the query rows and the key rows are both mapped by ``M``, which
+keeps every score ``q . k`` when ``M`` is orthogonal). ``collect_from``, when given, is
+the index of the group's first unit in the collected tensor (a fused query/key/value
+projection's output holds the query units first).
 """
 
 from __future__ import annotations
@@ -65,10 +69,11 @@ class FeatureGroup:
     permutation: bool = False
     blocks: int = 1
     heads: int = 1
-    head_members: tuple[tuple[str, int], ...] = ()
+    follows: str | None = None
+    collect_from: int | None = None
 
     def __post_init__(self) -> None:
-        for _, axis in (*self.members, *self.head_members):
+        for _, axis in self.members:
             if not isinstance(axis, int) or axis < 0:
                 raise SpecError(f"group {self.name}: axis {axis} is not 0 (output) or >= 1 (input)")
         if self.collect_axis not in (1, -1):
@@ -79,13 +84,8 @@ class FeatureGroup:
             raise SpecError(f"group {self.name}: blocks are only kept by permutations")
         if self.heads < 1 or self.size % self.heads or (self.heads > 1 and self.blocks > 1):
             raise SpecError(f"group {self.name}: {self.heads} heads do not divide {self.size}")
-        if self.head_members and self.heads == 1:
-            raise SpecError(f"group {self.name}: head_members need heads > 1")
-
-
-def head_order(group: str) -> str:
-    """The derived name under which a heads group's ``head_members`` are transformed."""
-    return f"{group}:heads"
+        if self.follows is not None and self.heads == 1:
+            raise SpecError(f"group {self.name}: only a group of heads follows another")
 
 
 @dataclass(frozen=True)
@@ -122,21 +122,22 @@ class MergeSpec:
             unknown = [p for p, _ in c.parts if p is not None and p not in known]
             if unknown:
                 raise SpecError(f"concatenation {c.name}: unknown part {unknown[0]!r}")
-        followers = [(head_order(g.name), g.head_members) for g in self.groups]
         for g in (*self.groups, *self.concats):
             if g.name in names:
                 raise SpecError(f"duplicate group name {g.name!r}")
+            leader = getattr(g, "follows", None)
+            if leader is not None and not any(
+                f.name == leader and f.name in names and f.heads == g.heads for f in self.groups
+            ):
+                raise SpecError(f"group {g.name} follows {leader!r}: no earlier group of heads")
             names.add(g.name)
-        for name, members in [
-            (g.name, g.members) for g in (*self.groups, *self.concats)
-        ] + followers:
-            for tensor, axis in members:
+            for tensor, axis in g.members:
                 slot = axes.setdefault(tensor, {})
                 if axis in slot:
                     raise SpecError(
-                        f"{tensor} axis {axis} is in two groups: {slot[axis]!r} and {name!r}"
+                        f"{tensor} axis {axis} is in two groups: {slot[axis]!r} and {g.name!r}"
                     )
-                slot[axis] = name
+                slot[axis] = g.name
         object.__setattr__(self, "axes", axes)
 
     def group(self, name: str) -> FeatureGroup:
@@ -152,7 +153,7 @@ class MergeSpec:
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check every member tensor exists and has the group's size on its axis."""
         for g in (*self.groups, *self.concats):
-            for tensor, axis in (*g.members, *getattr(g, "head_members", ())):
+            for tensor, axis in g.members:
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)

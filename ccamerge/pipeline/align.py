@@ -24,8 +24,8 @@ from ..methods import (
     method_parameters,
 )
 from ..methods.base import AUTO, GroupAlignment
-from ..methods.permute import cross_correlation, match
-from ..models.spec import FeatureGroup, MergeSpec, head_order
+from ..methods.permute import cross_correlation, head_similarity, match
+from ..models.spec import FeatureGroup, MergeSpec
 from ..runtime.errors import OptionError
 from .load import LoadedModels
 
@@ -172,45 +172,72 @@ def constrain(
     each model's units are matched to the reference's within each block, by their
     correlation on the calibration data (without statistics: by the map's entries)."""
     groups = dict(alignment.groups)
+    orders: dict[str, list[torch.Tensor | None]] = {}  # each heads group's order of heads
     for g in spec.groups:
         jc = stats.groups.get(g.name) if stats is not None else None
         if g.heads > 1 and g.name in groups:
-            groups[g.name] = _by_heads(g, groups[g.name], reference, jc)
+            leader = None
+            if g.follows is not None:  # heads in the order of the group followed (kept
+                n = len(groups[g.name].M)  # as they are when that group was not aligned)
+                leader = orders.get(g.follows, [torch.arange(g.heads)] * n)
+            groups[g.name], orders[g.name] = _by_heads(g, groups[g.name], reference, jc, leader)
         elif g.permutation and g.name in groups:
             groups[g.name] = _permutations(g, groups[g.name], reference, jc)
     return Alignment(groups)
 
 
-def _by_heads(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
-    """The maps of an attention layer's value space made head by head: each model's heads
-    matched to the reference's by the mass of their correlation (without statistics: of
-    the map), then within each matched pair the method's block of the map (its inverse
-    for ``U``), or, for a permutation group or a method that permutes, the units matched
-    by their correlation."""
-    Ms, Us = [], []
+def _by_heads(
+    g: FeatureGroup,
+    ga: GroupAlignment,
+    reference: int,
+    jc: Any,
+    leader: list[torch.Tensor | None] | None,
+) -> tuple[GroupAlignment, list[torch.Tensor | None]]:
+    """The maps of a group of heads made head by head, and the order of heads they take.
+
+    Each model's heads are matched to the reference's by :func:`head_similarity`
+    (without statistics: by the mass of the map's blocks), or take the order of the
+    group it follows (``leader``). Within each matched
+    pair: for a group that follows (query/key), the orthogonal map closest to the pair's
+    cross-covariance (Procrustes), for a method that permutes, the units matched by
+    correlation, else the method's block of the map (its inverse for ``U``)."""
+    Ms, Us, orders = [], [], []
     step = g.size // g.heads
     for k, (M, U) in enumerate(zip(ga.M, ga.U)):
         if k == reference:
             Ms.append(M)
             Us.append(U)
+            orders.append(None)
             continue
         score = (cross_correlation(jc, reference, k) if jc is not None else M).nan_to_num()
         blocks = score.reshape(g.heads, step, g.heads, step)
-        order = match(blocks.square().sum((1, 3)))  # reference head h <- model head order[h]
+        if leader is not None:
+            order = leader[k]
+        elif jc is not None:
+            order = match(head_similarity(jc, reference, k, g.heads))
+        else:
+            order = match(blocks.square().sum((1, 3)))
+        assert order is not None
+        cross = jc.block(reference, k).reshape(blocks.shape) if jc is not None else blocks
         permutes = g.permutation or _is_permutation(M, 1)
         Mh, Uh = torch.zeros_like(M), torch.zeros_like(M)
         for h, o in enumerate(order.tolist()):
             rows, cols = slice(h * step, (h + 1) * step), slice(o * step, (o + 1) * step)
             if permutes:
                 block = permutation_matrix(match(blocks[h, :, o, :])).to(M)
+            elif g.follows is not None:
+                u, _, vh = torch.linalg.svd(cross[h, :, o, :].to(M))
+                block = u @ vh  # orthogonal: maximises trace(block^T cross)
             else:
                 block = M[rows, cols]
+            orthogonal = permutes or g.follows is not None
             Mh[rows, cols] = block
-            Uh[cols, rows] = block.T if permutes else torch.linalg.pinv(block)
+            Uh[cols, rows] = block.T if orthogonal else torch.linalg.pinv(block)
         Ms.append(Mh)
         Us.append(Uh)
-    details = {**ga.details, "heads": f"{g.heads} matched"}
-    return GroupAlignment(Ms, Us, list(ga.quality), details)
+        orders.append(order)
+    details = {**ga.details, "heads": f"{g.heads} matched" if leader is None else "followed"}
+    return GroupAlignment(Ms, Us, list(ga.quality), details), orders
 
 
 def _permutations(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
@@ -261,7 +288,6 @@ def aligned_parameters(
         )
     }
     moved |= {c.name for c in spec.concats if any(p in moved for p, _ in c.parts)}
-    moved |= {head_order(name) for name in moved}
     owners = {t.rpartition(".")[0] for t, axes in spec.axes.items() if moved & set(axes.values())}
     aligned, total, kept = 0, 0, Counter()
     modules = dict(model.named_modules())

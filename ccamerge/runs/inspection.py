@@ -38,7 +38,7 @@ def inspect_checkpoint(
     ``groups``: one ``{name, size, collect_at, collect_on, collect_axis, norms, maps,
     members}`` per feature group (``maps``: dense, permutation, or per head), ``members``
     being ``{tensor, axis, role, shape}`` with role ``output`` (axis 0, transformed by
-    M), ``input`` (a later axis, by U) or ``head order`` (moved as whole heads);
+    M) or ``input`` (a later axis, by U);
     ``ungrouped``: tensors with no grouped axis (only averaged in a merge).
     With ``source.model`` (``--model``, see :mod:`ccamerge.models.custom`) the groups are discovered
     on samples of ``input_shape``; ``untransformed`` and ``warnings`` say what
@@ -70,11 +70,10 @@ def inspect_checkpoint(
                 {
                     "tensor": tensor,
                     "axis": axis,
-                    "role": role if role else "output" if axis == 0 else "input",
+                    "role": "output" if axis == 0 else "input",
                     "shape": list(sd[tensor].shape),
                 }
-                for members, role in ((g.members, None), (g.head_members, "head order"))
-                for tensor, axis in members
+                for tensor, axis in g.members
             ],
         }
         for g in loaded.spec.groups
@@ -97,6 +96,8 @@ def inspect_checkpoint(
 
 def _maps(g: FeatureGroup) -> str:
     """What maps the group takes: dense, permutations (within blocks), or per head."""
+    if g.follows is not None:
+        return f"{g.heads} heads in the order of {g.follows}, orthogonal per head"
     if g.heads > 1:
         return f"{g.heads} heads, " + ("permuted" if g.permutation else "dense per head")
     if g.permutation:

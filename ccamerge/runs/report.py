@@ -531,14 +531,9 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     if maps:
         t.add_column("maps")
     t.add_column("collected at")
-    t.add_column(
-        "members (tensor:axis; :heads moved as whole heads)" if maps else "members (tensor:axis)"
-    )
+    t.add_column("members (tensor:axis)")
     for g in info["groups"]:
-        members = " ".join(
-            f"{m['tensor']}:{m['axis']}" + (":heads" if m["role"] == "head order" else "")
-            for m in g["members"]
-        )
+        members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
         t.add_row(
             g["name"],
             str(g["size"]),
