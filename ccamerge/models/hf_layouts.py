@@ -95,27 +95,37 @@ def _prefix(state: Mapping[str, torch.Tensor], marker: str) -> str:
     return ""
 
 
+def _pre_ln_block(
+    name: str, layers: Mapping[str, str], qkv: Mapping[str, str], heads: int, state: Any
+) -> tuple[Members, list[FeatureGroup]]:
+    """A pre-LN block's stream members and its groups; ``layers`` names its modules:
+    ``ln1``, ``out`` (attention's output projection), ``ln2``, ``fc1``, ``fc2``."""
+    fc1, fc2, out = layers["fc1"], layers["fc2"], layers["out"]
+    stream = _affine(layers["ln1"]) + [(w, 1) for w in qkv.values()] + _writes(out)
+    stream += _affine(layers["ln2"]) + [(f"{fc1}.weight", 1)] + _writes(fc2)
+    d, fused = state[f"{out}.weight"].shape[0], qkv["q"].endswith("q_weight")
+    groups = _attention(f"{name}.attn", qkv, out, d, heads, fused)
+    groups.append(_mlp(f"{name}.mlp", fc1, fc2, state[f"{fc1}.weight"].shape[0]))
+    return stream, groups
+
+
 def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
     p = _prefix(state, "wte.weight")
-    d, heads = config["n_embd"], config["n_head"]
     stream = [(f"{p}wte.weight", 1), (f"{p}wpe.weight", 1)]
     groups = []
     for i in range(config["n_layer"]):
         b = f"{p}h.{i}."
         qkv = {k: f"{b}attn.c_attn.{k}_weight" for k in QKV}
-        stream += _affine(f"{b}ln_1") + [(w, 1) for w in qkv.values()]
-        stream += _writes(f"{b}attn.c_proj") + _affine(f"{b}ln_2")
-        stream += [(f"{b}mlp.c_fc.weight", 1)] + _writes(f"{b}mlp.c_proj")
-        groups += _attention(f"h{i}.attn", qkv, f"{b}attn.c_proj", d, heads, fused=True)
-        size = state[f"{b}mlp.c_fc.weight"].shape[0]
-        groups.append(_mlp(f"h{i}.mlp", f"{b}mlp.c_fc", f"{b}mlp.c_proj", size))
+        names = {"ln1": "ln_1", "out": "attn.c_proj", "ln2": "ln_2", "fc1": "mlp.c_fc"}
+        layers = {k: b + v for k, v in {**names, "fc2": "mlp.c_proj"}.items()}
+        members, block = _pre_ln_block(f"h{i}", layers, qkv, config["n_head"], state)
+        stream, groups = stream + members, groups + block
     stream += _affine(f"{p}ln_f") + _readers(state, ("lm_head.weight", "score.weight"))
-    return [_stream(d, stream, f"{p}ln_f"), *groups]
+    return [_stream(config["n_embd"], stream, f"{p}ln_f"), *groups]
 
 
 def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
     p = _prefix(state, "embeddings.cls_token")
-    d, heads = config["hidden_size"], config["num_attention_heads"]
     e = f"{p}embeddings."
     stream = [(f"{e}cls_token", 2), (f"{e}position_embeddings", 2)]
     stream += _writes(f"{e}patch_embeddings.projection")
@@ -123,15 +133,15 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
     for i in range(config["num_hidden_layers"]):
         b = f"{p}layers.{i}."
         qkv = {k: f"{b}attention.{k}_proj.weight" for k in QKV}
-        stream += _affine(f"{b}layernorm_before") + [(w, 1) for w in qkv.values()]
-        stream += _writes(f"{b}attention.o_proj") + _affine(f"{b}layernorm_after")
-        stream += [(f"{b}mlp.fc1.weight", 1)] + _writes(f"{b}mlp.fc2")
-        groups += _attention(f"layer{i}.attn", qkv, f"{b}attention.o_proj", d, heads)
-        size = state[f"{b}mlp.fc1.weight"].shape[0]
-        groups.append(_mlp(f"layer{i}.mlp", f"{b}mlp.fc1", f"{b}mlp.fc2", size))
+        names = {"ln1": "layernorm_before", "out": "attention.o_proj", "ln2": "layernorm_after"}
+        layers = {k: b + v for k, v in {**names, "fc1": "mlp.fc1", "fc2": "mlp.fc2"}.items()}
+        members, block = _pre_ln_block(
+            f"layer{i}", layers, qkv, config["num_attention_heads"], state
+        )
+        stream, groups = stream + members, groups + block
     stream += _affine(f"{p}layernorm")
     stream += _readers(state, ("classifier.weight", f"{p}pooler.dense.weight"))
-    return [_stream(d, stream, f"{p}layernorm"), *groups]
+    return [_stream(config["hidden_size"], stream, f"{p}layernorm"), *groups]
 
 
 def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
