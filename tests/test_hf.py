@@ -71,8 +71,8 @@ def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path)
     """Two GPT-2 folders (tied embeddings, Conv1D layers) merge without --model into a
     folder with the inputs' tensor names (the tied head written once) and config.json;
     ``from_pretrained`` gives the reported next-token loss; the family's layout aligns
-    the model, and the report says that the refit could not run (torch.fx cannot trace
-    it)."""
+    the model, and the refit runs layer by layer through module hooks (torch.fx cannot
+    trace it), every fit lowering its residual."""
     folders = [_save(_gpt2(), tmp_path / f"g{k}", k) for k in range(2)]
     rng = np.random.default_rng(0)
     calib = _npz(tmp_path / "calib.npz", input_ids=rng.integers(0, VOCAB, (200, 12)))
@@ -83,7 +83,15 @@ def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path)
     assert report["architecture"]["name"] == "huggingface"
     assert report["architecture"]["config"]["class"] == "GPT2LMHeadModel"
     assert report["method"] == "cca" and report["aligned"]["fraction"] > 0.9
-    assert any("refit skipped: torch.fx cannot trace" in w for w in report["warnings"])
+    assert any("layer by layer through module hooks" in w for w in report["warnings"])
+    assert report["refit"]["mode"] == "module hooks"
+    layers = report["refit"]["layers"]  # every Conv1D and LayerNorm, in forward order
+    assert [x["name"] for x in layers][:3] == [
+        "transformer.h.0.ln_1", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"
+    ]  # fmt: skip
+    assert len(layers) == 2 * 6 + 1  # per block: 2 norms, 4 layers; the final norm (the
+    # head, tied to the token embedding, is not refitted)
+    assert all(x["residual_after"] <= x["residual_before"] + 1e-9 for x in layers)
     assert _keys(out) == _keys(folders[0]) and "lm_head.weight" not in _keys(out)
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (folders[0] / "config.json").read_text()
@@ -107,13 +115,16 @@ def _opt():
 
 def test_a_family_without_a_layout_is_averaged_and_the_report_says_so(tmp_path) -> None:
     """OPT has no layout in ccamerge and torch.fx cannot trace it: its folders are averaged
-    as they are, the method is reported as plain averaging, a warning says why, and
-    ``barrier`` draws only the average path."""
+    as they are (``--no-refit``: tensor by tensor) or then refitted, the method is
+    reported as plain averaging, a warning says why, and ``barrier`` draws only the
+    average path."""
     folders = [str(_save(_opt(), tmp_path / f"o{k}", k)) for k in range(2)]
     ids = np.random.default_rng(0).integers(0, VOCAB, (100, 12))
     calib = _npz(tmp_path / "calib.npz", input_ids=ids)
     out = tmp_path / "out"
-    report = _merge(*folders, "--data", calib, "-o", f"{out}/")
+    report = _merge(*folders, "--data", calib, "-o", f"{tmp_path / 'refitted'}/")
+    assert report["method"] == "average" and report["refit"]["mode"] == "module hooks"
+    report = _merge(*folders, "--data", calib, "--no-refit", "-o", f"{out}/")
     assert report["method"] == "average" and report["aligned"]["fraction"] == 0.0
     assert any("no feature group found" in w for w in report["warnings"])
     merged = transformers.OPTForCausalLM.from_pretrained(str(out)).state_dict()

@@ -386,18 +386,37 @@ class _Untraceable(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
-def test_untraceable_model_is_a_clear_error():
+def test_an_untraceable_model_is_refitted_through_module_hooks():
+    """torch.fx cannot trace data-dependent control flow: the refit then runs layer by
+    layer through module hooks (and says so); a merge of a model with itself stays put."""
+    torch.manual_seed(0)
     models = [_Untraceable() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
     spec = MergeSpec(())
-    with pytest.raises(RefitError, match="torch.fx cannot trace _Untraceable.forward"):
+    merged = _Untraceable()
+    merged.load_state_dict(models[0].state_dict())
+    report = refit(
+        merged,
+        models,
+        spec,
+        identity_alignment(spec, 2),
+        [0.5, 0.5],
+        _batches(torch.randn(8, 3), 4),
+    )
+    assert report.mode == "module hooks" and [x.name for x in report.layers] == ["fc"]
+    assert "torch.fx cannot trace _Untraceable.forward" in report.warnings[0]
+    torch.testing.assert_close(merged.fc.weight, models[0].fc.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_an_untraceable_model_with_batchnorm_is_a_clear_error():
+    """Module hooks cannot give BatchNorms honest statistics: that refit is refused."""
+    models = [_Branchy().eval() for _ in range(2)]
+    spec = MergeSpec(())
+    with pytest.raises(RefitError, match="torch.fx cannot trace _Branchy.forward"):
         refit(
-            models[0],
-            models,
-            spec,
-            identity_alignment(spec, 2),
-            [0.5, 0.5],
-            _batches(torch.randn(4, 3), 4),
-        )
+            models[0], models, spec, identity_alignment(spec, 2), [0.5, 0.5],
+            _batches(torch.randn(4, 4), 4),
+        )  # fmt: skip
 
 
 class _Branchy(nn.Module):

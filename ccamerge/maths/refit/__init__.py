@@ -41,21 +41,16 @@ choice between the two modes), ``fit`` (the driver and its report).
 """
 
 from .equations import NormalEquations
-from .fit import (
-    DEFAULT_MAX_ROWS,
-    DEFAULT_RIDGE,
-    MODES,
-    LayerFit,
-    RefitReport,
-    RefitSettings,
-    refit,
-)
+from .fit import MODES, refit
+from .hooked import HOOKS_MODE
 from .interpret import EndpointOutputs
 from .memory import default_memory_budget
 from .plan import make_plan, output_node
+from .settings import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, LayerFit, RefitReport, RefitSettings
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
+    "HOOKS_MODE",
     "DEFAULT_RIDGE",
     "EndpointOutputs",
     "MODES",

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -17,7 +14,7 @@ from ...methods.base import Alignment
 from ...models.spec import MergeSpec
 from ...runtime import distributed
 from ...runtime.errors import OptionError, RefitError
-from ..bn import reset_batchnorm
+from ..bn import has_batchnorm, reset_batchnorm
 from .equations import (
     Moments,
     NormalEquations,
@@ -27,54 +24,13 @@ from .equations import (
     rows,
     write_weights,
 )
+from .hooked import refit_by_hooks
 from .interpret import Chunk, EndpointOutputs
 from .memory import choose_mode, default_memory_budget, first_and_count
 from .plan import Fit, Norm, Opaque, Plan, Step, make_plan
+from .settings import LayerFit, RefitReport, RefitSettings
 
-DEFAULT_RIDGE = 1e-3
-# rows (samples x output positions) a layer is fitted on at most. Measured (2000 images,
-# two models; docs/benchmarks.md): 2^18 rows as accurate as every row (ResNet20 x1: up to
-# 2M rows a layer) at a third of the time, and 2^16 as accurate as 2^18 (ResNet20 x1
-# 83.2 / 83.2 %, VGG11q 87.8 / 87.9 %) with the refit about 40 % faster
-DEFAULT_MAX_ROWS = 1 << 16
 MODES = ("stored", "recompute")
-
-
-# ---------------------------------------------------------------------------
-# the report
-
-
-@dataclass
-class LayerFit:
-    """One refitted layer. Residuals are ``||W x - t||^2 / ||t||^2`` on the calibration
-    data, before (the averaged weights on the merged inputs) and after the fit."""
-
-    name: str
-    kind: str  # "linear" or "conv"
-    norm: str | None  # the BatchNorm folded into the fit
-    residual_sum: bool  # the target is read at a residual sum
-    inputs: int  # p: input values per sample, with the constant of a fitted bias
-    samples: int  # rows of the fit (samples x output positions)
-    residual_before: float | None
-    residual_after: float | None
-    seconds: float
-
-
-@dataclass
-class RefitReport:
-    mode: str  # "stored" or "recompute"
-    memory_budget: int | None  # bytes that decided the mode (None: free memory unknown)
-    ridge: float
-    max_rows: int  # the row limit of one layer's fit (0: none)
-    # where the endpoints' outputs came from: "statistics pass" (kept there: N + 1 forward
-    # passes in the merge) or "refit" (the refit ran the endpoints again: 2N + 1)
-    endpoint_outputs: str = "refit"
-    layers: list[LayerFit] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0  # the whole refit
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------
@@ -113,42 +69,6 @@ def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.train(training)
-
-
-@dataclass(frozen=True)
-class RefitSettings:
-    """The refit as a run asks for it: whether it runs, the ridge towards the averaged
-    weights, the row limit of one layer's fit (0: none) and the memory budget that decides
-    between the stored and the recomputing mode (bytes; None: half the free memory)."""
-
-    enabled: bool = True
-    ridge: float = DEFAULT_RIDGE
-    max_rows: int = DEFAULT_MAX_ROWS
-    memory_budget: int | None = None
-
-    def check(self) -> RefitSettings:
-        """Itself, after checking the ridge (finite, >= 0) and the row limit (an integer >= 0)."""
-        ridge, max_rows = self.ridge, self.max_rows
-        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-            raise OptionError(f"the refit ridge must be finite and non-negative, got {ridge}")
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
-            raise OptionError(f"the refit's row limit must be an integer >= 0, got {max_rows}")
-        return self
-
-    def record(self) -> dict[str, Any]:
-        """What a transforms file records (``apply`` repeats it)."""
-        return {"enabled": self.enabled, "ridge": self.ridge, "max_rows": self.max_rows}
-
-    @classmethod
-    def from_record(cls, recorded: dict[str, Any]) -> RefitSettings:
-        """The settings :meth:`record` wrote (missing values: the defaults; a record
-        without ``enabled``: no refit)."""
-        ridge, max_rows = recorded.get("ridge"), recorded.get("max_rows")
-        return cls(
-            enabled=bool(recorded.get("enabled")),
-            ridge=DEFAULT_RIDGE if ridge is None else ridge,
-            max_rows=DEFAULT_MAX_ROWS if max_rows is None else max_rows,
-        ).check()
 
 
 def _check_options(
@@ -192,7 +112,19 @@ def refit(
     _check_options(endpoints, weights, settings)
     ridge, max_rows, memory_budget = settings.ridge, settings.max_rows, settings.memory_budget
     _check_endpoints(merged, endpoints)
-    plan = make_plan(merged, spec)
+    try:
+        plan = make_plan(merged, spec)
+    except RefitError as e:
+        if "cannot trace" not in str(e) or has_batchnorm(merged):
+            raise  # module hooks cannot give BatchNorms their statistics
+        report = refit_by_hooks(
+            merged, endpoints, spec, alignment, weights, batches, settings, on_layer
+        )
+        report.warnings.insert(
+            0,
+            f"{e}: the refit ran layer by layer through module hooks ({len(report.layers)} layers; docs/refit.md)",
+        )
+        return report
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
     maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
     start = time.perf_counter()

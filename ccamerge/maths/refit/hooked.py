@@ -1,0 +1,231 @@
+"""The refit of a network torch.fx cannot trace (the models of ``transformers``): its
+linear layers and LayerNorms refitted one at a time, in the order the forward pass calls
+them, with module hooks (docs/refit.md, "Networks that cannot be traced").
+
+For each layer, on the calibration batches: the endpoints' outputs of that layer,
+mapped into the merged units by the maps of its output group and averaged with the merge
+weights, are the target; the merged network's input to the layer (after the layers
+before it were refitted) is the input. A linear layer (``nn.Linear``, or transformers'
+``Conv1D``, which stores its weight as (in, out)) is fitted by ridge-regularised least
+squares toward its current weights; a LayerNorm's gain and bias per channel on its
+normalised input. A forward pass stops at the layer it serves. Other layers (a ViT's
+patch convolution, embeddings, a head tied to the embeddings) keep their aligned,
+averaged weights. A network with BatchNorm is not refitted this way (its statistics
+would not follow).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...methods.base import Alignment
+from ...models.spec import MergeSpec
+from ...runtime.errors import RefitError
+from .equations import NormalEquations
+from .settings import LayerFit, RefitReport, RefitSettings
+
+HOOKS_MODE = "module hooks"  # RefitReport.mode of this refit
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a forward pass at the layer it serves."""
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None
+
+
+def _kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Linear) or _is_conv1d(m):
+        return "linear"
+    if isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
+        return "layernorm"
+    return None
+
+
+def _tied(model: nn.Module) -> set[str]:
+    """Modules holding a parameter that another name shares (a tied output head)."""
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
+    return {m for names in owners.values() if len(names) > 1 for m in names}
+
+
+def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The refittable layers in the order one forward pass calls them, but those holding
+    a tied weight (fitting one would change the other: GPT-2's head is its token
+    embedding); a layer called twice is an error."""
+    order: list[str] = []
+    handles = []
+    tied = _tied(model)
+    for name, m in model.named_modules():
+        if _kind(m) is not None and name not in tied:
+            handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    twice = sorted({n for n in order if order.count(n) > 1})
+    if twice:
+        raise RefitError(f"layer {twice[0]} is called more than once in a forward pass")
+    return order
+
+
+def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Tensor:
+    """The input (or output) of layer ``name`` when ``model`` runs on ``x``, as rows."""
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, args, out):
+        seen.append((out if output else args[0]).detach())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RefitError(f"layer {name} is not reached by a forward pass")
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def _output_map(name: str, spec: MergeSpec, alignment: Alignment, k: int, device) -> Any:
+    """Model k's map of layer ``name``'s outputs into the merged units (None: identity):
+    its output group's ``M``, or for a fused query/key/value projection the
+    block-diagonal map of its three parts' groups."""
+    parts = [f"{name}.weight"] + [f"{name}.{p}_weight" for p in ("q", "k", "v")]
+    maps = []
+    for tensor in parts:
+        group = spec.axes.get(tensor, {}).get(0)
+        if group is not None and group in alignment.groups:
+            maps.append(alignment.groups[group].M[k].to(device, torch.float64))
+    if not maps:
+        return None
+    return maps[0] if len(maps) == 1 else torch.block_diag(*maps)
+
+
+def _target(
+    name: str, endpoints: Sequence[nn.Module], maps: list, weights: Sequence[float], x
+) -> torch.Tensor:
+    out = 0
+    for model, m, w in zip(endpoints, maps, weights):
+        y = _at(model, name, x, output=True).to(torch.float64)
+        out = out + w * (y if m is None else y @ m.T)
+    return out
+
+
+def _current(m: nn.Module) -> torch.Tensor:
+    """(inputs + 1) x outputs: the weight as the fit sees it, then the bias."""
+    weight = m.weight.detach().to(torch.float64)
+    WT = weight if _is_conv1d(m) else weight.T
+    bias = m.bias.detach().to(torch.float64) if m.bias is not None else torch.zeros(WT.shape[1])
+    return torch.cat([WT, bias.to(WT)[None]])
+
+
+def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
+    W0T = _current(m)
+    WT = eqs.solve(W0T, ridge)
+    if WT is None:
+        raise RefitError("the least-squares fit is not finite")
+    before, after = eqs.residual(W0T), eqs.residual(WT)
+    with torch.no_grad():
+        m.weight.copy_((WT[:-1] if _is_conv1d(m) else WT[:-1].T).to(m.weight))
+        if m.bias is not None:
+            m.bias.copy_(WT[-1].to(m.bias))
+    return before, after
+
+
+def _fit_layernorm(m: nn.LayerNorm, sums: dict[str, torch.Tensor], ridge: float) -> tuple:
+    """Per channel c, ``t_c ~ gain_c n_c + bias_c`` (n: the normalised input)."""
+    g0, b0 = m.weight.detach().double(), m.bias.detach().double()
+    lam = ridge * float(sums["nn"].mean() + sums["n1"])
+    a, b, d = sums["nn"] + lam, sums["n"], sums["n1"] + lam
+    r1, r2 = sums["nt"] + lam * g0, sums["t"] + lam * b0
+    det = a * d - b * b
+    gain, bias = (d * r1 - b * r2) / det, (a * r2 - b * r1) / det
+
+    def residual(g, c):
+        err = (
+            g * g * sums["nn"] + 2 * g * c * sums["n"] + c * c * sums["n1"]
+            - 2 * g * sums["nt"] - 2 * c * sums["t"] + sums["tt"]
+        )  # fmt: skip
+        return float(err.sum() / sums["tt"].sum())
+
+    with torch.no_grad():
+        m.weight.copy_(gain.to(m.weight))
+        m.bias.copy_(bias.to(m.bias))
+    return residual(g0, b0), residual(gain, bias)
+
+
+def _layernorm_sums(sums: dict, m: nn.LayerNorm, X: torch.Tensor, T: torch.Tensor) -> None:
+    n = F.layer_norm(X, m.normalized_shape, eps=m.eps).to(torch.float64)
+    parts = {"nn": n * n, "n": n, "nt": n * T, "t": T, "tt": T * T}
+    for key, v in parts.items():
+        sums[key] = sums.get(key, 0) + v.sum(0)
+    sums["n1"] = sums.get("n1", 0) + float(n.shape[0])
+
+
+def refit_by_hooks(
+    merged: nn.Module,
+    endpoints: Sequence[nn.Module],
+    spec: MergeSpec,
+    alignment: Alignment,
+    weights: Sequence[float],
+    batches: Callable[[], Iterable[torch.Tensor]],
+    settings: RefitSettings,
+    on_layer: Callable[[str, int, int], None] | None = None,
+) -> RefitReport:
+    """Refit ``merged`` in place, layer by layer (module docstring); the report's
+    ``layers`` say what each fit did."""
+    device = next((p.device for p in merged.parameters()), torch.device("cpu"))
+    first = next(iter(batches()))
+    order = call_order(merged, first.to(device))
+    if not order:
+        raise RefitError("the network has no linear layer or LayerNorm to refit")
+    report = RefitReport(HOOKS_MODE, settings.memory_budget, settings.ridge, settings.max_rows)
+    limit = settings.max_rows or None
+    start = time.perf_counter()
+    for i, name in enumerate(order, 1):
+        began = time.perf_counter()
+        m = merged.get_submodule(name)
+        maps = [_output_map(name, spec, alignment, k, device) for k in range(len(endpoints))]
+        eqs, sums, samples = None, {}, 0
+        for x in batches():
+            x = x.to(device)
+            X = _at(merged, name, x, output=False)
+            T = _target(name, endpoints, maps, weights, x)
+            if _kind(m) == "layernorm":
+                _layernorm_sums(sums, m, X, T)
+            else:
+                X = torch.cat([X.to(torch.float64), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+                eqs = eqs or NormalEquations(X.shape[1], T.shape[1], device)
+                eqs.add(X, T)
+            samples += len(X)
+            if limit is not None and samples >= limit:
+                break
+        if _kind(m) == "layernorm":
+            before, after = _fit_layernorm(m, sums, settings.ridge)
+            inputs = 2
+        else:
+            before, after = _fit_linear(m, eqs, settings.ridge)
+            inputs = eqs.G.shape[0]
+        kind = _kind(m) or "linear"
+        seconds = time.perf_counter() - began
+        report.layers.append(
+            LayerFit(name, kind, None, False, inputs, samples, before, after, seconds)
+        )
+        if on_layer is not None:
+            on_layer(name, i, len(order))
+    report.seconds = time.perf_counter() - start
+    return report
