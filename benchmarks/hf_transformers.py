@@ -11,9 +11,10 @@
 Each set is written with ``save_pretrained``, merged with every method (the default,
 ``cca``, as a user runs it; ``permute``; plain ``average``), and the merged folder is
 loaded back with ``from_pretrained`` and scored beside the inputs and their ensemble (the
-mean of their logits). torch.fx cannot trace transformers' models, so the refit step is
-skipped (the report says so): the methods differ by the alignment alone. The ViT sets are
-merged again with ``--distill auto`` on 10000 unlabelled training images. One thread.
+mean of their logits). torch.fx cannot trace transformers' models, so the refit runs
+layer by layer through module hooks; the default merge is also run with ``--no-refit``.
+The ViT sets are merged again with ``--distill auto`` on 10000 unlabelled training
+images. One thread.
 
     python benchmarks/hf_transformers.py [--out benchmarks/results/hf_transformers.json]
 """
@@ -169,6 +170,7 @@ def vit_sets(transformers, root: Path, merge) -> list[dict]:
         tag = f"{name} n{len(models)}"
         for method in METHODS:
             rows.append(run_set(tag, models, calib, test, root, merge, method=method))
+        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
         distilled = {"distill": "auto", "distill_data": str(unlabelled)}
         rows.append(run_set(tag, models, calib, test, root, merge, **distilled))
     return rows
@@ -201,12 +203,10 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
         seeds.append(train(gpt2(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
     rows = []
     for models in (seeds[:2], seeds):
+        tag = f"gpt2 seeds n{len(models)}"
         for method in METHODS:
-            rows.append(
-                run_set(
-                    f"gpt2 seeds n{len(models)}", models, calib, test, root, merge, method=method
-                )
-            )
+            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
+        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
     return rows
 
 

@@ -126,21 +126,24 @@ def _target(
 
 
 def _current(m: nn.Module) -> torch.Tensor:
-    """(inputs + 1) x outputs: the weight as the fit sees it, then the bias."""
+    """inputs (+ 1 with a bias) x outputs: the weight as the fit sees it, then the bias."""
     weight = m.weight.detach().to(torch.float64)
     WT = weight if _is_conv1d(m) else weight.T
-    bias = m.bias.detach().to(torch.float64) if m.bias is not None else torch.zeros(WT.shape[1])
-    return torch.cat([WT, bias.to(WT)[None]])
+    if m.bias is None:
+        return WT
+    return torch.cat([WT, m.bias.detach().to(WT)[None]])
 
 
 def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
     W0T = _current(m)
     WT = eqs.solve(W0T, ridge)
-    if WT is None:
-        raise RefitError("the least-squares fit is not finite")
-    before, after = eqs.residual(W0T), eqs.residual(WT)
+    before = eqs.residual(W0T)
+    if WT is None:  # not finite: the layer keeps its weights (the caller warns)
+        return before, None
+    after = eqs.residual(WT)
+    weight = WT[:-1] if m.bias is not None else WT
     with torch.no_grad():
-        m.weight.copy_((WT[:-1] if _is_conv1d(m) else WT[:-1].T).to(m.weight))
+        m.weight.copy_((weight if _is_conv1d(m) else weight.T).to(m.weight))
         if m.bias is not None:
             m.bias.copy_(WT[-1].to(m.bias))
     return before, after
@@ -189,6 +192,8 @@ def refit_by_hooks(
     """Refit ``merged`` in place, layer by layer (module docstring); the report's
     ``layers`` say what each fit did."""
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
+    for model in (merged, *endpoints):
+        model.eval()  # dropout off; the networks are left in eval mode, as the refit does
     first = next(iter(batches()))
     order = call_order(merged, first.to(device))
     if not order:
@@ -208,7 +213,9 @@ def refit_by_hooks(
             if _kind(m) == "layernorm":
                 _layernorm_sums(sums, m, X, T)
             else:
-                X = torch.cat([X.to(torch.float64), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+                X = X.to(torch.float64)
+                if m.bias is not None:  # the bias: a constant input
+                    X = torch.cat([X, X.new_ones(len(X), 1)], 1)
                 eqs = eqs or NormalEquations(X.shape[1], T.shape[1], device)
                 eqs.add(X, T)
             samples += len(X)
@@ -220,6 +227,10 @@ def refit_by_hooks(
         else:
             before, after = _fit_linear(m, eqs, settings.ridge)
             inputs = eqs.G.shape[0]
+        if after is None:
+            report.warnings.append(
+                f"layer {name} keeps its averaged weights: the least-squares solve was not finite"
+            )
         kind = _kind(m) or "linear"
         seconds = time.perf_counter() - began
         report.layers.append(
