@@ -7,6 +7,10 @@
 * **GPT-2** as a byte-level language model (width 64, 2 layers, 4 heads, context 64) on
   the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2 and 4, scored by next-byte
   accuracy and perplexity on held-out files.
+* **BERT** (2 layers, width 64, 4 heads) classifying 64-byte windows of four standard
+  library packages by package (email, asyncio, xml, multiprocessing; 15000 windows
+  each, the last quarter of each package's files held out for 4000 test windows): four
+  seeds, N = 2 and 4.
 
 Each set is written with ``save_pretrained``, merged with every method (the default,
 ``cca``, as a user runs it; ``permute``; plain ``average``), and the merged folder is
@@ -210,6 +214,51 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
     return rows
 
 
+def bert(transformers):
+    config = transformers.BertConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=CONTEXT, num_labels=len(PACKAGES),
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+PACKAGES = ("email", "asyncio", "xml", "multiprocessing")  # the classes of the BERT task
+
+
+def package_windows(n: int, held_out: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` byte windows per package of :data:`PACKAGES`, labelled by package: from the
+    first 75 % of each package's files, or (``held_out``) from the rest."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    xs, ys = [], []
+    for label, package in enumerate(PACKAGES):
+        files = sorted((root / package).rglob("*.py"))
+        cut = int(0.75 * len(files))
+        text = b"".join(f.read_bytes() for f in (files[cut:] if held_out else files[:cut]))
+        xs.append(windows(np.frombuffer(text, dtype=np.uint8), n, seed + label))
+        ys.append(torch.full((n,), label))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def bert_sets(transformers, root: Path, merge) -> list[dict]:
+    x, y = package_windows(15000, False, 0)
+    calib = root / "bert-calib.npz"
+    cx, cy = package_windows(500, False, 100)  # 2000 labelled windows
+    np.savez(calib, input_ids=cx.numpy(), y=cy.numpy())
+    test = package_windows(1000, True, 200)
+    seeds = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        seeds.append(train(bert(transformers), x, y, seed, 800, 1e-3, classify_loss, batch=64))
+    rows = []
+    for models in (seeds[:2], seeds):
+        tag = f"bert seeds n{len(models)}"
+        for method in METHODS:
+            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
+        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
+    return rows
+
+
 def main() -> None:
     import transformers
 
@@ -220,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(__file__).parent / "results" / "hf_transformers.json"
     parser.add_argument("--out", default=str(default))
-    parser.add_argument("--only", choices=("vit", "gpt2"), default=None)
+    parser.add_argument("--only", choices=("vit", "gpt2", "bert"), default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     rows = []
@@ -229,6 +278,8 @@ def main() -> None:
             rows += vit_sets(transformers, Path(tmp), merge)
         if args.only in (None, "gpt2"):
             rows += gpt2_sets(transformers, Path(tmp), merge)
+        if args.only in (None, "bert"):
+            rows += bert_sets(transformers, Path(tmp), merge)
     total = round(time.perf_counter() - started, 1)
     result = {"rows": rows, "total_seconds": total, "transformers": transformers.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 torch.fx cannot trace ``transformers`` models, so their groups are written here from
 each family's module names (docs/transformers.md): per block, the attention layer's
-value/output space as a group of heads (the query and key rows follow the order of the
-heads), the MLP's hidden units as for any MLP, and the residual stream as one group
+value/output space and its query/key space as groups of heads (the second takes the
+heads in the order of the first), the MLP's hidden units as for any MLP, and the
+residual stream as one group
 that every embedding, every block's output projections, every LayerNorm and every layer
 reading the stream share. The stream is aligned by permutations: they are exact through
 LayerNorm (its gain and bias permuted with it), before or after the residual addition,
@@ -78,7 +79,7 @@ def _attention(
             heads=heads,
             follows=f"{name}.values",
             collect_from=0 if fused else None,
-        ),  # fmt: skip
+        ),
     ]
 
 
