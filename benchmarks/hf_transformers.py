@@ -139,6 +139,17 @@ def run_set(name, models, calib, test, root: Path, merge, **options) -> dict:
     }
 
 
+def seed_rows(name, sets, calib, test, root: Path, merge, **extra) -> list[dict]:
+    """Every method with the refit, the default without it, and each of ``extra``'s
+    option sets, on each set of models."""
+    rows = []
+    for models in sets:
+        tag = f"{name} n{len(models)}"
+        runs = [{"method": m} for m in METHODS] + [{"refit": False}] + list(extra.values())
+        rows += [run_set(tag, models, calib, test, root, merge, **options) for options in runs]
+    return rows
+
+
 def vit_sets(transformers, root: Path, merge) -> list[dict]:
     data = prepare("flat")
     split = splits()
@@ -169,15 +180,11 @@ def vit_sets(transformers, root: Path, merge) -> list[dict]:
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
         seeds.append(fit(vit(transformers), base_idx, seed, steps, 2e-3))
-    rows = []
-    for name, models in (("vit fine-tunes", tunes), ("vit seeds", seeds[:2]), ("vit seeds", seeds)):
-        tag = f"{name} n{len(models)}"
-        for method in METHODS:
-            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
-        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
-        distilled = {"distill": "auto", "distill_data": str(unlabelled)}
-        rows.append(run_set(tag, models, calib, test, root, merge, **distilled))
-    return rows
+    distilled = {"distill": "auto", "distill_data": str(unlabelled)}
+    rows = seed_rows("vit fine-tunes", [tunes], calib, test, root, merge, distill=distilled)
+    return rows + seed_rows(
+        "vit seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled
+    )
 
 
 def stdlib_bytes() -> tuple[np.ndarray, np.ndarray]:
@@ -205,13 +212,7 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
         seeds.append(train(gpt2(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
-    rows = []
-    for models in (seeds[:2], seeds):
-        tag = f"gpt2 seeds n{len(models)}"
-        for method in METHODS:
-            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
-        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
-    return rows
+    return seed_rows("gpt2 seeds", [seeds[:2], seeds], calib, test, root, merge)
 
 
 def bert(transformers):
@@ -250,13 +251,7 @@ def bert_sets(transformers, root: Path, merge) -> list[dict]:
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
         seeds.append(train(bert(transformers), x, y, seed, 800, 1e-3, classify_loss, batch=64))
-    rows = []
-    for models in (seeds[:2], seeds):
-        tag = f"bert seeds n{len(models)}"
-        for method in METHODS:
-            rows.append(run_set(tag, models, calib, test, root, merge, method=method))
-        rows.append(run_set(tag, models, calib, test, root, merge, refit=False))
-    return rows
+    return seed_rows("bert seeds", [seeds[:2], seeds], calib, test, root, merge)
 
 
 def main() -> None:
