@@ -170,7 +170,9 @@ def constrain(
     keep its ``blocks`` (a depthwise or grouped conv, a GroupNorm, a per-channel gain
     reads the group, docs/custom-models.md): a map that already is one is kept; else
     each model's units are matched to the reference's within each block, by their
-    correlation on the calibration data (without statistics: by the map's entries)."""
+    correlation on the calibration data (without statistics: by the map's entries); and
+    the maps of every group of ``heads`` made head by head (:func:`_by_heads`, groups
+    that follow another taking its order of heads; docs/transformers.md)."""
     groups = dict(alignment.groups)
     orders: dict[str, list[torch.Tensor | None]] = {}  # each heads group's order of heads
     for g in spec.groups:
