@@ -212,7 +212,10 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
         seeds.append(train(gpt2(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
-    return seed_rows("gpt2 seeds", [seeds[:2], seeds], calib, test, root, merge)
+    unlabelled = root / "lm-unlabelled.npz"  # 5000 training windows, no labels
+    np.savez(unlabelled, input_ids=windows(train_text, 5000, 3).numpy())
+    distilled = {"distill": "auto", "distill_data": str(unlabelled)}
+    return seed_rows("gpt2 seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
 
 
 def bert(transformers):

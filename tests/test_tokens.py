@@ -90,7 +90,8 @@ def test_a_language_model_is_scored_on_next_tokens(tmp_path) -> None:
     position but the last predicts the next token; the report gives next-token accuracy,
     loss and perplexity of the inputs, the ensemble and the merge (a merge with a
     hidden-permuted copy scores as the original), the check agrees on every token, and
-    distillation, which does not train sequence logits yet, is a one-line error."""
+    distillation trains every position (a merge that is already its inputs' function
+    stays it)."""
     lm = f"{Path(__file__).parent / 'custom_nets.py'}:make_token_lm"
     torch.manual_seed(0)
     model = load_factory(lm)()
@@ -117,9 +118,11 @@ def test_a_language_model_is_scored_on_next_tokens(tmp_path) -> None:
         assert row["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert report["check"]["merged"]["top1_agreement"] == 1.0
     assert report["check"]["num_samples"] == 64 * 11  # the least held out (64) x next tokens
-    res = CliRunner().invoke(app, [*args, "--distill", "1"])
-    assert res.exit_code == 1
-    assert "sequence logits are not distilled yet" in res.stderr
+    res = CliRunner().invoke(app, [*args, "--distill", "2"])  # every position distilled
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["distill"]["epochs_run"] == 2  # the merge is its inputs' function: the
+    assert report["evaluation"]["merged"]["loss"] == pytest.approx(loss, rel=1e-4)  # same
 
 
 def test_token_ids_are_read_as_int64_and_checked(tmp_path) -> None:

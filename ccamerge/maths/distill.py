@@ -200,10 +200,24 @@ class _DistillationLoss(torch.autograd.Function):
         return grad * ctx.temperature * (q - p), None, None
 
 
+def logit_rows(out: torch.Tensor) -> torch.Tensor:
+    """A model's logits as rows: (batch, classes) as they are, a language model's
+    (batch, length, vocabulary) one row per position (each position is distilled)."""
+    if out.ndim == 3:
+        return out.reshape(-1, out.shape[-1])
+    if out.ndim != 2:
+        raise OptionError(
+            f"distillation trains on (batch, classes) or (batch, length, vocabulary) logits; "
+            f"the models give outputs of shape {tuple(out.shape)}"
+        )
+    return out
+
+
 @torch.no_grad()
 def mean_logits(teachers: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor):
-    """The teachers' weighted mean logits on ``x`` (teachers in eval mode, float32)."""
-    return sum(w * logits_of(t(x)).float() for t, w in zip(teachers, weights))
+    """The teachers' weighted mean logits on ``x`` as rows (:func:`logit_rows`; teachers
+    in eval mode, float32)."""
+    return sum(w * logit_rows(logits_of(t(x)).float()) for t, w in zip(teachers, weights))
 
 
 def cut_batches(
@@ -297,14 +311,9 @@ class _Heldout:
             (x.to(device), mean_logits(teachers, weights, x.to(device)))
             for x in distributed.shard(heldout.split(batch_size))
         ]
-        self.size = heldout.shape[0]
-        shapes = {tuple(target.shape[1:]) for _, target in self.parts}
-        if any(len(shape) != 1 for shape in shapes):
-            raise OptionError(
-                f"distillation trains on (batch, classes) logits; the models give outputs of "
-                f"shape (batch, {', '.join(map(str, next(iter(shapes))))}) (a language model's "
-                "sequence logits are not distilled yet)"
-            )
+        rows = torch.tensor([sum(len(target) for _, target in self.parts)], dtype=torch.float64)
+        distributed.all_reduce_sum([rows])
+        self.size = int(rows)  # samples, or for a language model positions
 
     @torch.no_grad()
     def score(self, student: nn.Module, epoch: int, train_loss: float | None) -> EpochMetrics:
@@ -312,7 +321,7 @@ class _Heldout:
         student.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         for x, target in self.parts:
-            logits = logits_of(student(x)).float()
+            logits = logit_rows(logits_of(student(x)).float())
             sums[0] += float((logits.argmax(1) == target.argmax(1)).sum())
             sums[1] += float(kl_per_sample(target.double(), logits.double()).sum())
         distributed.all_reduce_sum([sums])
@@ -519,6 +528,7 @@ def _loss(model: nn.Module, x: torch.Tensor, run: _Run) -> torch.Tensor:
     k = distributed.world_size()
     part = x.tensor_split(k)[distributed.rank()]
     target = mean_logits(run.teachers, run.weights, part)
-    logits = logits_of(model(part)).float()
+    logits = logit_rows(logits_of(model(part)).float())
     total = _DistillationLoss.apply(logits, target, settings.temperature)
-    return total * (k / x.shape[0])
+    positions = logits.shape[0] // max(part.shape[0], 1)  # 1, or a sequence's length
+    return total * (k / (x.shape[0] * positions))
