@@ -5,8 +5,8 @@
   models trained from scratch with different seeds, merged N = 2 and N = 4; and two
   fine-tunes of one base model (trained on disjoint halves of further data).
 * **GPT-2** as a byte-level language model (width 64, 2 layers, 4 heads, context 64) on
-  the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2 and 4, scored by next-byte
-  accuracy and perplexity on held-out files.
+  the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2
+  and 4, scored by next-byte accuracy and perplexity on held-out files.
 * **BERT** (2 layers, width 64, 4 heads) classifying 64-byte windows of four standard
   library packages by package (email, asyncio, xml, multiprocessing; 15000 windows
   each, the last quarter of each package's files held out for 4000 test windows): four
@@ -17,8 +17,8 @@ Each set is written with ``save_pretrained``, merged with every method (the defa
 loaded back with ``from_pretrained`` and scored beside the inputs and their ensemble (the
 mean of their logits). torch.fx cannot trace transformers' models, so the refit runs
 layer by layer through module hooks; the default merge is also run with ``--no-refit``.
-The ViT sets are merged again with ``--distill auto`` on 10000 unlabelled training
-images. One thread.
+The ViT and GPT-2 sets are merged again with ``--distill auto`` (on 10000 unlabelled
+training images; 5000 unlabelled windows). One thread.
 
     python benchmarks/hf_transformers.py [--out benchmarks/results/hf_transformers.json]
 """
