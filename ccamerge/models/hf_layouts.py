@@ -209,13 +209,18 @@ def layout_spec(
 # the layout ccamerge sees: (out, in) weights, fused projections split
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D``: a linear layer whose weight is stored as (in, out)."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
 def canonical_layout(model: nn.Module, model_type: str) -> None:
     """State-dict hooks on ``model``: transformers' ``Conv1D`` weights appear transposed
     to (out, in) and, for the families in :data:`FUSED_QKV`, the fused query/key/value
     projection as three (``{name}.q_weight``, ``q_bias``, ...); loading takes that layout
     back. :func:`native_layout` removes the hooks (``save_pretrained`` writes the
     model's own layout)."""
-    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
     suffix = FUSED_QKV.get(model_type)
     fused = [n for n in conv1d if suffix and n.endswith(suffix)]
     if not conv1d:

@@ -75,3 +75,8 @@ class OutputError(CcaMergeError):
 
 class RefitError(CcaMergeError):
     """The refit cannot run on this network (it cannot be traced, or the endpoints differ)."""
+
+
+class UntracedError(RefitError):
+    """torch.fx cannot trace the network's own forward (the refit through module hooks
+    may still run)."""

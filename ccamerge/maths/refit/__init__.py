@@ -42,7 +42,6 @@ choice between the two modes), ``fit`` (the driver and its report).
 
 from .equations import NormalEquations
 from .fit import MODES, refit
-from .hooked import HOOKS_MODE
 from .interpret import EndpointOutputs
 from .memory import default_memory_budget
 from .plan import make_plan, output_node
@@ -50,7 +49,6 @@ from .settings import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, LayerFit, RefitReport, Re
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
-    "HOOKS_MODE",
     "DEFAULT_RIDGE",
     "EndpointOutputs",
     "MODES",

@@ -13,7 +13,7 @@ from torch import fx, nn
 from ...methods.base import Alignment
 from ...models.spec import MergeSpec
 from ...runtime import distributed
-from ...runtime.errors import OptionError, RefitError
+from ...runtime.errors import OptionError, RefitError, UntracedError
 from ..bn import has_batchnorm, reset_batchnorm
 from .equations import (
     Moments,
@@ -114,8 +114,8 @@ def refit(
     _check_endpoints(merged, endpoints)
     try:
         plan = make_plan(merged, spec)
-    except RefitError as e:
-        if "cannot trace" not in str(e) or has_batchnorm(merged):
+    except UntracedError as e:
+        if has_batchnorm(merged):
             raise  # module hooks cannot give BatchNorms their statistics
         report = refit_by_hooks(
             merged, endpoints, spec, alignment, weights, batches, settings, on_layer

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...methods.base import Alignment
+from ...models.hf_layouts import is_conv1d
 from ...models.spec import MergeSpec
 from ...runtime.errors import RefitError
 from .equations import NormalEquations
@@ -37,12 +38,8 @@ class _Reached(Exception):
     """Raised by a hook to stop a forward pass at the layer it serves."""
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None
-
-
 def _kind(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear) or _is_conv1d(m):
+    if isinstance(m, nn.Linear) or is_conv1d(m):
         return "linear"
     if isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
         return "layernorm"
@@ -128,7 +125,7 @@ def _target(
 def _current(m: nn.Module) -> torch.Tensor:
     """inputs (+ 1 with a bias) x outputs: the weight as the fit sees it, then the bias."""
     weight = m.weight.detach().to(torch.float64)
-    WT = weight if _is_conv1d(m) else weight.T
+    WT = weight if is_conv1d(m) else weight.T
     if m.bias is None:
         return WT
     return torch.cat([WT, m.bias.detach().to(WT)[None]])
@@ -143,7 +140,7 @@ def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
     after = eqs.residual(WT)
     weight = WT[:-1] if m.bias is not None else WT
     with torch.no_grad():
-        m.weight.copy_((weight if _is_conv1d(m) else weight.T).to(m.weight))
+        m.weight.copy_((weight if is_conv1d(m) else weight.T).to(m.weight))
         if m.bias is not None:
             m.bias.copy_(WT[-1].to(m.bias))
     return before, after
@@ -204,13 +201,14 @@ def refit_by_hooks(
     for i, name in enumerate(order, 1):
         began = time.perf_counter()
         m = merged.get_submodule(name)
+        kind = _kind(m)
         maps = [_output_map(name, spec, alignment, k, device) for k in range(len(endpoints))]
         eqs, sums, samples = None, {}, 0
         for x in batches():
             x = x.to(device)
             X = _at(merged, name, x, output=False)
             T = _target(name, endpoints, maps, weights, x)
-            if _kind(m) == "layernorm":
+            if kind == "layernorm":
                 _layernorm_sums(sums, m, X, T)
             else:
                 X = X.to(torch.float64)
@@ -221,7 +219,7 @@ def refit_by_hooks(
             samples += len(X)
             if limit is not None and samples >= limit:
                 break
-        if _kind(m) == "layernorm":
+        if kind == "layernorm":
             before, after = _fit_layernorm(m, sums, settings.ridge)
             inputs = 2
         else:
@@ -231,7 +229,6 @@ def refit_by_hooks(
             report.warnings.append(
                 f"layer {name} keeps its averaged weights: the least-squares solve was not finite"
             )
-        kind = _kind(m) or "linear"
         seconds = time.perf_counter() - began
         report.layers.append(
             LayerFit(name, kind, None, False, inputs, samples, before, after, seconds)

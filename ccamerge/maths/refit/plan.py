@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from ...models.discover import LAYER_ARGS, call_args, layer_name, trace
 from ...models.spec import MergeSpec
-from ...runtime.errors import RefitError, SpecError
+from ...runtime.errors import RefitError, SpecError, UntracedError
 from ..bn import has_batchnorm
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -209,7 +209,7 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
     try:
         graph, tracer, _ = trace(model)
     except SpecError as e:
-        raise RefitError(str(e)) from None
+        raise UntracedError(str(e)) from None
     finally:
         for m, training in modes:
             m.train(training)

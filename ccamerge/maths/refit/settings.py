@@ -40,7 +40,7 @@ class LayerFit:
 
 @dataclass
 class RefitReport:
-    mode: str  # "stored" or "recompute"
+    mode: str  # "stored" or "recompute" (traced), or "module hooks" (:mod:`.hooked`)
     memory_budget: int | None  # bytes that decided the mode (None: free memory unknown)
     ridge: float
     max_rows: int  # the row limit of one layer's fit (0: none)
