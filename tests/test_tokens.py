@@ -44,7 +44,7 @@ def test_a_text_classifier_merged_from_token_ids_on_standard_input(tmp_path) -> 
     torch.manual_seed(0)
     model = load_factory(FACTORY)()
     spec = discover(model, (12,), tokens=True).spec
-    assert [g.name for g in spec.groups] == ["fc1"]
+    assert [g.name for g in spec.groups] == ["embed", "fc1"]  # the embedding writes units
     permuted = permute_state_dict(model.state_dict(), spec, random_permutations(spec, 1))
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     torch.save(model.state_dict(), paths[0])
@@ -63,7 +63,7 @@ def test_a_text_classifier_merged_from_token_ids_on_standard_input(tmp_path) -> 
     report = json.loads(res.stdout)
     assert report["architecture"]["config"]["input_tokens"] is True
     assert not [w for w in report["warnings"] if "unnormalised" in w]
-    assert report["aligned"]["kept_averaged"] == {"Embedding": 400}
+    assert report["aligned"]["kept_averaged"] == {}
     merged = load_factory(FACTORY)()
     merged.load_state_dict(load_file(out))
     x = torch.as_tensor(_ids(64, 3))
@@ -82,7 +82,7 @@ def test_inspect_traces_a_model_that_embeds_its_input_on_token_ids(tmp_path) -> 
         app, ["inspect", str(path), "--model", FACTORY, "--input-shape", "12", "--json"]
     )
     assert res.exit_code == 0, res.output
-    assert [g["name"] for g in json.loads(res.stdout)["groups"]] == ["fc1"]
+    assert [g["name"] for g in json.loads(res.stdout)["groups"]] == ["embed", "fc1"]
 
 
 def test_a_language_model_is_scored_on_next_tokens(tmp_path) -> None:

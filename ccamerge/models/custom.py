@@ -48,6 +48,7 @@ from torch import nn
 
 from ..io.files import json_text, write_atomic
 from ..runtime.errors import ArchitectureError, OptionError, SpecError
+from .attention import make_traceable
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .registry import Detected, NotThisArchitecture
 from .spec import Concat, FeatureGroup, MergeSpec
@@ -150,7 +151,9 @@ def _call(ref: str, model_args: Mapping[str, Any]) -> str:
 
 
 def build_model(factory: Callable[..., Any], ref: str, model_args: Mapping[str, Any]) -> nn.Module:
-    """``factory(**model_args)``, checked to be an ``nn.Module``."""
+    """``factory(**model_args)``, checked to be an ``nn.Module``; its torch.nn attention
+    layers get forwards that discovery and the refit can follow (models/attention.py:
+    the same parameters and function)."""
     try:
         model = factory(**model_args)
     except Exception as e:
@@ -160,6 +163,7 @@ def build_model(factory: Callable[..., Any], ref: str, model_args: Mapping[str, 
             f"--model: {_call(ref, model_args)} returned a {type(model).__name__}, "
             "not a torch.nn.Module"
         )
+    make_traceable(model)
     return model
 
 

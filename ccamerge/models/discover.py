@@ -74,6 +74,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..runtime.errors import SpecError
+from .attention import AttentionLayout, attention_layout
 from .spec import Concat, FeatureGroup, MergeSpec
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ _NORMS = BATCHNORMS + (nn.LayerNorm, nn.GroupNorm)
 _KNOWN_MODULES = (
     _WRITERS + _NORMS + _ACTIVATION_MODULES + _TRANSPARENT_MODULES + (nn.Flatten, nn.PReLU)
 )
-_KNOWN_MODULES += tuple(_POOL_MODULES)
+_KNOWN_MODULES += tuple(_POOL_MODULES) + (nn.Embedding,)
 
 _ACTIVATION_FUNCTIONS = {
     F.relu,
@@ -281,14 +282,16 @@ class Discovery:
 class _Tracer(fx.Tracer):
     """Records module calls, and which traced-through module takes or returns which node.
 
-    ``leaves`` are module paths kept opaque (ones that could not be traced).
+    ``leaves`` are module paths kept opaque (ones that could not be traced);
+    ``attention``: self-attention layers kept as one call each (discovery's steps).
     When tracing fails, ``failed`` names the innermost traced-through module
     whose forward raised.
     """
 
-    def __init__(self, leaves: set[str]) -> None:
+    def __init__(self, leaves: set[str], attention: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.leaves = leaves
+        self.attention = attention
         self.calls: Counter[str] = Counter()
         self.inputs_of: dict[fx.Node, list[str]] = {}
         self.outputs_of: dict[fx.Node, list[str]] = {}
@@ -297,6 +300,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             module_qualified_name in self.leaves
+            or module_qualified_name in self.attention
             or _known_type(m) is not None
             or super().is_leaf_module(m, module_qualified_name)
         )
@@ -324,8 +328,11 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
 
 
-def trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, list[str]]:
-    """Trace ``model``; submodules that cannot be traced become opaque leaves.
+def trace(
+    model: nn.Module, attention: frozenset[str] = frozenset()
+) -> tuple[fx.Graph, _Tracer, list[str]]:
+    """Trace ``model``; submodules that cannot be traced become opaque leaves, and so do
+    the self-attention layers named in ``attention``.
 
     Returns the graph, the tracer (module calls and boundaries) and one
     warning per opaque submodule. Raises :class:`SpecError` when the model's
@@ -334,7 +341,7 @@ def trace(model: nn.Module) -> tuple[fx.Graph, _Tracer, list[str]]:
     leaves: set[str] = set()
     warnings: list[str] = []
     while True:
-        tracer = _Tracer(leaves)
+        tracer = _Tracer(leaves, attention)
         try:
             graph = tracer.trace(model)
         except Exception as e:
@@ -393,7 +400,13 @@ class _Unsafe(Exception):
 class _Walk:
     """Assigns every tensor node in ``graph`` a (units class, channel axis) pair."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, tracer: _Tracer) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: fx.Graph,
+        tracer: _Tracer,
+        attention: dict[str, AttentionLayout] | None = None,
+    ) -> None:
         self.model = model
         self.graph = graph
         self.tracer = tracer
@@ -408,6 +421,9 @@ class _Walk:
         self.order: dict[str, int] = {}  # writers in graph order
         self.concats: dict[int, str] = {}  # a concatenation's units -> its name
         self.attr_uses = Counter(n.target for n in graph.nodes if n.op == "get_attr")
+        self.attention = attention or {}  # recognised self-attention layers by path
+        self.aligned_attention: list[str] = []  # those whose heads become groups
+        self.items: dict[fx.Node, tuple[int, int]] = {}  # a tuple output's first tensor
 
     # -- union-find
     def new(self, size: int, frozen: tuple[str, bool] | None = None) -> int:
@@ -505,8 +521,14 @@ class _Walk:
     def step(self, node: fx.Node) -> None:
         if self.shape(node) is None and _is_shape_query(node):
             return  # x.size(0), x.shape: no values flow
+        if node.op == "call_module" and node.target in self.attention:
+            self.attention_step(node, self.attention[str(node.target)])
+            return
         if node.op == "call_module":
             self.module_step(node, self.model.get_submodule(node.target))
+            return
+        if node.op == "call_function" and node.target is operator.getitem:
+            self.index(node)
             return
         if node.op == "call_function" and node.target in LAYER_ARGS:
             self.functional_layer(node)
@@ -545,7 +567,9 @@ class _Walk:
         if any(n not in self.state_names for n in own):
             raise _Unsafe("its parameters are not in the state dict (parametrized?)")
         own = {n: _join(node.target, n) for n, _ in _own_tensors(m)}
-        if kind in _WRITERS:
+        if kind is nn.Embedding:
+            self.embed(node, m, own["weight"])
+        elif kind in _WRITERS:
             bias = own.get("bias") if m.bias is not None else None
             groups = getattr(m, "groups", 1)
             self.write(node, node.target, own["weight"], bias, kind is nn.Linear, groups)
@@ -570,6 +594,75 @@ class _Walk:
             self.reshape(node)
         else:
             self.pool(node, _POOL_MODULES[kind])
+
+    def attention_step(self, node: fx.Node, layout: AttentionLayout) -> None:
+        """A recognised self-attention layer (models/attention.py): it reads its input's
+        units through the fused projection's columns and writes new units through the
+        output projection's rows; its heads become the groups ``{path}.values`` and
+        ``{path}.scores`` (:func:`_attention_groups`)."""
+        path = str(node.target)
+        src = node.args[0] if node.args else None
+        operands = [a for a in node.args[:3] if isinstance(a, fx.Node)]
+        if (
+            not isinstance(src, fx.Node)
+            or src not in self.value
+            or any(a is not src for a in operands)
+        ):
+            raise _Unsafe("attention of one tensor on another (only self-attention is aligned)")
+        if self.tracer.calls[path] > 1:
+            raise _Unsafe(f"called {self.tracer.calls[path]} times (weight sharing)")
+        shape = self.shape(src)
+        uid, axis = self.value[src]
+        if shape is None or len(shape) != 3 or axis != 2:
+            raise _Unsafe("its input's units are not the last axis of (batch, tokens, units)")
+        stream = self.of(src)
+        stream.members.append((_join(path, layout.qkv_weight), 1))
+        stream.restrict()  # a residual stream: permutations (exact through its LayerNorms)
+        out = _join(path, layout.out)
+        self.order.setdefault(out, len(self.order))
+        new = self.new(layout.dim)
+        self.units[new].writers.append(out)
+        self.units[new].members += [(f"{out}.weight", 0)]
+        if self.model.get_submodule(out).bias is not None:
+            self.units[new].members += [(f"{out}.bias", 0)]
+        if self.shape(node) is None:  # nn.MultiheadAttention: (output, weights)
+            self.items[node] = (new, 2)
+        else:
+            self.set_value(node, new, 2)
+        self.aligned_attention.append(path)
+
+    def embed(self, node: fx.Node, m: nn.Module, weight: str) -> None:
+        """An embedding: new units on the last axis, its table's columns (axis 1)."""
+        if m.max_norm is not None:
+            raise _Unsafe("an embedding with max_norm renormalises its rows")
+        out = self.shape(node)
+        assert out is not None
+        self.order.setdefault(str(node.target), len(self.order))
+        new = self.new(out[-1])
+        self.units[new].writers.append(str(node.target))
+        self.units[new].members.append((weight, 1))
+        self.set_value(node, new, len(out) - 1)
+
+    def index(self, node: fx.Node) -> None:
+        """``out[0]`` of an attention layer's (output, weights); ``x[:, 0]``, ``x[:, 1:]``:
+        indexing that keeps the units' axis whole moves it past the axes removed."""
+        src, idx = node.args[0], node.args[1]
+        if src in self.items and idx == 0:
+            self.set_value(node, *self.items[src])
+            return
+        if not isinstance(src, fx.Node) or src not in self.value:
+            raise _Unsafe("indexing something else than a tensor")
+        shape = self.shape(src)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        uid, axis = self.value[src]
+        if shape is None or len(idx) > len(shape):
+            raise _Unsafe("an index this walk does not know")
+        full = slice(None)
+        for i, part in enumerate(idx):
+            if (i in (0, axis) and part != full) or not isinstance(part, (int, slice)):
+                raise _Unsafe("indexing the batch or the units' axis, or by a tensor")
+        removed = sum(1 for i, part in enumerate(idx) if isinstance(part, int) and i < axis)
+        self.set_value(node, uid, axis - removed)
 
     def source(self, node: fx.Node, parameters: bool = False) -> fx.Node:
         """The one tensor operand of an elementwise-like operation (``parameters``: the
@@ -692,14 +785,17 @@ class _Walk:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if not isinstance(tensors, (list, tuple)) or not all(
-            isinstance(t, fx.Node) and t in self.value for t in tensors
+            isinstance(t, fx.Node) and (t in self.value or _parameter_rows(t)) for t in tensors
         ):
             raise _Unsafe("a concatenation of something else than tensors")
         out = self.shape(node)
         assert out is not None
         axis = int(dim) % len(out)
+        if axis == 0:
+            raise _Unsafe("a concatenation along the batch axis")
         if any(self.value[t][1] != axis for t in tensors):
-            raise _Unsafe("a concatenation along another axis than the units'")
+            self.join_tokens(node, tensors)
+            return
         parts: list[tuple[int, int]] = []
         for t in tensors:
             units = self.of(t)
@@ -708,6 +804,39 @@ class _Walk:
         self.units[uid].parts = parts
         self.concats[uid] = f"concat {node.name}"
         self.set_value(node, uid, axis, activation=True)
+
+    def join_tokens(self, node: fx.Node, tensors: Sequence[fx.Node]) -> None:
+        """``torch.cat`` along an axis that is not the units' (tokens: a class token
+        before the patches): every part's units are one set, and a model's tensor among
+        the parts (``cls_token.expand(B, -1, -1)``) joins them as a gain does."""
+        out = self.shape(node)
+        assert out is not None
+        units_axis = [self.value[t][1] for t in tensors if not _parameter_rows(t)]
+        if not units_axis or len(set(units_axis)) != 1:
+            raise _Unsafe("a concatenation of tensors with units on different axes")
+        axis = units_axis[0]
+        uid = None
+        for t in tensors:
+            if _parameter_rows(t):
+                continue
+            uid = self.value[t][0] if uid is None else self.union(uid, self.value[t][0])
+        assert uid is not None
+        for t in tensors:
+            if _parameter_rows(t):
+                param = t if t.op == "get_attr" else t.args[0]
+                p = self.shape(param)
+                assert p is not None
+                j = axis - (len(out) - len(p))
+                name = self.parameter(param, optional=False)
+                if j < 0 or p[j] != out[axis]:
+                    raise _Unsafe(f"it concatenates {name} of shape {p} to units on axis {axis}")
+                self.of_uid(uid).members.append((str(name), j))
+                if j > 0:
+                    self.of_uid(uid).restrict()
+        self.set_value(node, uid, axis, activation=True)
+
+    def of_uid(self, uid: int) -> _Units:
+        return self.units[self.find(uid)]
 
     def permute(self, node: fx.Node) -> None:
         """``permute``/``transpose`` keeping the batch axis first: the units move along."""
@@ -754,8 +883,11 @@ class _Walk:
             and all(s == 1 for s in shape[2:])
             and all(s == 1 for s in out[2:])
         )
-        if keeps:
+        n = len(shape) - axis  # the units' axis and those after it
+        if keeps or out[: axis + 1] == shape[: axis + 1]:  # only later axes change
             self.set_value(node, uid, axis)
+        elif axis > 0 and out[0] == shape[0] and tuple(out[-n:]) == shape[axis:]:
+            self.set_value(node, uid, len(out) - n)  # only axes between batch and units
         elif axis == 1 and len(out) == 2 and out[1] == c * math.prod(shape[2:]):
             raise _Unsafe(
                 f"it flattens {c} channels x {math.prod(shape[2:])} positions into features; "
@@ -796,7 +928,8 @@ class _Walk:
             a, b = self.broadcast(node, a, b)
         if self.shape(node) != self.shape(a):
             raise _Unsafe(f"it broadcasts {self.shape(a)} with {self.shape(b)}")
-        if self.value[a][1] != self.value[b][1]:
+        offset = len(self.shape(a) or ()) - len(self.shape(b) or ())  # b's missing axes
+        if self.value[a][1] != self.value[b][1] + offset:
             raise _Unsafe("its operands carry units on different axes")
         uid = self.union(self.value[a][0], self.value[b][0])
         self.set_value(node, uid, self.value[a][1], activation=True)
@@ -804,7 +937,8 @@ class _Walk:
     def broadcast(self, node: fx.Node, a: fx.Node, b: fx.Node) -> tuple[fx.Node, fx.Node]:
         """``(full, broadcast)`` operands of ``a op b`` when one is the other with size-1
         axes besides the batch and the units' (a squeeze-excitation gate: ``x * s``,
-        ``s`` of shape (N, C, 1, 1)); else unsafe."""
+        ``s`` of shape (N, C, 1, 1)), or the other without its batch axis (position
+        embeddings ``(tokens, units)`` added to ``(batch, tokens, units)``); else unsafe."""
         big, small = (a, b) if self.shape(node) == self.shape(a) else (b, a)
         sb, ss = self.shape(big), self.shape(small)
         axis = self.value[big][1]
@@ -815,6 +949,12 @@ class _Walk:
             and self.value[small][1] == axis
             and all(ss[i] in (1, sb[i]) if i in (0, axis) else ss[i] == 1 for i in range(len(sb)))
             and ss[axis] == sb[axis]
+        ) or (
+            sb is not None
+            and ss is not None
+            and len(ss) == len(sb) - 1
+            and self.value[small][1] == axis - 1
+            and tuple(ss) == tuple(sb[1:])
         )
         if not fits:
             raise _Unsafe(f"it broadcasts {self.shape(a)} with {self.shape(b)}")
@@ -822,24 +962,46 @@ class _Walk:
 
     def gain(self, node: fx.Node, src: fx.Node, param: fx.Node) -> None:
         """``x * gamma``, ``x + beta`` with a tensor of the model holding one value per unit
-        (layer scale, a bias): the same units, the tensor joins them. A gain is exact only
-        under permutations, and so is a bias stored with leading size-1 axes."""
+        (layer scale, a bias), or ``x + pos`` with one value per unit and token (position
+        embeddings ``(1, tokens, units)``): the same units, the tensor joins them. A gain
+        is exact only under permutations, and so is an added tensor whose units are not its
+        first axis."""
         shape, p = self.shape(src), self.shape(param)
         uid, axis = self.value[src]
         assert shape is not None and p is not None
-        j = axis - (len(shape) - len(p))  # the tensor's axis on the units' axis
+        offset = len(shape) - len(p)
+        j = axis - offset  # the tensor's axis on the units' axis
+        is_add = node.target in (operator.add, operator.iadd, torch.add, "add", "add_")
+
+        def broadcasts(i: int, size: int) -> bool:  # an axis of the tensor but the units'
+            return size == 1 or (is_add and i + offset > 0 and size == shape[i + offset])
+
         fits = (
-            0 <= j <= 1 and p[j] == shape[axis] and all(s == 1 for i, s in enumerate(p) if i != j)
+            0 <= j
+            and p[j] == shape[axis]
+            and all(broadcasts(i, s) for i, s in enumerate(p) if i != j)
         )
         if not fits or self.shape(node) != shape:
             raise _Unsafe(f"it broadcasts {shape} with the tensor {param.target} of shape {p}")
         name = self.parameter(param, optional=False)
         units = self.of(src)
         units.members.append((str(name), j))
-        is_add = node.target in (operator.add, operator.iadd, torch.add, "add", "add_")
-        if j == 1 or not is_add:
+        if j >= 1 or not is_add:
             units.restrict()
         self.set_value(node, uid, axis)
+
+
+def _parameter_rows(node: fx.Node) -> bool:
+    """A tensor of the model as it is, or expanded over new leading axes (a class token
+    ``self.cls_token.expand(x.shape[0], -1, -1)``)."""
+    if node.op == "get_attr":
+        return True
+    return (
+        node.op == "call_method"
+        and node.target == "expand"
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "get_attr"
+    )
 
 
 def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -1023,8 +1185,13 @@ def discover(
     was_training = model.training
     model.eval()
     try:
+        attention = {
+            path: layout
+            for path, m in model.named_modules()
+            if (layout := attention_layout(m)) is not None
+        }
         try:
-            graph, tracer, warnings = trace(model)
+            graph, tracer, warnings = trace(model, frozenset(attention))
         except SpecError as e:  # groups written by hand would do (each command says how)
             raise SpecError(str(e), missing="spec") from None
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -1063,7 +1230,7 @@ def discover(
     finally:
         model.train(was_training)
 
-    walk = _Walk(model, graph, tracer)
+    walk = _Walk(model, graph, tracer, attention)
     walk.run()
     return _result(walk, tracer, input_shape, warnings)
 
@@ -1083,6 +1250,28 @@ def _concats(walk: _Walk, groups: set[str]) -> tuple[Concat, ...]:
         if any(p is not None for p, _ in parts):
             out.append(Concat(name, tuple(parts), tuple(dict.fromkeys(units.members))))
     return tuple(out)
+
+
+def _attention_groups(walk: _Walk) -> tuple[list[FeatureGroup], tuple[Concat, ...]]:
+    """Each self-attention layer's values and scores (groups of heads, the second in the
+    first's head order), and its fused projection's rows as their concatenation:
+    queries and keys (both by the scores' maps), then values."""
+    groups, fused = [], []
+    for path in walk.aligned_attention:
+        layout = walk.attention[path]
+        d, heads, out = layout.dim, layout.heads, _join(path, layout.out)
+        values = FeatureGroup(
+            f"{path}.values", d, ((f"{out}.weight", 1),), out, "input", -1, heads=heads
+        )
+        scores = FeatureGroup(
+            f"{path}.scores", d, (), _join(path, layout.qkv_at), "output", -1,
+            heads=heads, follows=values.name, collect_from=0,
+        )  # fmt: skip
+        rows = [layout.qkv_weight] + ([layout.qkv_bias] if layout.qkv_bias else [])
+        parts = ((scores.name, d), (scores.name, d), (values.name, d))
+        fused.append(Concat(f"{path}.qkv", parts, tuple((_join(path, t), 0) for t in rows)))
+        groups += [values, scores]
+    return groups, tuple(fused)
 
 
 def _result(
@@ -1142,11 +1331,12 @@ def _result(
                 blocks=units.blocks,
             )
         )
+    heads, fused = _attention_groups(walk)
     warnings = list(dict.fromkeys(warnings))
     for w in warnings:
         log.warning("%s", w)
     return Discovery(
-        MergeSpec(tuple(groups), _concats(walk, {g.name for g in groups})),
+        MergeSpec((*groups, *heads), _concats(walk, {g.name for g in groups}) + fused),
         tuple(dict.fromkeys(untransformed)),
         tuple(warnings),
         input_shape,

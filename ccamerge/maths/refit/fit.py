@@ -14,6 +14,7 @@ from ...methods.base import Alignment
 from ...models.spec import MergeSpec
 from ...runtime import distributed
 from ...runtime.errors import OptionError, RefitError, UntracedError
+from ..algebra import with_concats
 from ..bn import has_batchnorm, reset_batchnorm
 from .equations import (
     Moments,
@@ -37,15 +38,20 @@ MODES = ("stored", "recompute")
 
 
 def _target_maps(
-    fit: Fit, alignment: Alignment, weights: Sequence[float], device: torch.device
+    fit: Fit, spec: MergeSpec, alignment: Alignment, weights: Sequence[float], device: torch.device
 ) -> list[tuple[float, torch.Tensor | None]]:
-    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity)."""
+    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity); a layer
+    whose outputs are a concatenation of groups (a fused query/key/value projection) is
+    mapped by the block-diagonal map of its parts'."""
     if fit.group is None:
         return [(w, None) for w in weights]
-    if fit.group not in alignment.groups:
-        raise RefitError(f"the alignment has no transforms for group {fit.group}")
-    Ms = alignment.groups[fit.group].M
-    return [(w, Ms[k].to(device)) for k, w in enumerate(weights)]
+    out = []
+    for k, w in enumerate(weights):
+        maps = with_concats(spec, {g: ga.M[k] for g, ga in alignment.groups.items()})
+        if maps is None or fit.group not in maps:
+            raise RefitError(f"the alignment has no transforms for group {fit.group}")
+        out.append((w, maps[fit.group].to(device)))
+    return out
 
 
 def _check_endpoints(merged: nn.Module, endpoints: Sequence[nn.Module]) -> None:
@@ -126,7 +132,7 @@ def refit(
         )
         return report
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
-    maps = {fit: _target_maps(fit, alignment, weights, device) for fit in plan.fits}
+    maps = {fit: _target_maps(fit, spec, alignment, weights, device) for fit in plan.fits}
     start = time.perf_counter()
     if memory_budget is None:
         memory_budget = default_memory_budget(device)
