@@ -64,6 +64,9 @@ def test_traceable_attention_returns_the_same_weights_and_leaves_cross_attention
         torch.testing.assert_close(b, a)
         torch.testing.assert_close(wb, wa)
     torch.testing.assert_close(traced(x, memory, memory)[0], original(x, memory, memory)[0])
+    for m in (original, traced):  # a causal hint without a mask: torch's own error
+        with pytest.raises(RuntimeError, match="is_causal"):
+            m(x, x, x, is_causal=True)
     kdim = nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     assert make_traceable(kdim) == 0  # separate projections: left as they are
 

@@ -102,7 +102,8 @@ class TracedMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         tracing = fx._symbolic_trace.is_fx_symbolic_tracing()
-        if not (query is key is value) or (not tracing and query.dim() != 3):
+        unusual = is_causal is True and attn_mask is None  # torch's own forward says what is wrong
+        if unusual or not (query is key is value) or (not tracing and query.dim() != 3):
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal,
@@ -122,7 +123,8 @@ class TracedMultiheadAttention(nn.MultiheadAttention):
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(width)
             weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
-            heads_out = F.dropout(weights, p) @ v if p else weights @ v
+            weights = F.dropout(weights, p) if p else weights
+            heads_out = weights @ v
             weights = weights.mean(dim=1) if average_attn_weights else weights
         else:
             heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
@@ -160,7 +162,10 @@ class TracedTransformerEncoder(nn.TransformerEncoder):
     ) -> torch.Tensor:
         out = src
         for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
+            out = layer(
+                out, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                is_causal=is_causal is True,
+            )  # fmt: skip
         return self.norm(out) if self.norm is not None else out
 
 
