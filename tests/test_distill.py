@@ -17,6 +17,8 @@ import torch
 from ccamerge.maths.bn import reset_batchnorm
 from ccamerge.maths.distill import (
     DistillSettings,
+    EpochMetrics,
+    _better,
     _DistillationLoss,
     augment_batch,
     cut_batches,
@@ -127,12 +129,22 @@ def test_auto_stops_after_patience_and_restores_the_best_epoch(digits_mlps):
         on_epoch=lambda e, total, m: snapshots.__setitem__(e, weights_of(student)),
     )  # fmt: skip
     history = report.history
-    best = max(history, key=lambda m: (m.agreement, -m.kl, -m.epoch))
+    best = min(history, key=lambda m: (m.kl, -m.agreement, m.epoch))
     assert report.stopped == "patience"
     assert report.epoch_kept == best.epoch >= 1
     assert report.epochs_run == report.epoch_kept + 2 < 12
     assert largest_difference(weights_of(student), snapshots[report.epoch_kept]) == 0
     assert report.final.kl == best.kl
+
+
+def test_an_epoch_improves_by_a_lower_held_out_kl():
+    """Agreement on a few hundred held-out samples moves by whole samples; the KL, the
+    objective itself, decides (agreement breaks ties)."""
+    start = EpochMetrics(0, 0.90, 0.05)
+    assert _better(EpochMetrics(1, 0.90, 0.04), start)
+    assert _better(EpochMetrics(1, 0.895, 0.04), start)  # one sample fewer, a lower KL
+    assert not _better(EpochMetrics(1, 0.95, 0.06), start)
+    assert _better(EpochMetrics(1, 0.91, 0.05), start) and not _better(start, start)
 
 
 def test_the_start_is_kept_when_no_epoch_improves_on_it(digits_mlps):

@@ -25,7 +25,7 @@ from .load import Calibration, LoadedModels
 @dataclass(frozen=True)
 class Distillation:
     """``--distill`` as a run takes it: ``epochs`` None (off), a number or ``"auto"`` (while
-    the held-out agreement improves), the input ``augment``\\ ations, and every other
+    the held-out KL to the ensemble falls), the input ``augment``\\ ations, and every other
     setting of :class:`DistillSettings` (``settings``; its seed is the run's)."""
 
     epochs: int | str | None = None
