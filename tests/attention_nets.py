@@ -2,7 +2,8 @@
 factory): torch.nn's encoder layers, a language model on ``nn.MultiheadAttention`` with a
 causal mask, and a vision transformer written as timm writes its own (fused ``qkv``
 projection reshaped into heads, a class token concatenated to the patches, position
-embeddings added, layer scale, the class token's output read by ``x[:, 0]``)."""
+embeddings added, layer scale, the class token's output read by ``x[:, 0]``), also with
+separate query/key/value projections and a causal mask written out."""
 
 from __future__ import annotations
 
@@ -82,6 +83,27 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class CausalSeparateAttention(nn.Module):
+    """Separate query, key and value projections, the scores written out, causal."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.n_heads = num_heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = (
+            p(x).view(B, N, self.n_heads, C // self.n_heads).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        scores = q @ k.transpose(-2, -1) / (C // self.n_heads) ** 0.5
+        future = torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        return self.out_proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
 class NotAttention(Attention):
     """The same tensors, another function: not recognised as attention."""
 
@@ -152,9 +174,13 @@ NETS = {
     "encoder_post_ln": lambda: Encoder(norm_first=False, activation="gelu"),
     "token_lm": TokenLM,
     "timm_vit": VisionTransformer,
+    "separate_qkv": lambda: VisionTransformer(CausalSeparateAttention),
     "not_attention": lambda: VisionTransformer(NotAttention),
 }
-SHAPES = {"token_lm": (TOKENS,), "timm_vit": (1, 8, 8), "not_attention": (1, 8, 8)}
+SHAPES = {
+    "token_lm": (TOKENS,),
+    **{n: (1, 8, 8) for n in ("timm_vit", "separate_qkv", "not_attention")},
+}
 
 
 def make_net(name: str = "encoder") -> nn.Module:

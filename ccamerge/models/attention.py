@@ -19,11 +19,13 @@ Two kinds of layers are recognised:
   identity module ``qkv_tap``); ``nn.TransformerEncoderLayer`` and
   ``nn.TransformerEncoder`` get one too (their fused fast path skipped). Parameter names,
   and so checkpoints, stay as they are.
-* A module with a fused ``qkv`` ``Linear`` (3 x dim outputs), an output ``proj``
-  ``Linear`` and ``num_heads`` (timm's ``Attention`` and code written like it), called
-  on one tensor ``(batch, tokens, dim)``: recognised by what it computes, the module's
-  output is checked against plain multi-head attention of its weights (with and without
-  a causal mask) on random tokens before it is treated as one.
+* A module with a fused ``qkv`` ``Linear`` (3 x dim outputs) or three ``Linear``
+  projections (``q_proj``/``k_proj``/``v_proj``, ``query``/``key``/``value`` or
+  ``q``/``k``/``v``), an output ``Linear`` (``proj``, ``out_proj``, ``o_proj`` or ``out``)
+  and a number of heads (``num_heads``, ``n_heads`` or ``heads``): timm's ``Attention``
+  and code written like it, called on one tensor ``(batch, tokens, dim)``. The names only
+  propose it: the module's output is checked against plain multi-head attention of those
+  weights (with and without a causal mask) on random tokens before it is treated as one.
 """
 
 from __future__ import annotations
@@ -38,18 +40,23 @@ from torch import fx, nn
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """A recognised self-attention module's tensors, relative to the module: the fused
-    projection's ``qkv_weight``/``qkv_bias`` (rows: queries, keys, values), the output
-    projection module ``out``, ``heads``, and where the groups are read: the fused
-    projection's output is the output of module ``qkv_at`` (queries first), the heads'
+    """A recognised self-attention module's tensors, relative to the module: the
+    ``weights`` and ``biases`` (None: no bias) of its input projections, one fused
+    projection (rows: queries, keys, values) or three (query, key, value), the output
+    projection module ``out``, ``heads``, and where the groups are read: the queries are
+    the first ``dim`` units of the output of module ``queries_at``, the heads'
     concatenated values the input of ``out``."""
 
-    qkv_weight: str
-    qkv_bias: str | None
+    weights: tuple[str, ...]
+    biases: tuple[str | None, ...]
     out: str
     heads: int
-    qkv_at: str
+    queries_at: str
     dim: int
+
+    @property
+    def fused(self) -> bool:
+        return len(self.weights) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -201,22 +208,47 @@ def attention_layout(m: nn.Module) -> AttentionLayout | None:
     if isinstance(m, TracedMultiheadAttention):
         bias = "in_proj_bias" if m.in_proj_bias is not None else None
         return AttentionLayout(
-            "in_proj_weight", bias, "out_proj", m.num_heads, "qkv_tap", m.embed_dim
+            ("in_proj_weight",), (bias,), "out_proj", m.num_heads, "qkv_tap", m.embed_dim
         )
-    qkv, proj, heads = (
-        getattr(m, "qkv", None),
-        getattr(m, "proj", None),
-        getattr(m, "num_heads", None),
-    )
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
+    layout = _candidate(m)
+    return layout if layout is not None and computes_attention(m, layout) else None
+
+
+# the names code written like timm's or like Hugging Face's gives its projections
+PROJECTION_NAMES = (
+    ("qkv",),
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("q", "k", "v"),
+)
+OUT_NAMES = ("proj", "out_proj", "o_proj", "out")
+HEADS_NAMES = ("num_heads", "n_heads", "heads")
+
+
+def _linears(m: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+    """``m``'s children ``names``, when every one is a ``Linear``."""
+    children = [getattr(m, n, None) for n in names]
+    return children if all(isinstance(c, nn.Linear) for c in children) else None  # type: ignore[return-value]
+
+
+def _candidate(m: nn.Module) -> AttentionLayout | None:
+    """A layout by the names of ``m``'s projections, to be checked by what it computes."""
+    heads = next((getattr(m, n) for n in HEADS_NAMES if hasattr(m, n)), None)
+    out = next((n for n in OUT_NAMES if _linears(m, (n,))), None)
+    if out is None or type(heads) is not int or heads < 1:
         return None
-    dim = qkv.in_features
-    if qkv.out_features != 3 * dim or proj.in_features != dim or heads < 1 or dim % heads:
-        return None
-    layout = AttentionLayout(
-        "qkv.weight", "qkv.bias" if qkv.bias is not None else None, "proj", heads, "qkv", dim
-    )
-    return layout if computes_attention(m, layout) else None
+    dim = getattr(m, out).in_features
+    for group in PROJECTION_NAMES:
+        layers = _linears(m, group)
+        if layers is None or out in group:
+            continue
+        rows = 3 * dim if len(group) == 1 else dim
+        if dim % heads or any((l.in_features, l.out_features) != (dim, rows) for l in layers):
+            return None
+        biases = tuple(f"{n}.bias" if l.bias is not None else None for n, l in zip(group, layers))
+        weights = tuple(f"{n}.weight" for n in group)
+        return AttentionLayout(weights, biases, out, heads, group[0], dim)
+    return None
 
 
 def reference_attention(
@@ -224,10 +256,12 @@ def reference_attention(
 ) -> torch.Tensor:
     """Plain multi-head self-attention of ``m``'s weights on ``x`` ``(batch, tokens, dim)``."""
     batch, length, dim = x.shape
-    weight = m.get_parameter(layout.qkv_weight)
-    bias = m.get_parameter(layout.qkv_bias) if layout.qkv_bias else None
-    qkv = F.linear(x, weight, bias)
-    q, k, v = (t.reshape(batch, length, layout.heads, -1).transpose(1, 2) for t in qkv.chunk(3, -1))
+    outs = [
+        F.linear(x, m.get_parameter(w), m.get_parameter(b) if b else None)
+        for w, b in zip(layout.weights, layout.biases)
+    ]
+    qkv = outs[0].chunk(3, -1) if layout.fused else outs
+    q, k, v = (t.reshape(batch, length, layout.heads, -1).transpose(1, 2) for t in qkv)
     heads_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return m.get_submodule(layout.out)(heads_out.transpose(1, 2).reshape(batch, length, dim))
 

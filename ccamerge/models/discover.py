@@ -616,7 +616,7 @@ class _Walk:
         if shape is None or len(shape) != 3 or axis != 2:
             raise _Unsafe("its input's units are not the last axis of (batch, tokens, units)")
         stream = self.of(src)
-        stream.members.append((_join(path, layout.qkv_weight), 1))
+        stream.members += [(_join(path, w), 1) for w in layout.weights]
         stream.restrict()  # a residual stream: permutations (exact through its LayerNorms)
         out = _join(path, layout.out)
         self.order.setdefault(out, len(self.order))
@@ -1254,22 +1254,28 @@ def _concats(walk: _Walk, groups: set[str]) -> tuple[Concat, ...]:
 
 def _attention_groups(walk: _Walk) -> tuple[list[FeatureGroup], tuple[Concat, ...]]:
     """Each self-attention layer's values and scores (groups of heads, the second in the
-    first's head order), and its fused projection's rows as their concatenation:
-    queries and keys (both by the scores' maps), then values."""
+    first's head order): the value rows and the output projection's columns, the query
+    and key rows (both by the scores' maps); a fused projection's rows are their
+    concatenation (queries, keys, values)."""
     groups, fused = [], []
     for path in walk.aligned_attention:
         layout = walk.attention[path]
         d, heads, out = layout.dim, layout.heads, _join(path, layout.out)
+        rows = [
+            tuple((_join(path, t), 0) for t in (w, b) if t is not None)
+            for w, b in zip(layout.weights, layout.biases)
+        ]
+        q, k, v = ((), (), ()) if layout.fused else rows
         values = FeatureGroup(
-            f"{path}.values", d, ((f"{out}.weight", 1),), out, "input", -1, heads=heads
+            f"{path}.values", d, (*v, (f"{out}.weight", 1)), out, "input", -1, heads=heads
         )
         scores = FeatureGroup(
-            f"{path}.scores", d, (), _join(path, layout.qkv_at), "output", -1,
-            heads=heads, follows=values.name, collect_from=0,
+            f"{path}.scores", d, (*q, *k), _join(path, layout.queries_at), "output", -1,
+            heads=heads, follows=values.name, collect_from=0 if layout.fused else None,
         )  # fmt: skip
-        rows = [layout.qkv_weight] + ([layout.qkv_bias] if layout.qkv_bias else [])
-        parts = ((scores.name, d), (scores.name, d), (values.name, d))
-        fused.append(Concat(f"{path}.qkv", parts, tuple((_join(path, t), 0) for t in rows)))
+        if layout.fused:
+            parts = ((scores.name, d), (scores.name, d), (values.name, d))
+            fused.append(Concat(f"{path}.qkv", parts, rows[0]))
         groups += [values, scores]
     return groups, tuple(fused)
 
