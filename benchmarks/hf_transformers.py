@@ -120,11 +120,16 @@ def run_set(name, models, calib, test, root: Path, merge, **options) -> dict:
     merged = type(models[0]).from_pretrained(str(out)).eval()
     x, y = test
     ins = [logits(m.eval(), x) for m in models]
-    report = result.report
+    return result_row(name, options, result.report, seconds, ins, logits(merged, x), y)
+
+
+def result_row(name, options, report, seconds, ins, merged, y) -> dict:
+    """One merge's row: its options and report, the test scores of the inputs (their
+    logits ``ins``), of their ensemble and of the merge (``merged``)."""
     distill = report.get("distill")
     return {
         "set": name,
-        "n": len(models),
+        "n": len(ins),
         "options": {k: Path(v).name if k.endswith("_data") else v for k, v in options.items()},
         "method": report["method"],
         "aligned_fraction": round(report["aligned"]["fraction"], 3),
@@ -133,7 +138,7 @@ def run_set(name, models, calib, test, root: Path, merge, **options) -> dict:
         else [distill["epochs_run"], distill["epoch_kept"]],
         "inputs": [score(lg, y) for lg in ins],
         "ensemble": score(sum(ins) / len(ins), y),
-        "merged": score(logits(merged, x), y),
+        "merged": score(merged, y),
         "check_beaten_by": len(report.get("check", {}).get("beaten_by", [])),
         "merge_seconds": round(seconds, 1),
     }

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import vit_models
 from fmnist import prepare, splits
-from hf_transformers import METHODS, score, train
+from hf_transformers import METHODS, result_row, train
 
 torch.set_num_threads(1)
 FACTORIES = {"torch": "torch_vit", "timm": "timm_vit"}
@@ -52,23 +52,9 @@ def run_set(family, models, calib, test, root: Path, merge, **options) -> dict:
     seconds = time.perf_counter() - start
     x, y = test
     ins = [logits(m.eval(), x) for m in models]
-    report, distill = result.report, result.report.get("distill")
-    return {
-        "set": name,
-        "n": len(models),
-        "options": {k: Path(v).name if k.endswith("_data") else v for k, v in options.items()},
-        "method": report["method"],
-        "aligned_fraction": round(report["aligned"]["fraction"], 3),
-        "groups": len(report["groups"]) if "groups" in report else None,
-        "distill_epochs": None
-        if distill is None
-        else [distill["epochs_run"], distill["epoch_kept"]],
-        "inputs": [score(lg, y) for lg in ins],
-        "ensemble": score(sum(ins) / len(ins), y),
-        "merged": score(logits(result.model.float().eval(), x), y),
-        "check_beaten_by": len(report.get("check", {}).get("beaten_by", [])),
-        "merge_seconds": round(seconds, 1),
-    }
+    merged = logits(result.model.float().eval(), x)
+    row = result_row(name, options, result.report, seconds, ins, merged, y)
+    return {**row, "groups": len(result.report["groups"])}
 
 
 def family_rows(family: str, root: Path, merge) -> list[dict]:

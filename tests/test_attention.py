@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from attention_nets import NETS, SHAPES, inputs, make_net
+from moved import moved_state
 from torch import nn
 
-from ccamerge.maths.algebra import permutation_matrix, random_permutations, transform_state_dict
 from ccamerge.models.attention import make_traceable
 from ccamerge.models.discover import discover
 from ccamerge.runs.merge import merge
@@ -95,24 +95,7 @@ def test_a_module_named_like_attention_that_computes_something_else_is_not_align
 
 
 def _moved_copy(name: str, model: nn.Module, dense_heads: bool) -> dict[str, torch.Tensor]:
-    """``model``'s tensors with every group's units permuted and, with ``dense_heads``,
-    each head's value space mixed by a random invertible map (query/key: orthogonal)."""
-    spec = _discover(name, model).spec
-    M = {g: permutation_matrix(p) for g, p in random_permutations(spec, seed=3).items()}
-    gen = torch.Generator().manual_seed(4)
-    for g in spec.groups:
-        if dense_heads and g.heads > 1:
-            step = g.size // g.heads
-            mixes = [
-                torch.randn(step, step, generator=gen, dtype=torch.float64)
-                + 2 * torch.eye(step, dtype=torch.float64)
-                for _ in range(g.heads)
-            ]
-            if g.follows is not None:
-                mixes = [torch.linalg.qr(m)[0] for m in mixes]
-            M[g.name] = torch.block_diag(*mixes) @ M[g.name]
-    U = {g: torch.linalg.inv(m) for g, m in M.items()}
-    return transform_state_dict(model.state_dict(), spec, M, U)
+    return moved_state(model.state_dict(), _discover(name, model).spec, dense_heads)
 
 
 @pytest.mark.parametrize("options", [{}, {"refit": False}, {"method_params": {"gamma": 0.0}}])

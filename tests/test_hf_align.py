@@ -12,10 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from moved import moved_state
 from typer.testing import CliRunner
 
 from ccamerge.cli.app import app
-from ccamerge.maths.algebra import permutation_matrix, random_permutations, transform_state_dict
 from ccamerge.models import hf
 from ccamerge.models.hf_layouts import layout_spec, native_layout
 
@@ -69,21 +69,7 @@ def _moved_copy(model, dense_heads: bool):
     state = model.state_dict()
     spec, why = layout_spec(model.config.model_type, model.config.to_dict(), state)
     assert spec is not None, why
-    M = {g: permutation_matrix(p) for g, p in random_permutations(spec, seed=3).items()}
-    gen = torch.Generator().manual_seed(4)
-    for g in spec.groups:
-        if dense_heads and g.heads > 1:
-            step = g.size // g.heads
-            mixes = [
-                torch.randn(step, step, generator=gen, dtype=torch.float64)
-                + 2 * torch.eye(step, dtype=torch.float64)
-                for _ in range(g.heads)
-            ]
-            if g.follows is not None:  # query/key: orthogonal maps keep the scores
-                mixes = [torch.linalg.qr(m)[0] for m in mixes]
-            M[g.name] = torch.block_diag(*mixes) @ M[g.name]
-    U = {g: torch.linalg.inv(m) for g, m in M.items()}
-    return spec, transform_state_dict(state, spec, M, U)
+    return spec, moved_state(state, spec, dense_heads)
 
 
 def _save(model, folder, state=None):

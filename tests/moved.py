@@ -1,0 +1,34 @@
+"""A network's tensors in other coordinates: the same function with its units moved, for
+the tests that merge a model with such a copy of itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ccamerge.maths.algebra import permutation_matrix, random_permutations, transform_state_dict
+from ccamerge.models.spec import MergeSpec
+
+
+def moved_state(
+    state: Mapping[str, torch.Tensor], spec: MergeSpec, dense_heads: bool
+) -> dict[str, torch.Tensor]:
+    """``state`` with every group's units permuted and, with ``dense_heads``, each
+    attention head's value space mixed by a random invertible map and its query/key space
+    by a random orthogonal one (orthogonal maps keep the scores)."""
+    M = {g: permutation_matrix(p) for g, p in random_permutations(spec, seed=3).items()}
+    gen = torch.Generator().manual_seed(4)
+    for g in spec.groups:
+        if dense_heads and g.heads > 1:
+            step = g.size // g.heads
+            mixes = [
+                torch.randn(step, step, generator=gen, dtype=torch.float64)
+                + 2 * torch.eye(step, dtype=torch.float64)
+                for _ in range(g.heads)
+            ]
+            if g.follows is not None:
+                mixes = [torch.linalg.qr(m)[0] for m in mixes]
+            M[g.name] = torch.block_diag(*mixes) @ M[g.name]
+    U = {g: torch.linalg.inv(m) for g, m in M.items()}
+    return transform_state_dict(state, spec, M, U)
