@@ -31,10 +31,16 @@ output channels of each ``Linear``/``Conv`` forward through the graph:
   blocks are exact, and the alignment is made so);
 * ``torch.cat`` along the units' axis: a concatenation of its parts' groups (its
   readers are transformed by the block-diagonal map of theirs);
+* ``nn.Embedding``: new units (its table's columns); indexing that keeps the batch and
+  the units' axes whole (``x[:, 0]``): the same units; ``torch.cat`` along the tokens
+  (a class token before the patches) and position embeddings added: one set of units,
+  the model's tensors joining it;
+* recognised self-attention layers (models/attention.py): one step that reads its
+  input's units and writes new ones; its heads become two groups of their own;
 * the model's input and output are never transformed, so every group that
   reaches either stays untransformed.
 
-Anything else (stacking, reshapes that mix channels, matmul/attention, a module
+Anything else (stacking, reshapes that mix channels, matmul/unrecognised attention, a module
 called twice or parameters shared between modules, other parameters used
 directly in ``forward``, unknown functions and
 modules) freezes every group it touches: those groups stay untransformed, with
