@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -38,20 +38,24 @@ MODES = ("stored", "recompute")
 
 
 def _target_maps(
-    fit: Fit, spec: MergeSpec, alignment: Alignment, weights: Sequence[float], device: torch.device
+    fit: Fit, model_maps: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], device
 ) -> list[tuple[float, torch.Tensor | None]]:
-    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity); a layer
-    whose outputs are a concatenation of groups (a fused query/key/value projection) is
-    mapped by the block-diagonal map of its parts'."""
+    """``(w_k, M_k)`` of ``fit``'s output group per model (M None: the identity), from
+    each model's maps by group and concatenation (:func:`_model_maps`)."""
     if fit.group is None:
         return [(w, None) for w in weights]
-    out = []
-    for k, w in enumerate(weights):
-        maps = with_concats(spec, {g: ga.M[k] for g, ga in alignment.groups.items()})
-        if maps is None or fit.group not in maps:
-            raise RefitError(f"the alignment has no transforms for group {fit.group}")
-        out.append((w, maps[fit.group].to(device)))
-    return out
+    if fit.group not in model_maps[0]:
+        raise RefitError(f"the alignment has no transforms for group {fit.group}")
+    return [(w, maps[fit.group].to(device)) for maps, w in zip(model_maps, weights)]
+
+
+def _model_maps(spec: MergeSpec, alignment: Alignment, n: int) -> list[Mapping[str, torch.Tensor]]:
+    """Each model's ``M`` by group and, for a layer whose outputs are a concatenation of
+    groups (a fused query/key/value projection), the block-diagonal map of its parts'."""
+    return [
+        with_concats(spec, {g: ga.M[k] for g, ga in alignment.groups.items()}) or {}
+        for k in range(n)
+    ]
 
 
 def _check_endpoints(merged: nn.Module, endpoints: Sequence[nn.Module]) -> None:
@@ -132,7 +136,8 @@ def refit(
         )
         return report
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
-    maps = {fit: _target_maps(fit, spec, alignment, weights, device) for fit in plan.fits}
+    model_maps = _model_maps(spec, alignment, len(endpoints))
+    maps = {fit: _target_maps(fit, model_maps, weights, device) for fit in plan.fits}
     start = time.perf_counter()
     if memory_budget is None:
         memory_budget = default_memory_budget(device)
