@@ -392,6 +392,14 @@ class _Units:
         self.frozen += other.frozen
         self.restrict(other.permutation, other.blocks)
 
+    def join(self, tensor: str, axis: int, gain: bool = False) -> None:
+        """A tensor of the model with one value per unit on ``axis`` joins these units:
+        exact under any map when added along axis 0 (a bias), only under permutations
+        as a gain or along a later axis (transformed by ``U``, ``M^T`` for those)."""
+        self.members.append((tensor, axis))
+        if gain or axis >= 1:
+            self.restrict()
+
     def restrict(self, permutation: bool = True, blocks: int = 1) -> None:
         if self.parts and blocks > 1:
             raise _Unsafe("a grouped convolution or GroupNorm of a concatenation")
@@ -827,6 +835,7 @@ class _Walk:
                 continue
             uid = self.value[t][0] if uid is None else self.union(uid, self.value[t][0])
         assert uid is not None
+        units = self.units[self.find(uid)]
         for t in tensors:
             if _parameter_rows(t):
                 param = t if t.op == "get_attr" else t.args[0]
@@ -836,13 +845,8 @@ class _Walk:
                 name = self.parameter(param, optional=False)
                 if j < 0 or p[j] != out[axis]:
                     raise _Unsafe(f"it concatenates {name} of shape {p} to units on axis {axis}")
-                self.of_uid(uid).members.append((str(name), j))
-                if j > 0:
-                    self.of_uid(uid).restrict()
+                units.join(str(name), j)
         self.set_value(node, uid, axis, activation=True)
-
-    def of_uid(self, uid: int) -> _Units:
-        return self.units[self.find(uid)]
 
     def permute(self, node: fx.Node) -> None:
         """``permute``/``transpose`` keeping the batch axis first: the units move along."""
@@ -990,10 +994,7 @@ class _Walk:
         if not fits or self.shape(node) != shape:
             raise _Unsafe(f"it broadcasts {shape} with the tensor {param.target} of shape {p}")
         name = self.parameter(param, optional=False)
-        units = self.of(src)
-        units.members.append((str(name), j))
-        if j >= 1 or not is_add:
-            units.restrict()
+        self.of(src).join(str(name), j, gain=not is_add)
         self.set_value(node, uid, axis)
 
 
