@@ -32,3 +32,15 @@ def moved_state(
             M[g.name] = torch.block_diag(*mixes) @ M[g.name]
     U = {g: torch.linalg.inv(m) for g, m in M.items()}
     return transform_state_dict(state, spec, M, U)
+
+
+def assert_merged_back(result, x: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """A merge of a model with its moved copy: the original function on ``x`` (outputs
+    ``expected``), every parameter aligned, by CCA."""
+    with torch.no_grad():
+        got = result.model.float().eval()(x)
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((got - expected).abs().max()) <= 2e-4 * scale, name
+    aligned = result.report["aligned"]
+    assert aligned["fraction"] == 1.0 and aligned["kept_averaged"] == {}, aligned
+    assert result.report["method"] == "cca"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from attention_nets import NETS, SHAPES, inputs, make_net
-from moved import moved_state
+from moved import assert_merged_back, moved_state
 from torch import nn
 
 from ccamerge.models.attention import make_traceable
@@ -121,13 +121,7 @@ def test_a_transformer_merged_with_its_moved_copy_is_returned(name, options, tmp
     np.savez(tmp_path / "calib.npz", **{key: inputs(name, 128, 0).numpy()})
     calib = str(tmp_path / "calib.npz")
     result = merge(paths, model=FACTORY, model_args={"name": name}, data=calib, **options)
-    with torch.no_grad():
-        got = result.model.float().eval()(x)
-    scale = max(1.0, float(expected.abs().max()))
-    assert float((got - expected).abs().max()) <= 2e-4 * scale, name
-    aligned = result.report["aligned"]
-    assert aligned["fraction"] == 1.0 and aligned["kept_averaged"] == {}, aligned
-    assert result.report["method"] == "cca"
+    assert_merged_back(result, x, expected, name)
     if options.get("refit", True):  # every linear layer, the fused projections too
         fitted = {layer["name"] for layer in result.report["refit"]["layers"]}
         assert fitted == _linear_layers(model), fitted

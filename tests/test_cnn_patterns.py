@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from cnn_nets import NETS, make_cnn
+from moved import assert_merged_back
 from test_archs import randomise
 from test_refit_models import _make_batchnorm_honest
 
@@ -70,13 +71,7 @@ def test_permuted_copy_merges_back_to_the_original(name: str, refit: bool, tmp_p
         expected = model(x)
         assert not torch.allclose(naive(x), expected, atol=1e-3), name
     result = merge(paths, model=FACTORY, model_args={"name": name}, data=str(calib), refit=refit)
-    with torch.no_grad():
-        got = result.model.float().eval()(x)
-    scale = max(1.0, float(expected.abs().max()))
-    assert float((got - expected).abs().max()) <= 2e-4 * scale, name
-    aligned = result.report["aligned"]
-    assert aligned["fraction"] == 1.0 and aligned["kept_averaged"] == {}, aligned
-    assert result.report["method"] == "cca"
+    assert_merged_back(result, x, expected, name)
 
 
 def test_opaque_network_is_plain_averaging(tmp_path) -> None:
