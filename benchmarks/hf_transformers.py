@@ -31,6 +31,7 @@ import math
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -155,37 +156,65 @@ def seed_rows(name, sets, calib, test, root: Path, merge, **extra) -> list[dict]
     return rows
 
 
-def vit_sets(transformers, root: Path, merge) -> list[dict]:
+@dataclass
+class ViTData:
+    """Fashion-MNIST as the ViT benchmarks take it: images ``(n, 1, 28, 28)``, the 20000
+    training images every seed trains on (``base_idx``) and the rest, the calibration file
+    (2000 labelled images), the test set, and 10000 further training images without labels
+    (``unlabelled``, a ``.npy``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    base_idx: torch.Tensor
+    rest: torch.Tensor
+    calib: Path
+    test: tuple[torch.Tensor, torch.Tensor]
+    unlabelled: Path
+
+
+def vit_data(root: Path) -> ViTData:
     data = prepare("flat")
     split = splits()
     images = torch.as_tensor(data["train_x"]).reshape(-1, 1, 28, 28)
     labels = torch.as_tensor(data["train_y"])
     train_idx = torch.as_tensor(split["train"])
-    base_idx, rest = train_idx[:20000], train_idx[20000:]
-    halves = rest[: len(rest) // 2], rest[len(rest) // 2 :]
     calib = root / "vit-calib.npz"
     calib_idx = torch.as_tensor(split["calib"][:2000])
     np.savez(calib, x=images[calib_idx].numpy(), y=labels[calib_idx].numpy())
     test = torch.as_tensor(data["test_x"]).reshape(-1, 1, 28, 28), torch.as_tensor(data["test_y"])
-    unlabelled = root / "unlabelled.npy"  # 10000 training images, no labels
-    np.save(unlabelled, images[rest[:10000]].numpy())
-    steps = 2 * len(base_idx) // 128  # two epochs
+    unlabelled = root / "unlabelled.npy"
+    np.save(unlabelled, images[train_idx[20000:][:10000]].numpy())
+    return ViTData(images, labels, train_idx[:20000], train_idx[20000:], calib, test, unlabelled)
+
+
+def vit_seeds(build, data: ViTData, loss_of) -> list:
+    """Four models (seeds 1-4) trained two epochs on ``data.base_idx``, AdamW 2e-3."""
+    x, y = data.images[data.base_idx], data.labels[data.base_idx]
+    seeds = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        seeds.append(train(build(), x, y, seed, 2 * len(x) // 128, 2e-3, loss_of))
+    return seeds
+
+
+def vit_sets(transformers, root: Path, merge) -> list[dict]:
+    data = vit_data(root)
+    images, labels, rest = data.images, data.labels, data.rest
+    halves = rest[: len(rest) // 2], rest[len(rest) // 2 :]
 
     def fit(model, idx, seed, n_steps, lr):
         return train(model, images[idx], labels[idx], seed, n_steps, lr, classify_loss)
 
     torch.manual_seed(0)
-    base = fit(vit(transformers), base_idx, 0, steps, 2e-3)
+    base = fit(vit(transformers), data.base_idx, 0, 2 * len(data.base_idx) // 128, 2e-3)
     tunes = []
     for k, half in enumerate(halves):
         tune = vit(transformers)
         tune.load_state_dict(base.state_dict())
         tunes.append(fit(tune, half, 10 + k, len(half) // 128, 5e-4))
-    seeds = []
-    for seed in (1, 2, 3, 4):
-        torch.manual_seed(seed)
-        seeds.append(fit(vit(transformers), base_idx, seed, steps, 2e-3))
-    distilled = {"distill": "auto", "distill_data": str(unlabelled)}
+    seeds = vit_seeds(lambda: vit(transformers), data, classify_loss)
+    distilled = {"distill": "auto", "distill_data": str(data.unlabelled)}
+    calib, test = data.calib, data.test
     rows = seed_rows("vit fine-tunes", [tunes], calib, test, root, merge, distill=distilled)
     return rows + seed_rows(
         "vit seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled

@@ -19,12 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import vit_models
-from fmnist import prepare, splits
-from hf_transformers import METHODS, result_row, train
+from hf_transformers import METHODS, result_row, vit_data, vit_seeds
 
 torch.set_num_threads(1)
 FACTORIES = {"torch": "torch_vit", "timm": "timm_vit"}
@@ -58,31 +56,12 @@ def run_set(family, models, calib, test, root: Path, merge, **options) -> dict:
 
 
 def family_rows(family: str, root: Path, merge) -> list[dict]:
-    data = prepare("flat")
-    split = splits()
-    images = torch.as_tensor(data["train_x"]).reshape(-1, 1, 28, 28)
-    labels = torch.as_tensor(data["train_y"])
-    train_idx = torch.as_tensor(split["train"])
-    base_idx, rest = train_idx[:20000], train_idx[20000:]
-    calib = root / "calib.npz"
-    calib_idx = torch.as_tensor(split["calib"][:2000])
-    np.savez(calib, x=images[calib_idx].numpy(), y=labels[calib_idx].numpy())
-    test = torch.as_tensor(data["test_x"]).reshape(-1, 1, 28, 28), torch.as_tensor(data["test_y"])
-    unlabelled = root / "unlabelled.npy"
-    np.save(unlabelled, images[rest[:10000]].numpy())
-    steps = 2 * len(base_idx) // 128
-    build = getattr(vit_models, FACTORIES[family])
-    seeds = []
-    for seed in (1, 2, 3, 4):
-        torch.manual_seed(seed)
-        model = build()
-        seeds.append(
-            train(model, images[base_idx], labels[base_idx], seed, steps, 2e-3, classify_loss)
-        )
+    data = vit_data(root)
+    seeds = vit_seeds(getattr(vit_models, FACTORIES[family]), data, classify_loss)
     runs = [{"method": m} for m in METHODS] + [{"refit": False}]
-    runs.append({"distill": "auto", "distill_data": str(unlabelled)})
+    runs.append({"distill": "auto", "distill_data": str(data.unlabelled)})
     return [
-        run_set(family, models, calib, test, root, merge, **options)
+        run_set(family, models, data.calib, data.test, root, merge, **options)
         for models in (seeds[:2], seeds)
         for options in runs
     ]
