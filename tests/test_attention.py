@@ -122,15 +122,15 @@ def test_a_transformer_merged_with_its_moved_copy_is_returned(name, options, tmp
     calib = str(tmp_path / "calib.npz")
     result = merge(paths, model=FACTORY, model_args={"name": name}, data=calib, **options)
     assert_merged_back(result, x, expected, name)
-    if options.get("refit", True):  # every linear layer, the fused projections too
+    if options.get("refit", True):  # every linear layer, fused projections and norms too
         fitted = {layer["name"] for layer in result.report["refit"]["layers"]}
-        assert fitted == _linear_layers(model), fitted
+        assert fitted == _refitted_layers(model), fitted
 
 
-def _linear_layers(model: nn.Module) -> set[str]:
+def _refitted_layers(model: nn.Module) -> set[str]:
     names = set()
     for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
             names.add(n)
         elif isinstance(m, nn.MultiheadAttention):
             names.add(f"{n}.in_proj_weight")

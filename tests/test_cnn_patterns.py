@@ -103,20 +103,21 @@ def test_a_layer_whose_outputs_stay_untransformed_is_not_counted_aligned(tmp_pat
     }
 
 
-def _dense_layers(model: torch.nn.Module) -> set[str]:
-    return {
-        n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-    }
+def _refitted_layers(model: torch.nn.Module) -> set[str]:
+    fitted = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
+    return {n for n, m in model.named_modules() if isinstance(m, fitted)}
 
 
 @pytest.mark.parametrize("name", ["subclassed_linear", "bn_act", "layer_scale", "grouped"])
 def test_functional_layers_are_refitted(name: str, tmp_path) -> None:
     """``F.linear`` in a subclass's forward is refitted, its BatchNorm (``F.batch_norm``)
-    folded or measured, grouped and depthwise convs per conv group; only a gain (layer scale) is left as 'used outside a module call'."""
+    folded or measured, grouped and depthwise convs per conv group, a LayerNorm2d's
+    ``F.layer_norm`` gain and bias; only a gain (layer scale) is left as 'used outside a
+    module call'."""
     model, paths, calib = _endpoints(name, tmp_path)
     result = merge(paths, model=FACTORY, model_args={"name": name}, data=str(calib))
     fitted = {layer["name"] for layer in result.report["refit"]["layers"]}
-    assert fitted == _dense_layers(model)
+    assert fitted == _refitted_layers(model)
     loose = [w for w in result.report["warnings"] if "outside a module" in w]
     assert loose == (
         ["parameter block.gamma is used outside a module call; it keeps its averaged value"]

@@ -19,7 +19,13 @@ from ccamerge.maths.algebra import (
     random_permutations,
 )
 from ccamerge.maths.bn import reset_batchnorm
-from ccamerge.maths.refit import NormalEquations, RefitSettings, default_memory_budget, refit
+from ccamerge.maths.refit import (
+    AffineEquations,
+    NormalEquations,
+    RefitSettings,
+    default_memory_budget,
+    refit,
+)
 from ccamerge.maths.refit import memory as refit_memory
 from ccamerge.methods.base import Alignment, GroupAlignment, identity_alignment
 from ccamerge.models.archs.mlp import MLP
@@ -223,6 +229,80 @@ def test_normal_equations_stream():
         torch.testing.assert_close(eq.R, X.T @ T, rtol=1e-13, atol=1e-12)
         torch.testing.assert_close(eq.target_norm, (T * T).sum(), rtol=1e-13, atol=0)
         assert eq.samples == 100
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_affine_equations_recover_a_gain_and_bias_exactly(bias):
+    """Targets that are exactly ``g n + b`` give back g and b (ridge 0, residual 0); the
+    sums streamed over blocks equal the one-block sums."""
+    gen = torch.Generator().manual_seed(0)
+    n = torch.randn(90, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(5, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64) if bias else torch.zeros(5).double()
+    whole, parts = AffineEquations(5, bias), AffineEquations(5, bias)
+    whole.add(n, g * n + b)
+    for i, j in ((0, 7), (7, 60), (60, 90)):
+        parts.add(n[i:j], g[None] * n[i:j] + b)
+    for key in AffineEquations.KEYS:
+        torch.testing.assert_close(parts.sums[key], whole.sums[key], rtol=1e-13, atol=1e-12)
+    start = torch.ones(5), torch.zeros(5) if bias else None
+    gain, shift = parts.solve(*start, ridge=0.0)
+    torch.testing.assert_close(gain, g, rtol=1e-10, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(shift, b, rtol=1e-10, atol=1e-12)
+    else:
+        assert shift is None
+    assert parts.residual(gain, shift) < 1e-12  # from expanded sums: round-off remains
+    assert parts.residual(*start) > 0.1
+
+
+class _Normed(nn.Module):
+    """A LayerNorm between two Linears; ``hooked`` adds data-dependent control flow, which
+    torch.fx cannot trace (the refit then runs through module hooks)."""
+
+    def __init__(self, hooked: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.hooked = hooked
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6, bias=bias)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.head(self.norm(self.fc(x)))
+        return (y if y.sum() > 0 else -y) if self.hooked else y
+
+
+@pytest.mark.parametrize("hooked, bias", [(False, True), (False, False), (True, True)])
+def test_a_damaged_layernorm_is_refitted_to_its_endpoints(hooked, bias):
+    """Endpoints equal; the merge's LayerNorm gain (and bias) damaged: the refit (ridge
+    1e-12: a LayerNorm's outputs sum to a constant, so the head's inputs are collinear)
+    fits them back to the endpoints' exactly, traced or through module hooks."""
+    torch.manual_seed(0)
+    model = _Normed(hooked, bias).double()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        if bias:
+            model.norm.bias.uniform_(-0.5, 0.5)
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        merged.norm.weight.mul_(3.0)
+        if bias:
+            merged.norm.bias.add_(1.0)
+    spec = MergeSpec(())
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    report = refit(
+        merged, [model, model], spec, identity_alignment(spec, 2), [0.5, 0.5],
+        _batches(x, 16), RefitSettings(ridge=1e-12),
+    )  # fmt: skip
+    assert not report.warnings[1 if hooked else 0 :]
+    fits = {layer.name: layer for layer in report.layers}
+    assert list(fits) == ["fc", "norm", "head"]
+    assert fits["norm"].kind == "layernorm" and fits["norm"].inputs == 1 + int(bias)
+    assert fits["norm"].residual_before > 0.1 and fits["norm"].residual_after < 1e-12
+    for name, tensor in model.norm.state_dict().items():
+        torch.testing.assert_close(merged.norm.state_dict()[name], tensor, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the head's inputs are collinear: its weights are not unique
+        torch.testing.assert_close(merged(x), model(x), rtol=1e-7, atol=1e-7)
 
 
 def test_chunking_does_not_change_the_fit():

@@ -96,7 +96,9 @@ def _make_batchnorm_honest(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """The layers the refit fits: Linear, Conv2d and LayerNorm."""
+    fitted = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+    return [n for n, m in model.named_modules() if isinstance(m, fitted)]
 
 
 @pytest.mark.parametrize("name, config", CASES)

@@ -21,7 +21,10 @@ so that in eval mode the pair computes W x + b exactly. When the comparison
 point's only reader is a residual ``add`` whose other summand the merged network
 has already computed, the target is read at the sum and that summand is
 subtracted. BatchNorms that no refitted layer feeds get honest running
-statistics of their merged inputs, as a BatchNorm reset would measure them.
+statistics of their merged inputs, as a BatchNorm reset would measure them. A
+LayerNorm over the last axis is fitted in its place, per channel: gain and bias on
+its normalised merged input, towards the mapped mean of the endpoints' LayerNorm
+outputs (``AffineEquations``).
 
 The network is traced once with ``torch.fx`` (the tracer of feature-group discovery:
 a submodule that cannot be traced is an opaque leaf whose layers keep their averaged
@@ -36,11 +39,12 @@ budget, runs every chunk afresh through the already refitted prefix for each
 layer.
 
 Modules: ``plan`` (the traced graph and the steps in it), ``interpret`` (running it node
-by node), ``equations`` (the normal equations and BatchNorm moments), ``memory`` (the
+by node), ``equations`` (the normal equations, a LayerNorm's per-channel equations and
+BatchNorm moments), ``memory`` (the
 choice between the two modes), ``fit`` (the driver and its report).
 """
 
-from .equations import NormalEquations
+from .equations import AffineEquations, NormalEquations
 from .fit import MODES, refit
 from .interpret import EndpointOutputs
 from .memory import default_memory_budget
@@ -48,6 +52,7 @@ from .plan import make_plan, output_node
 from .settings import DEFAULT_MAX_ROWS, DEFAULT_RIDGE, LayerFit, RefitReport, RefitSettings
 
 __all__ = [
+    "AffineEquations",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_RIDGE",
     "EndpointOutputs",

@@ -161,6 +161,64 @@ def write_weights(fit: Fit, WT: torch.Tensor, part: slice = slice(None)) -> torc
     return None
 
 
+class AffineEquations:
+    """Per channel c, the sums of the fit ``t_c ~ gain_c n_c + bias_c`` (a LayerNorm's
+    affine part: n its normalised input, channels on the last axis), in float64; without
+    a bias, ``t_c ~ gain_c n_c``."""
+
+    KEYS = ("nn", "n", "nt", "t", "tt")
+
+    def __init__(self, channels: int, bias: bool, device: torch.device | str = "cpu") -> None:
+        self.bias = bias
+        self.sums = {
+            k: torch.zeros(channels, dtype=torch.float64, device=device) for k in self.KEYS
+        }
+        self.samples = 0
+
+    def add(self, n: torch.Tensor, t: torch.Tensor) -> None:
+        """Rows ``n`` (normalised inputs) and ``t`` (targets), both (rows, channels)."""
+        n, t = n.to(torch.float64), t.to(torch.float64)
+        for key, v in zip(self.KEYS, (n * n, n, n * t, t, t * t)):
+            self.sums[key] += v.sum(0)
+        self.samples += n.shape[0]
+
+    def reduce_across_ranks(self) -> None:
+        if not distributed.is_distributed():
+            return
+        count = self.sums["n"].new_tensor([float(self.samples)])
+        distributed.all_reduce_sum([*self.sums.values(), count])
+        self.samples = int(count)
+
+    def solve(
+        self, gain: torch.Tensor, bias: torch.Tensor | None, ridge: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fitted ``(gain, bias)``, ridge-regularised towards the current ones with
+        ``lam = ridge (mean_c sum n_c^2 + rows)`` (without a bias: ``ridge mean_c sum
+        n_c^2``); None when that is not finite."""
+        s, g0 = self.sums, gain.detach().double()
+        if not self.bias:
+            lam = ridge * float(s["nn"].mean())
+            g = (s["nt"] + lam * g0) / (s["nn"] + lam)
+            return (g, None) if torch.isfinite(g).all() else None
+        b0 = bias.detach().double()
+        lam = ridge * float(s["nn"].mean() + self.samples)
+        a, b, d = s["nn"] + lam, s["n"], self.samples + lam
+        r1, r2 = s["nt"] + lam * g0, s["t"] + lam * b0
+        det = a * d - b * b
+        g, c = (d * r1 - b * r2) / det, (a * r2 - b * r1) / det
+        return (g, c) if torch.isfinite(g).all() and torch.isfinite(c).all() else None
+
+    def residual(self, gain: torch.Tensor, bias: torch.Tensor | None) -> float | None:
+        """``sum |gain n + bias - t|^2 / sum |t|^2``; None when every target is 0."""
+        s, g = self.sums, gain.detach().double()
+        err = g * g * s["nn"] - 2 * g * s["nt"] + s["tt"]
+        if bias is not None:
+            c = bias.detach().double()
+            err = err + 2 * g * c * s["n"] + c * c * self.samples - 2 * c * s["t"]
+        tt = float(s["tt"].sum())
+        return max(float(err.sum()), 0.0) / tt if tt > 0 else None
+
+
 class Moments:
     """Per-channel count, mean and sum of squared deviations (channels on axis 1),
     merged over chunks in float64 (Chan et al.'s pairwise update)."""

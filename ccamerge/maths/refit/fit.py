@@ -17,6 +17,7 @@ from ...runtime.errors import OptionError, RefitError, UntracedError
 from ..algebra import with_concats
 from ..bn import has_batchnorm, reset_batchnorm
 from .equations import (
+    AffineEquations,
     Moments,
     NormalEquations,
     current_weights,
@@ -28,7 +29,7 @@ from .equations import (
 from .hooked import refit_by_hooks
 from .interpret import Chunk, EndpointOutputs
 from .memory import choose_mode, default_memory_budget, first_and_count
-from .plan import Fit, Norm, Opaque, Plan, Step, make_plan
+from .plan import AffineNorm, Fit, Norm, Opaque, Plan, Step, make_plan
 from .settings import LayerFit, RefitReport, RefitSettings
 
 MODES = ("stored", "recompute")
@@ -175,9 +176,12 @@ def refit(
             if isinstance(step, Norm):
                 _measure_norm(step, chunks(step), folded_bias.pop(step.node, None), report)
                 continue
-            bias = _fit_layer(step, chunks(step), ridge, report)
-            if bias is not None and step.norm is not None:
-                folded_bias[step.norm] = bias
+            if isinstance(step.layer, AffineNorm):
+                _fit_affine_norm(step, chunks(step), ridge, report)
+            else:
+                bias = _fit_layer(step, chunks(step), ridge, report)
+                if bias is not None and step.norm is not None:
+                    folded_bias[step.norm] = bias
             if on_layer is not None:
                 on_layer(step.name, fits.index(step) + 1, len(fits))
     report.seconds = time.perf_counter() - start
@@ -266,6 +270,37 @@ def _fit_layer(
         )
     )
     return None if biases[0] is None else torch.cat(biases)
+
+
+def _fit_affine_norm(fit: Fit, chunks: Iterable[Chunk], ridge: float, report: RefitReport) -> None:
+    """Accumulate, solve and write a LayerNorm's gain (and bias): per channel, on its
+    normalised merged input."""
+    start = time.perf_counter()
+    norm = fit.layer
+    eqs = AffineEquations(norm.outputs, norm.bias is not None, norm.weight.device)
+    for chunk in chunks:
+        chunk.advance(fit)
+        t = chunk.target_of(fit)
+        n = norm.normalise(chunk.input_of(fit)[: t.shape[0]])
+        eqs.add(n.reshape(-1, norm.outputs), t.reshape(-1, norm.outputs))
+    eqs.reduce_across_ranks()
+    before = eqs.residual(norm.weight, norm.bias)
+    solved = eqs.solve(norm.weight, norm.bias, ridge)
+    if solved is None:
+        report.warnings.append(
+            f"LayerNorm {fit.name} keeps its averaged gain and bias: the least-squares solve "
+            "was not finite"
+        )
+        return
+    norm.weight.copy_(solved[0].to(norm.weight))
+    if norm.bias is not None:
+        norm.bias.copy_(solved[1].to(norm.bias))
+    inputs = 1 + int(norm.bias is not None)
+    after = eqs.residual(*solved)
+    seconds = time.perf_counter() - start
+    report.layers.append(
+        LayerFit(fit.name, "layernorm", None, False, inputs, eqs.samples, before, after, seconds)
+    )
 
 
 def _residual(parts: list[tuple[NormalEquations, torch.Tensor]]) -> float | None:

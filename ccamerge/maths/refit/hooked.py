@@ -28,7 +28,7 @@ from ...methods.base import Alignment
 from ...models.hf_layouts import is_conv1d
 from ...models.spec import MergeSpec
 from ...runtime.errors import RefitError
-from .equations import NormalEquations
+from .equations import AffineEquations, NormalEquations
 from .settings import LayerFit, RefitReport, RefitSettings
 
 HOOKS_MODE = "module hooks"  # RefitReport.mode of this refit
@@ -41,7 +41,7 @@ class _Reached(Exception):
 def _kind(m: nn.Module) -> str | None:
     if isinstance(m, nn.Linear) or is_conv1d(m):
         return "linear"
-    if isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
+    if isinstance(m, nn.LayerNorm) and m.weight is not None and len(m.normalized_shape) == 1:
         return "layernorm"
     return None
 
@@ -146,34 +146,17 @@ def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
     return before, after
 
 
-def _fit_layernorm(m: nn.LayerNorm, sums: dict[str, torch.Tensor], ridge: float) -> tuple:
+def _fit_layernorm(m: nn.LayerNorm, eqs: AffineEquations, ridge: float) -> tuple:
     """Per channel c, ``t_c ~ gain_c n_c + bias_c`` (n: the normalised input)."""
-    g0, b0 = m.weight.detach().double(), m.bias.detach().double()
-    lam = ridge * float(sums["nn"].mean() + sums["n1"])
-    a, b, d = sums["nn"] + lam, sums["n"], sums["n1"] + lam
-    r1, r2 = sums["nt"] + lam * g0, sums["t"] + lam * b0
-    det = a * d - b * b
-    gain, bias = (d * r1 - b * r2) / det, (a * r2 - b * r1) / det
-
-    def residual(g, c):
-        err = (
-            g * g * sums["nn"] + 2 * g * c * sums["n"] + c * c * sums["n1"]
-            - 2 * g * sums["nt"] - 2 * c * sums["t"] + sums["tt"]
-        )  # fmt: skip
-        return float(err.sum() / sums["tt"].sum())
-
+    before = eqs.residual(m.weight, m.bias)
+    solved = eqs.solve(m.weight, m.bias, ridge)
+    if solved is None:
+        return before, None
     with torch.no_grad():
-        m.weight.copy_(gain.to(m.weight))
-        m.bias.copy_(bias.to(m.bias))
-    return residual(g0, b0), residual(gain, bias)
-
-
-def _layernorm_sums(sums: dict, m: nn.LayerNorm, X: torch.Tensor, T: torch.Tensor) -> None:
-    n = F.layer_norm(X, m.normalized_shape, eps=m.eps).to(torch.float64)
-    parts = {"nn": n * n, "n": n, "nt": n * T, "t": T, "tt": T * T}
-    for key, v in parts.items():
-        sums[key] = sums.get(key, 0) + v.sum(0)
-    sums["n1"] = sums.get("n1", 0) + float(n.shape[0])
+        m.weight.copy_(solved[0].to(m.weight))
+        if m.bias is not None:
+            m.bias.copy_(solved[1].to(m.bias))
+    return before, eqs.residual(*solved)
 
 
 def refit_by_hooks(
@@ -203,13 +186,14 @@ def refit_by_hooks(
         m = merged.get_submodule(name)
         kind = _kind(m)
         maps = [_output_map(name, spec, alignment, k, device) for k in range(len(endpoints))]
-        eqs, sums, samples = None, {}, 0
+        eqs, samples = None, 0
         for x in batches():
             x = x.to(device)
             X = _at(merged, name, x, output=False)
             T = _target(name, endpoints, maps, weights, x)
             if kind == "layernorm":
-                _layernorm_sums(sums, m, X, T)
+                eqs = eqs or AffineEquations(T.shape[1], m.bias is not None, device)
+                eqs.add(F.layer_norm(X, m.normalized_shape, eps=m.eps), T)
             else:
                 X = X.to(torch.float64)
                 if m.bias is not None:  # the bias: a constant input
@@ -220,8 +204,8 @@ def refit_by_hooks(
             if limit is not None and samples >= limit:
                 break
         if kind == "layernorm":
-            before, after = _fit_layernorm(m, sums, settings.ridge)
-            inputs = 2
+            before, after = _fit_layernorm(m, eqs, settings.ridge)
+            inputs = 1 + int(m.bias is not None)
         else:
             before, after = _fit_linear(m, eqs, settings.ridge)
             inputs = eqs.G.shape[0]

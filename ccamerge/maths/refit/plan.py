@@ -8,7 +8,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,55 @@ class Layer:
         return cls(layer_name(names[0]), *tensors, True, names, *conv)
 
 
+@dataclass(eq=False)
+class AffineNorm:
+    """A LayerNorm over the last axis with a per-channel gain (and bias): a module's, or
+    the tensors ``F.layer_norm`` is called with (a subclass's forward, timm's
+    ``LayerNorm2d``). The fit writes ``weight``/``bias`` in place."""
+
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    tensors: tuple[str, ...]  # the state-dict names of weight (and bias)
+    conv: ClassVar[bool] = False  # channels on the last axis, like a Linear's
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.numel()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised over its last axis, without the affine part."""
+        return F.layer_norm(x, (self.outputs,), eps=self.eps)
+
+    @classmethod
+    def of_node(cls, node: fx.Node, root: nn.Module) -> AffineNorm | None:
+        """The LayerNorm ``node`` runs, when it normalises one axis with a gain."""
+        if node.op == "call_module":
+            m = root.get_submodule(str(node.target))
+            if not (isinstance(m, nn.LayerNorm) and m.weight is not None):
+                return None
+            if len(m.normalized_shape) != 1 or not one_tensor_call(node):
+                return None
+            names = tuple(
+                f"{node.target}.{t}" for t in ("weight", "bias") if getattr(m, t) is not None
+            )
+            return cls(str(node.target), m.weight, m.bias, m.eps, names)
+        if node.op != "call_function" or node.target is not F.layer_norm:
+            return None
+        args = call_args(node)
+        shape, weight, bias = args.get("normalized_shape"), args.get("weight"), args.get("bias")
+        tensors = [weight] + ([bias] if bias is not None else [])
+        if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors):
+            return None
+        if not isinstance(shape, (tuple, list)) or len(shape) != 1:
+            return None
+        names = tuple(str(t.target) for t in tensors)
+        bias_tensor = attribute(root, names[1]) if bias is not None else None
+        eps = float(args.get("eps", 1e-5))
+        return cls(layer_name(names[0]), attribute(root, names[0]), bias_tensor, eps, names)
+
+
 def _pair(v: Any) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -138,11 +187,12 @@ class BatchNorm:
 
 @dataclass(eq=False)
 class Fit:
-    """A Linear/Conv2d layer to refit; its target is read at ``point`` (the layer, its
-    folded BatchNorm ``norm``, or a residual sum), less the merged value of ``other``."""
+    """A Linear/Conv2d layer to refit, or a LayerNorm's gain and bias; its target is read
+    at ``point`` (the layer, its folded BatchNorm ``norm``, or a residual sum; a
+    LayerNorm's own output), less the merged value of ``other``."""
 
     node: fx.Node
-    layer: Layer
+    layer: Layer | AffineNorm
     norm: fx.Node | None
     bn: BatchNorm | None  # the BatchNorm of ``norm``
     point: fx.Node
@@ -301,8 +351,18 @@ def make_plan(model: nn.Module, spec: MergeSpec) -> Plan:
     uses = _uses(nodes, layers)
     for node in nodes:
         step = _step(node, model, opaque, calls, warnings)
+        norm = AffineNorm.of_node(node, model) if step is None else None
         if step is not None:
             steps.append(step)
+        elif norm is not None:
+            if _shared(node, norm, uses, calls):
+                warnings.append(
+                    f"LayerNorm {norm.name} keeps its averaged gain and bias: it is called more "
+                    "than once or its tensors are used elsewhere"
+                )
+                continue
+            group = spec.axes.get(norm.tensors[0], {}).get(0)
+            steps.append(Fit(node, norm, None, None, node, None, group))
         elif node not in layers:
             _other_layer(node, model, opaque, warnings)
         else:
@@ -356,6 +416,14 @@ def _uses(nodes: list[fx.Node], layers: dict[fx.Node, Layer]) -> Counter:
         elif n.op == "call_module" and n in layers:
             uses.update(layers[n].tensors)
     return uses
+
+
+def _shared(node: fx.Node, norm: AffineNorm, uses: Counter, calls: Counter) -> bool:
+    """Whether a LayerNorm's module is called twice or its tensors are read elsewhere."""
+    if node.op == "call_module":
+        return calls[node.target] > 1
+    reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    return any(uses[t] > 1 for t in norm.tensors) or any(len(a.users) > 1 for a in reads)
 
 
 def _other_layer(node: fx.Node, root: nn.Module, opaque: set[str], warnings: list[str]) -> None:

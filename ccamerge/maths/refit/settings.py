@@ -25,10 +25,11 @@ DEFAULT_MAX_ROWS = 1 << 16
 @dataclass
 class LayerFit:
     """One refitted layer. Residuals are ``||W x - t||^2 / ||t||^2`` on the calibration
-    data, before (the averaged weights on the merged inputs) and after the fit."""
+    data (a LayerNorm: ``W x`` its gain times its normalised input plus its bias), before
+    (the averaged weights on the merged inputs) and after the fit."""
 
     name: str
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear", "conv" or "layernorm"
     norm: str | None  # the BatchNorm folded into the fit
     residual_sum: bool  # the target is read at a residual sum
     inputs: int  # p: input values per sample, with the constant of a fitted bias
