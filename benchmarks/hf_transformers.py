@@ -10,7 +10,9 @@
 * **BERT** (2 layers, width 64, 4 heads) classifying 64-byte windows of four standard
   library packages by package (email, asyncio, xml, multiprocessing; 15000 windows
   each, the last quarter of each package's files held out for 4000 test windows): four
-  seeds, N = 2 and 4.
+  seeds, N = 2 and 4; and the same task on windows cut to random lengths of 16-64 bytes
+  and right-padded (``--only bert-padded``: the calibration file has an
+  ``attention_mask``).
 
 Each set is written with ``save_pretrained``, merged with every method (the default,
 ``cca``, as a user runs it; ``permute``; plain ``average``), and the merged folder is
@@ -38,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fmnist import prepare, splits
+
+from ccamerge.io.padding import PAD, accept_padding
 
 torch.set_num_threads(1)
 METHODS = ("cca", "permute", "average")
@@ -118,7 +122,7 @@ def run_set(name, models, calib, test, root: Path, merge, **options) -> dict:
     start = time.perf_counter()
     result = merge(folders, data=str(calib), output=f"{out}/", force=True, **options)
     seconds = time.perf_counter() - start
-    merged = type(models[0]).from_pretrained(str(out)).eval()
+    merged = accept_padding(type(models[0]).from_pretrained(str(out))).eval()
     x, y = test
     ins = [logits(m.eval(), x) for m in models]
     return result_row(name, options, result.report, seconds, ins, logits(merged, x), y)
@@ -278,17 +282,37 @@ def package_windows(n: int, held_out: bool, seed: int) -> tuple[torch.Tensor, to
     return torch.cat(xs), torch.cat(ys)
 
 
-def bert_sets(transformers, root: Path, merge) -> list[dict]:
+def padded(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x``'s windows cut to random lengths of 16 to 64 bytes, right-padded: the
+    positions after a window's length hold ccamerge's PAD (models made to take it with
+    ``accept_padding`` get them as an attention mask)."""
+    lengths = torch.randint(
+        16, CONTEXT + 1, (len(x), 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return x.masked_fill(torch.arange(CONTEXT)[None] >= lengths, PAD)
+
+
+def bert_sets(transformers, root: Path, merge, pad: bool = False) -> list[dict]:
+    """The BERT sets; ``pad``: every window cut to a random length and right-padded
+    (calibration file: ``input_ids`` with an ``attention_mask``)."""
+    cut = (lambda x, seed: padded(x, seed)) if pad else (lambda x, seed: x)
     x, y = package_windows(15000, False, 0)
-    calib = root / "bert-calib.npz"
+    x = cut(x, 0)
+    calib = root / ("bert-padded-calib.npz" if pad else "bert-calib.npz")
     cx, cy = package_windows(500, False, 100)  # 2000 labelled windows
-    np.savez(calib, input_ids=cx.numpy(), y=cy.numpy())
-    test = package_windows(1000, True, 200)
+    cx = cut(cx, 100)
+    np.savez(
+        calib, input_ids=cx.clamp_min(0).numpy(), attention_mask=(cx != PAD).numpy(), y=cy.numpy()
+    )
+    tx, ty = package_windows(1000, True, 200)
+    test = cut(tx, 200), ty
     seeds = []
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
-        seeds.append(train(bert(transformers), x, y, seed, 800, 1e-3, classify_loss, batch=64))
-    return seed_rows("bert seeds", [seeds[:2], seeds], calib, test, root, merge)
+        model = accept_padding(bert(transformers))
+        seeds.append(train(model, x, y, seed, 800, 1e-3, classify_loss, batch=64))
+    name = "bert padded seeds" if pad else "bert seeds"
+    return seed_rows(name, [seeds[:2], seeds], calib, test, root, merge)
 
 
 def main() -> None:
@@ -301,7 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(__file__).parent / "results" / "hf_transformers.json"
     parser.add_argument("--out", default=str(default))
-    parser.add_argument("--only", choices=("vit", "gpt2", "bert"), default=None)
+    parser.add_argument("--only", choices=("vit", "gpt2", "bert", "bert-padded"), default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     rows = []
@@ -312,6 +336,8 @@ def main() -> None:
             rows += gpt2_sets(transformers, Path(tmp), merge)
         if args.only in (None, "bert"):
             rows += bert_sets(transformers, Path(tmp), merge)
+        if args.only in (None, "bert-padded"):
+            rows += bert_sets(transformers, Path(tmp), merge, pad=True)
     total = round(time.perf_counter() - started, 1)
     result = {"rows": rows, "total_seconds": total, "transformers": transformers.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ccamerge.cli.app import app
 from ccamerge.io.files import load_data
+from ccamerge.io.padding import PAD
 from ccamerge.maths.algebra import permute_state_dict, random_permutations
 from ccamerge.models.custom import load_factory
 from ccamerge.models.discover import discover
@@ -136,10 +137,22 @@ def test_token_ids_are_read_as_int64_and_checked(tmp_path) -> None:
     bad = {
         "not integers": dict(input_ids=np.ones((4, 3))),
         "negative token ids": dict(input_ids=-np.ones((4, 3), dtype=np.int64)),
-        "marks padding": dict(input_ids=_ids(4, 0), attention_mask=np.zeros((4, 12))),
+        "other than 0 and 1": dict(input_ids=_ids(4, 0), attention_mask=np.full((4, 12), 2)),
         "attention_mask of shape": dict(input_ids=_ids(4, 0), attention_mask=np.ones((4, 3))),
     }
     for message, arrays in bad.items():
         path.write_bytes(_npz(**arrays))
         with pytest.raises(DataError, match=message):
             load_data(path)
+
+
+def test_an_attention_mask_marks_padded_positions_in_the_ids(tmp_path) -> None:
+    """Padding (mask 0) becomes PAD in the ids; the real tokens are kept as they are."""
+    ids, mask = _ids(4, 0), np.ones((4, 12), dtype=np.int64)
+    mask[1, 7:] = 0
+    mask[3, 2:] = 0
+    path = tmp_path / "padded.npz"
+    path.write_bytes(_npz(input_ids=ids, attention_mask=mask))
+    x = load_data(path).x
+    assert torch.equal(x == PAD, torch.from_numpy(mask == 0))
+    assert torch.equal(x[x != PAD], torch.from_numpy(ids[mask == 1]))

@@ -45,6 +45,7 @@ from ..runtime.errors import (
     OptionError,
     OutputError,
 )
+from .padding import PAD
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", "/")  # a merged model; "/": a folder
@@ -496,27 +497,31 @@ def _tensor(a: Any, path: Path, what: str) -> torch.Tensor:
 
 
 def _token_ids(arrays: Mapping[str, Any], path: Path) -> torch.Tensor:
-    """``input_ids`` as int64 (integers >= 0; an ``attention_mask`` beside them must be
-    all ones: padding is not masked out of the statistics yet)."""
+    """``input_ids`` as int64 (integers >= 0), with the padded positions of an
+    ``attention_mask`` beside them (0: padding, 1: a token) set to :data:`PAD`."""
     ids = _tensor(arrays["input_ids"], path, "input_ids")
     if ids.is_floating_point() or ids.dtype == torch.bool:
         raise DataError(f"data file {path}: input_ids have dtype {ids.dtype}, not integers")
     if ids.numel() and int(ids.min()) < 0:
         raise DataError(f"data file {path}: input_ids hold negative token ids")
+    ids = ids.to(torch.int64)
     mask = arrays.get("attention_mask")
-    if mask is not None:
-        mask = _tensor(mask, path, "attention_mask")
-        if mask.shape != ids.shape:
-            raise DataError(
-                f"data file {path}: attention_mask of shape {tuple(mask.shape)} for input_ids "
-                f"of shape {tuple(ids.shape)}"
-            )
-        if not bool((mask == 1).all()):
-            raise DataError(
-                f"data file {path}: attention_mask marks padding; padded positions are not "
-                "masked out of the statistics yet: give sequences of one length, unpadded"
-            )
-    return ids.to(torch.int64)
+    if mask is None:
+        return ids
+    mask = _tensor(mask, path, "attention_mask")
+    if mask.shape != ids.shape:
+        raise DataError(
+            f"data file {path}: attention_mask of shape {tuple(mask.shape)} for input_ids "
+            f"of shape {tuple(ids.shape)}"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise DataError(f"data file {path}: attention_mask holds values other than 0 and 1")
+    if ids.ndim != 2 and not bool((mask == 1).all()):
+        raise DataError(
+            f"data file {path}: padding is read for input_ids of shape (samples, length), "
+            f"not {tuple(ids.shape)}"
+        )
+    return ids.masked_fill(mask == 0, PAD)
 
 
 def _as_dataset(arrays: Mapping[str, Any], path: Path, require_labels: bool) -> Dataset:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.padding import real_positions, real_rows
 from ..models.outputs import logits_of
 from ..runtime import distributed
 from ..runtime.errors import DataError, NumericalError, OptionError
@@ -201,11 +202,12 @@ class _DistillationLoss(torch.autograd.Function):
         return grad * ctx.temperature * (q - p), None, None
 
 
-def logit_rows(out: torch.Tensor) -> torch.Tensor:
-    """A model's logits as rows: (batch, classes) as they are, a language model's
-    (batch, length, vocabulary) one row per position (each position is distilled)."""
+def logit_rows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A model's logits on ``x`` as rows: (batch, classes) as they are, a language model's
+    (batch, length, vocabulary) one row per position (each position is distilled; the
+    padded positions of padded token ids left out)."""
     if out.ndim == 3:
-        return out.reshape(-1, out.shape[-1])
+        return real_rows(out, real_positions(x)).reshape(-1, out.shape[-1])
     if out.ndim != 2:
         raise OptionError(
             f"distillation trains on (batch, classes) or (batch, length, vocabulary) logits; "
@@ -218,7 +220,7 @@ def logit_rows(out: torch.Tensor) -> torch.Tensor:
 def mean_logits(teachers: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor):
     """The teachers' weighted mean logits on ``x`` as rows (:func:`logit_rows`; teachers
     in eval mode, float32)."""
-    return sum(w * logit_rows(logits_of(t(x)).float()) for t, w in zip(teachers, weights))
+    return sum(w * logit_rows(logits_of(t(x)).float(), x) for t, w in zip(teachers, weights))
 
 
 def cut_batches(
@@ -322,7 +324,7 @@ class _Heldout:
         student.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         for x, target in self.parts:
-            logits = logit_rows(logits_of(student(x)).float())
+            logits = logit_rows(logits_of(student(x)).float(), x)
             sums[0] += float((logits.argmax(1) == target.argmax(1)).sum())
             sums[1] += float(kl_per_sample(target.double(), logits.double()).sum())
         distributed.all_reduce_sum([sums])
@@ -531,7 +533,16 @@ def _loss(model: nn.Module, x: torch.Tensor, run: _Run) -> torch.Tensor:
     k = distributed.world_size()
     part = x.tensor_split(k)[distributed.rank()]
     target = mean_logits(run.teachers, run.weights, part)
-    logits = logit_rows(logits_of(model(part)).float())
+    out = logits_of(model(part)).float()
+    logits = logit_rows(out, part)
     total = _DistillationLoss.apply(logits, target, settings.temperature)
-    positions = logits.shape[0] // max(part.shape[0], 1)  # 1, or a sequence's length
-    return total * (k / (x.shape[0] * positions))
+    return total * (k / max(_rows_of(x, out), 1))
+
+
+def _rows_of(x: torch.Tensor, out: torch.Tensor) -> int:
+    """How many rows :func:`logit_rows` gives for the whole batch ``x``, of which ``out``
+    are the logits of one slice: its samples, or its (real) positions."""
+    if out.ndim != 3:
+        return x.shape[0]
+    positions = real_positions(x)
+    return x.shape[0] * out.shape[1] if positions is None else int(positions.sum())

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..io.padding import drop_padded, real_positions
 from ..methods.base import Alignment, GroupAlignment
 from ..models.spec import FeatureGroup, MergeSpec
 from .bn import renorm_targets
@@ -167,11 +168,16 @@ def repair_linear(
         layer = model.get_submodule(w[0])
         acc = JointCovariance(1, g.size, "cpu")
         axis = -1 if isinstance(layer, nn.Linear) else 1  # a Linear's units: its last axis
-        handle = layer.register_forward_hook(
-            lambda _m, _a, out, acc=acc, axis=axis: acc.add_batch([centre(out, acc.shift(0), axis)])
-        )
+        batch: dict[str, torch.Tensor | None] = {"positions": None}  # the batch's real tokens
+
+        def add(_m, _a, out, acc=acc, axis=axis, batch=batch) -> None:
+            real = drop_padded(out, batch["positions"]) if axis == -1 else out
+            acc.add_batch([centre(real, acc.shift(0), axis)])
+
+        handle = layer.register_forward_hook(add)
         try:
             for x in sharded(batches, [acc]):
+                batch["positions"] = real_positions(x)
                 model(x.to(device))
         finally:
             handle.remove()

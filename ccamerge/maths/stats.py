@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.padding import drop_padded, real_positions
 from ..models.spec import FeatureGroup, MergeSpec
 from ..runtime import distributed
 from ..runtime.errors import NumericalError, OptionError, SpecError
@@ -391,11 +392,14 @@ def collect_statistics(
 
     current: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
+    batch: dict[str, torch.Tensor | None] = {"positions": None}  # the batch's real tokens
 
     def storer(key: tuple[str, int], g: FeatureGroup):
         def store(x: torch.Tensor) -> None:
             if g.collect_from is not None:  # units of a fused projection's output
                 x = x.narrow(g.collect_axis, g.collect_from, g.size)
+            if g.collect_axis == -1:  # per-position units: padded positions left out
+                x = drop_padded(x, batch["positions"])
             # a copy: later in-place ops cannot change it
             current[key] = centre(x.detach(), stats.groups[key[0]].shift(key[1]), g.collect_axis)
 
@@ -424,6 +428,7 @@ def collect_statistics(
                 handles.append(_hook_point(model, bn, "output", norm_updater(bn, k)))
         for x in sharded(batches, accumulators):
             x = x.to(device)
+            batch["positions"] = real_positions(x)
             for k, model in enumerate(models):
                 if forward is None:
                     model(x)

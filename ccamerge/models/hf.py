@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..io.files import checked_checkpoint, load_checkpoint
+from ..io.padding import accept_padding
 from ..runtime.errors import ArchitectureError, CheckpointError, SpecError
 from .custom import CustomArchitecture, few_names, first_line
 from .discover import Discovery, discover
@@ -132,6 +133,7 @@ def _prepared(model: nn.Module) -> nn.Module:
     model.config.use_cache = False  # no key/value cache among the outputs
     _hide_tied_duplicates(model)
     canonical_layout(model, model.config.model_type)
+    accept_padding(model)  # padded token data reaches it as input_ids and attention_mask
     return model.eval()
 
 

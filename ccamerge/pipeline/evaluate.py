@@ -3,8 +3,9 @@
 A classifier is scored on the labels ``y``. A language model, whose forward gives
 (batch, length, vocabulary) logits, is scored on unlabelled token ids (``input_ids``
 without ``y``) as next-token prediction: every position but the last is a row whose
-label is the next token; its scores add the perplexity ``exp(loss)``. The check, the
-ensemble and the selection read the same rows."""
+label is the next token (padded positions, and predictions of one, left out); its scores
+add the perplexity ``exp(loss)``. The check, the ensemble and the selection read the same
+rows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.files import Dataset
+from ..io.padding import next_token_pairs
 from ..models.outputs import logits_of
 from ..runtime.distributed import shard, unshard
 from ..runtime.errors import DataError, OptionError
@@ -41,8 +43,11 @@ def next_token(data: Dataset) -> bool:
 
 
 def labels_of(data: Dataset) -> torch.Tensor | None:
-    """The label of every row: ``y``, or the next token of every position but the last."""
-    return data.x[:, 1:].reshape(-1) if next_token(data) else data.y
+    """The label of every row: ``y``, or the next token of every position but the last
+    (of a real token followed by a real token, when the data is padded)."""
+    if not next_token(data):
+        return data.y
+    return data.x[:, 1:][next_token_pairs(data.x)]
 
 
 @torch.no_grad()
@@ -57,7 +62,7 @@ def predict_logits(
     for x in shard(data.batches(batch_size)):
         out = logits_of(model(x.to(device))).float().cpu()
         if out.ndim == 3 and next_token(data):  # (batch, length, vocabulary)
-            out = out[:, :-1].reshape(-1, out.shape[-1])
+            out = out[:, :-1][next_token_pairs(x)]
         outs.append(out)
     return torch.cat(unshard(outs))
 

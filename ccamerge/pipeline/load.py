@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..io.files import Dataset, load_checkpoint, load_data
+from ..io.padding import PAD, accepts_padding, padded
 from ..models.assumptions import state_settings
 from ..models.custom import detect_custom, resolve_spec, untransformed_of
 from ..models.hf import HF_NAME, detect_hf, hf_config, read_hf
@@ -287,9 +288,22 @@ def _few(names: list[str]) -> str:
 
 
 def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
-    """A clear error when samples do not fit the model's input."""
+    """A clear error when samples do not fit the model's input, or are padded token ids
+    for a model that takes no attention mask."""
     shape = loaded.detected.input_shape()
     got = tuple(data.x.shape[1:])
+    if padded(data.x):
+        model = loaded.build(loaded.state_dicts[0])
+        if not accepts_padding(model):
+            raise DataError(
+                f"{what} {data.path}: its attention_mask marks padding, and only Hugging Face "
+                f"models take an attention mask, not {loaded.detected.name} models (a "
+                "--model's forward takes one tensor): give sequences of one length, unpadded"
+            )
+        padded_rows = (data.x == PAD).any(1).nonzero()[:1, 0]
+        sample = torch.cat([data.x[:1], data.x[padded_rows]])  # the first row, a padded one
+    else:
+        sample = data.x[:2]
     if shape is not None and len(shape) == 1:
         if math.prod(got) != shape[0]:
             raise DataError(
@@ -304,8 +318,8 @@ def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
         )
     try:
         with torch.no_grad():
-            loaded.build(loaded.state_dicts[0]).eval()(data.x[:2])
-    except RuntimeError as e:
+            loaded.build(loaded.state_dicts[0]).eval()(sample)
+    except (RuntimeError, TypeError) as e:
         raise DataError(
             f"{what} {data.path}: samples of shape {got} do not fit {loaded.detected.name} "
             f"({str(e).splitlines()[0][:160]})"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...io.padding import real_positions, real_rows
 from ...methods.base import Alignment
 from ...models.hf_layouts import is_conv1d
 from ...models.spec import MergeSpec
@@ -77,7 +78,8 @@ def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Tensor:
-    """The input (or output) of layer ``name`` when ``model`` runs on ``x``, as rows."""
+    """The input (or output) of layer ``name`` when ``model`` runs on ``x``, as rows (of
+    the real tokens only, when ``x`` is padded)."""
     seen: list[torch.Tensor] = []
 
     def hook(mod, args, out):
@@ -94,7 +96,8 @@ def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Ten
         handle.remove()
     if not seen:
         raise RefitError(f"layer {name} is not reached by a forward pass")
-    return seen[0].reshape(-1, seen[0].shape[-1])
+    value = real_rows(seen[0], real_positions(x))
+    return value.reshape(-1, value.shape[-1])
 
 
 def _output_map(name: str, spec: MergeSpec, alignment: Alignment, k: int, device) -> Any:
