@@ -94,6 +94,26 @@ def test_inspect_json_describes_the_mlp(digits_mlps):
     assert "\x1b[" not in res.stdout  # plain text when stdout is not a terminal
 
 
+def test_inspect_lists_a_group_s_first_members_and_counts_the_rest(tmp_path):
+    """A VGG group has 6 member tensors (conv weight and bias, 4 BatchNorm tensors, the
+    next conv's weight: 7); the view lists the first 4 and a count, --verbose all."""
+    from ccamerge.models.archs.vgg import vgg_config
+    from ccamerge.models.registry import get_architecture
+
+    cfg = vgg_config(convs_per_stage=(1, 1), widths=(4, 8), num_classes=3, in_channels=1)
+    path = tmp_path / "vgg.pt"
+    torch.save(get_architecture("vgg").build(cfg).state_dict(), path)
+    members = [
+        f"{m['tensor']}:{m['axis']}" for m in inspect_checkpoint(str(path))["groups"][0]["members"]
+    ]
+    assert len(members) > 4
+    short, full = run("inspect", path), run("inspect", path, "--verbose")
+    assert short.exit_code == 0 and full.exit_code == 0
+    assert " ".join(members[:4]) + f" ... {len(members) - 4} more" in short.stdout
+    assert members[-1] not in short.stdout
+    assert " ".join(members) in full.stdout and "more" not in full.stdout
+
+
 def test_inspect_lists_batchnorm_members_and_buffers(tmp_path):
     from ccamerge.models.archs.vgg import vgg_config
     from ccamerge.models.registry import get_architecture

@@ -7,7 +7,7 @@ import typer
 from ..runtime.interrupts import quiet_interrupt_on_command_line
 from .app import command
 from .common import handle_errors, print_json, product_console
-from .options import Activation, Arch, Force, Json, Model, ModelArgs, SpecOut
+from .options import MEMBERS_SHOWN, Activation, Arch, Force, Json, Model, ModelArgs, SpecOut
 
 
 @command("inspect")
@@ -29,6 +29,13 @@ def inspect(
     spec_out: SpecOut = None,
     force: Force = False,
     json_out: Json = False,
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="List every member tensor of each feature group (without it: the first "
+        f"{MEMBERS_SHOWN} and a count; --json lists all).",
+    ),
 ) -> None:
     """Show what ccamerge detects in a checkpoint: architecture, size, feature groups."""
     with quiet_interrupt_on_command_line():  # Ctrl-C while torch loads: one line
@@ -47,4 +54,4 @@ def inspect(
     if json_out:
         print_json(info)
         return
-    render_inspection(info, product_console())
+    render_inspection(info, product_console(), verbose, MEMBERS_SHOWN)

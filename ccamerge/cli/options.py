@@ -124,6 +124,7 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report or progress on stderr.")]
+MEMBERS_SHOWN = 4  # member tensors of a group that inspect lists without --verbose
 Verbose = Annotated[
     bool,
     typer.Option(

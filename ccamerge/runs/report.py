@@ -510,7 +510,11 @@ def render_barrier_report(
             console.print(f"[green]wrote[/] {what} {path}")
 
 
-def render_inspection(info: dict[str, Any], console: Console) -> None:
+def render_inspection(
+    info: dict[str, Any], console: Console, verbose: bool = False, shown: int = 4
+) -> None:
+    """``inspect``'s report; a group's first ``shown`` member tensors and a count of the
+    rest (``verbose``: all of them)."""
     arch = info["architecture"]
     cfg = ", ".join(f"{k}={_setting(v)}" for k, v in arch["config"].items())
     console.print(f"[bold]{info['path']}[/]")
@@ -533,7 +537,9 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     t.add_column("collected at")
     t.add_column("members (tensor:axis)")
     for g in info["groups"]:
-        members = " ".join(f"{m['tensor']}:{m['axis']}" for m in g["members"])
+        names = [f"{m['tensor']}:{m['axis']}" for m in g["members"]]
+        rest = 0 if verbose else max(len(names) - shown, 0)
+        members = " ".join(names[: len(names) - rest]) + (f" ... {rest} more" if rest else "")
         t.add_row(
             g["name"],
             str(g["size"]),
