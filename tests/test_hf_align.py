@@ -49,11 +49,34 @@ def _bert(cls):
     return cls(cfg)
 
 
+def _roberta(cls):
+    cfg = transformers.RobertaConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
+        vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    return cls(cfg)
+
+
+def _distilbert(cls):
+    cfg = transformers.DistilBertConfig(
+        n_layers=2, dim=16, n_heads=4, hidden_dim=32, vocab_size=VOCAB,
+        max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    return cls(cfg)
+
+
 FAMILIES = {
     "gpt2": (_gpt2, "tokens"),
     "vit": (_vit, "images"),
     "bert-mlm": (lambda: _bert(transformers.BertForMaskedLM), "tokens"),
     "bert-cls": (lambda: _bert(transformers.BertForSequenceClassification), "tokens"),
+    "roberta-mlm": (lambda: _roberta(transformers.RobertaForMaskedLM), "tokens"),
+    "roberta-cls": (lambda: _roberta(transformers.RobertaForSequenceClassification), "tokens"),
+    "distilbert-mlm": (lambda: _distilbert(transformers.DistilBertForMaskedLM), "tokens"),
+    "distilbert-cls": (
+        lambda: _distilbert(transformers.DistilBertForSequenceClassification),
+        "tokens",
+    ),
 }
 
 

@@ -145,42 +145,129 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
     return [_stream(config["hidden_size"], stream, f"{p}layernorm"), *groups]
 
 
-def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
-    """Post-LN: the stream is each block's last LayerNorm's output."""
+def _post_ln_block(
+    name: str, layers: Mapping[str, str], qkv: Mapping[str, str], heads: int, state: Any
+) -> tuple[Members, list[FeatureGroup]]:
+    """A post-LN block's stream members and its groups; ``layers`` names its modules:
+    ``out`` (attention's output projection), ``ln1`` (after the attention's residual
+    sum), ``fc1``, ``fc2``, ``ln2`` (after the MLP's)."""
+    fc1, fc2, out = layers["fc1"], layers["fc2"], layers["out"]
+    stream = [(w, 1) for w in qkv.values()] + _writes(out) + _affine(layers["ln1"])
+    stream += [(f"{fc1}.weight", 1)] + _writes(fc2) + _affine(layers["ln2"])
+    d = state[f"{out}.weight"].shape[0]
+    groups = _attention(f"{name}.attn", qkv, out, d, heads)
+    groups.append(_mlp(f"{name}.mlp", fc1, fc2, state[f"{fc1}.weight"].shape[0]))
+    return stream, groups
+
+
+def _head(name: str, dense: str, reader: str, state: Any) -> tuple[Members, FeatureGroup]:
+    """A classification head's hidden layer: ``dense`` reads the stream (at the first
+    token) and writes its own units, which ``reader`` (a Linear) reads; collected at the
+    reader's input. Returns the stream's members and the head's group."""
+    members = (*_writes(dense), (f"{reader}.weight", 1))
+    size = state[f"{dense}.weight"].shape[0]
+    return [(f"{dense}.weight", 1)], FeatureGroup(
+        name, size, members, reader, collect_axis=-1, collect_on="input"
+    )
+
+
+def _stream_transform(dense: str, norm: str, decoder: str, state: Any) -> Members:
+    """A masked-LM head's transform (``dense``, an activation, the LayerNorm ``norm``) maps
+    the stream to the space the (tied) ``decoder`` reads, the word embeddings' units: it
+    moves with the stream on both sides."""
+    if f"{dense}.weight" not in state:
+        return []
+    members = [(f"{dense}.weight", 0), (f"{dense}.weight", 1), (f"{dense}.bias", 0)]
+    return members + _affine(norm) + _readers(state, (f"{decoder}.weight",))
+
+
+def _bert_encoder(
+    config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> tuple[str, Members, list[FeatureGroup]]:
+    """BERT's and RoBERTa's embeddings and post-LN blocks: the base model's prefix, the
+    stream's members and the blocks' groups."""
     p = _prefix(state, "embeddings.word_embeddings.weight")
-    d, heads = config["hidden_size"], config["num_attention_heads"]
     e = f"{p}embeddings."
     stream = [(f"{e}{k}_embeddings.weight", 1) for k in ("word", "position", "token_type")]
     stream += _affine(f"{e}LayerNorm")
     groups = []
-    last = config["num_hidden_layers"] - 1
-    for i in range(last + 1):
+    for i in range(config["num_hidden_layers"]):
         b = f"{p}encoder.layer.{i}."
         names = {"q": "query", "k": "key", "v": "value"}
         qkv = {k: f"{b}attention.self.{n}.weight" for k, n in names.items()}
-        stream += [(w, 1) for w in qkv.values()] + _writes(f"{b}attention.output.dense")
-        stream += _affine(f"{b}attention.output.LayerNorm")
-        stream += [(f"{b}intermediate.dense.weight", 1)] + _writes(f"{b}output.dense")
-        stream += _affine(f"{b}output.LayerNorm")
-        groups += _attention(f"layer{i}.attn", qkv, f"{b}attention.output.dense", d, heads)
-        size = state[f"{b}intermediate.dense.weight"].shape[0]
-        groups.append(_mlp(f"layer{i}.mlp", f"{b}intermediate.dense", f"{b}output.dense", size))
+        modules = {"out": "attention.output.dense", "ln1": "attention.output.LayerNorm"}
+        modules |= {"fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
+        layers = {k: b + v for k, v in modules.items()}
+        members, block = _post_ln_block(
+            f"layer{i}", layers, qkv, config["num_attention_heads"], state
+        )
+        stream, groups = stream + members, groups + block
+    return p, stream, groups
+
+
+def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """Post-LN: the stream is each block's last LayerNorm's output."""
+    p, stream, groups = _bert_encoder(config, state)
+    d = config["hidden_size"]
     if f"{p}pooler.dense.weight" in state:  # tanh(dense(first token)): its own units
         stream += [(f"{p}pooler.dense.weight", 1)]
         pooled = (*_writes(f"{p}pooler.dense"), *_readers(state, ("classifier.weight",)))
         groups.append(FeatureGroup("pooler", d, pooled, f"{p}pooler", collect_axis=-1))
-    # the masked-LM head's transform maps the stream to the space the (tied) decoder reads:
-    # the word embeddings' units, so it moves with the stream on both sides
-    t = "cls.predictions.transform."
-    if f"{t}dense.weight" in state:
-        stream += [(f"{t}dense.weight", 0), (f"{t}dense.weight", 1), (f"{t}dense.bias", 0)]
-        stream += _affine(f"{t}LayerNorm")
-        stream += _readers(state, ("cls.predictions.decoder.weight",))
-    collect = f"{p}encoder.layer.{last}.output.LayerNorm"
+    t = "cls.predictions."
+    stream += _stream_transform(
+        f"{t}transform.dense", f"{t}transform.LayerNorm", f"{t}decoder", state
+    )
+    collect = f"{p}encoder.layer.{config['num_hidden_layers'] - 1}.output.LayerNorm"
     return [_stream(d, stream, collect, "output"), *groups]
 
 
-LAYOUTS: dict[str, Layout] = {"gpt2": gpt2, "vit": vit, "bert": bert}
+def roberta(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """BERT's encoder; heads: a classifier's hidden layer (``classifier.dense``, tanh,
+    ``classifier.out_proj``) or the masked-LM head (``lm_head``)."""
+    p, stream, groups = _bert_encoder(config, state)
+    if "classifier.dense.weight" in state:
+        members, head = _head("head", "classifier.dense", "classifier.out_proj", state)
+        stream, groups = stream + members, groups + [head]
+    stream += _stream_transform("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", state)
+    collect = f"{p}encoder.layer.{config['num_hidden_layers'] - 1}.output.LayerNorm"
+    return [_stream(config["hidden_size"], stream, collect, "output"), *groups]
+
+
+def distilbert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """Post-LN blocks (``sa_layer_norm``, ``output_layer_norm``); heads: a classifier's
+    hidden layer (``pre_classifier``, ReLU, ``classifier``) or the masked-LM head
+    (``vocab_transform``, ``vocab_layer_norm``, ``vocab_projector``)."""
+    p = _prefix(state, "embeddings.word_embeddings.weight")
+    e = f"{p}embeddings."
+    stream = [(f"{e}word_embeddings.weight", 1), (f"{e}position_embeddings.weight", 1)]
+    stream += _affine(f"{e}LayerNorm")
+    groups = []
+    for i in range(config["n_layers"]):
+        b = f"{p}transformer.layer.{i}."
+        qkv = {k: f"{b}attention.{k}_lin.weight" for k in QKV}
+        modules = {"out": "attention.out_lin", "ln1": "sa_layer_norm", "fc1": "ffn.lin1"}
+        layers = {
+            k: b + v for k, v in {**modules, "fc2": "ffn.lin2", "ln2": "output_layer_norm"}.items()
+        }
+        members, block = _post_ln_block(f"layer{i}", layers, qkv, config["n_heads"], state)
+        stream, groups = stream + members, groups + block
+    if "pre_classifier.weight" in state:
+        members, head = _head("head", "pre_classifier", "classifier", state)
+        stream, groups = stream + members, groups + [head]
+    stream += _stream_transform("vocab_transform", "vocab_layer_norm", "vocab_projector", state)
+    collect = f"{p}transformer.layer.{config['n_layers'] - 1}.output_layer_norm"
+    return [_stream(config["dim"], stream, collect, "output"), *groups]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "gpt2": gpt2,
+    "vit": vit,
+    "bert": bert,
+    "roberta": roberta,
+    "xlm-roberta": roberta,
+    "camembert": roberta,
+    "distilbert": distilbert,
+}
 FUSED_QKV = {"gpt2": ".attn.c_attn"}  # model_type -> the fused projection's name suffix
 
 
