@@ -16,11 +16,12 @@ def moved_state(
 ) -> dict[str, torch.Tensor]:
     """``state`` with every group's units permuted and, with ``dense_heads``, each
     attention head's value space mixed by a random invertible map and its query/key space
-    by a random orthogonal one (orthogonal maps keep the scores)."""
+    by a random orthogonal one (orthogonal maps keep the scores; groups of whole heads,
+    under rotary position embeddings, keep their units within heads)."""
     M = {g: permutation_matrix(p) for g, p in random_permutations(spec, seed=3).items()}
     gen = torch.Generator().manual_seed(4)
     for g in spec.groups:
-        if dense_heads and g.heads > 1:
+        if dense_heads and g.heads > 1 and not g.whole_heads:
             step = g.size // g.heads
             mixes = [
                 torch.randn(step, step, generator=gen, dtype=torch.float64)

@@ -248,3 +248,18 @@ def test_bfloat16_sharded_folders_merge_into_bfloat16(tmp_path) -> None:
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert set(f.keys()) == set(single.state_dict()) - {"lm_head.weight"}
+
+
+def test_the_callers_transformers_logging_is_left_as_it_was(tmp_path) -> None:
+    """ccamerge silences transformers' notes and progress bars only while it calls it."""
+    folder = _save(_gpt2(), tmp_path / "g", 0)
+    transformers.logging.set_verbosity_info()
+    transformers.logging.enable_progress_bar()
+    try:
+        loaded = load_models([str(folder)])
+        loaded.detected.arch.saved_tensors(loaded.detected.config, loaded.state_dicts[0])
+        assert transformers.logging.get_verbosity() == transformers.logging.INFO
+        assert transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()

@@ -65,6 +65,14 @@ def _distilbert(cls):
     return cls(cfg)
 
 
+def _llama(config_class, model_class, kv_heads: int = 4):
+    cfg = config_class(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=kv_heads,
+        intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=16,
+    )  # fmt: skip
+    return model_class(cfg)
+
+
 FAMILIES = {
     "gpt2": (_gpt2, "tokens"),
     "vit": (_vit, "images"),
@@ -73,6 +81,8 @@ FAMILIES = {
     "roberta-mlm": (lambda: _roberta(transformers.RobertaForMaskedLM), "tokens"),
     "roberta-cls": (lambda: _roberta(transformers.RobertaForSequenceClassification), "tokens"),
     "distilbert-mlm": (lambda: _distilbert(transformers.DistilBertForMaskedLM), "tokens"),
+    "llama": (lambda: _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM), "tokens"),
+    "qwen2": (lambda: _llama(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), "tokens"),
     "distilbert-cls": (
         lambda: _distilbert(transformers.DistilBertForSequenceClassification),
         "tokens",
@@ -160,3 +170,36 @@ def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> 
     assert groups["stream"]["maps"] == "permutation"
     assert groups["h0.attn.values"]["maps"] == "4 heads, dense per head"
     assert groups["h0.attn.scores"]["maps"].startswith("4 heads in the order of h0.attn.values")
+    llama = hf._prepared(_llama(transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    spec, _ = layout_spec("llama", llama.config.to_dict(), llama.state_dict())
+    assert spec.group("layer0.attn.scores").whole_heads and spec.group("layer0.mlp").permutation
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+    res = CliRunner().invoke(app, ["inspect", _save(llama, tmp_path / "l"), "--json"])
+    maps = {g["name"]: g["maps"] for g in json.loads(res.stdout)["groups"]}
+    assert maps["layer0.attn.scores"] == "4 heads in the order of layer0.attn.values, whole heads"
+
+
+def test_whole_heads_move_as_wholes_with_their_units_in_order() -> None:
+    """A group of whole heads (queries and keys under rotary position embeddings) given a
+    map that also moves units within heads keeps only the order of heads: identity blocks."""
+    from ccamerge.methods.base import Alignment, GroupAlignment
+    from ccamerge.models.spec import FeatureGroup, MergeSpec
+    from ccamerge.pipeline.align import constrain
+
+    values = FeatureGroup("v", 4, (("v.weight", 0),), "o", heads=2)
+    scores = FeatureGroup("s", 4, (("q.weight", 0),), "q", heads=2, follows="v", whole_heads=True)
+    eye = torch.eye(4, dtype=torch.float64)
+    swap = eye[[3, 2, 1, 0]]  # head 0 <-> head 1, and the units within each head reversed
+    alignment = Alignment({g: GroupAlignment([eye, swap], [eye, swap.T]) for g in ("v", "s")})
+    aligned = constrain(alignment, MergeSpec((values, scores)), 0, None)
+    assert aligned.groups["v"].M[1].argmax(1).tolist() == [3, 2, 1, 0]  # free within heads
+    assert aligned.groups["s"].M[1].argmax(1).tolist() == [2, 3, 0, 1]  # whole heads only
+    assert torch.equal(aligned.groups["s"].U[1], aligned.groups["s"].M[1].T)
+
+
+def test_grouped_query_attention_is_averaged_and_says_why() -> None:
+    model = hf._prepared(
+        _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM, kv_heads=2)
+    )
+    spec, why = layout_spec("llama", model.config.to_dict(), model.state_dict())
+    assert spec is None and "grouped-query attention (2 key/value heads" in why

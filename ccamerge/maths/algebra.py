@@ -133,7 +133,7 @@ def permute_state_dict(
 def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random permutation per group, keeping each group's ``blocks`` (a heads group:
     its heads reordered, as the group it follows orders them, and the units within each
-    head)."""
+    head, unless ``whole_heads``)."""
     gen = torch.Generator().manual_seed(seed)
     out, head_starts = {}, {}
     for g in spec.groups:
@@ -142,6 +142,9 @@ def random_permutations(spec: MergeSpec, seed: int = 0) -> dict[str, torch.Tenso
         if g.heads > 1:
             starts = head_starts.get(g.follows, starts[torch.randperm(g.heads, generator=gen)])
             head_starts[g.name] = starts
-        parts = [int(b) + torch.randperm(step, generator=gen) for b in starts]
+        parts = [
+            int(b) + (torch.arange(step) if g.whole_heads else torch.randperm(step, generator=gen))
+            for b in starts
+        ]
         out[g.name] = torch.cat(parts)
     return out

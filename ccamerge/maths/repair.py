@@ -177,8 +177,9 @@ def repair_linear(
         handle = layer.register_forward_hook(add)
         try:
             for x in sharded(batches, [acc]):
+                x = x.to(device)
                 batch["positions"] = real_positions(x)
-                model(x.to(device))
+                model(x)
         finally:
             handle.remove()
         reduce_accumulators([acc])

@@ -21,7 +21,9 @@ tensor: a Linear applied at every position of ``(B, ..., C)``), ``"permutation":
 "blocks": n`` (its maps are permutations keeping n blocks: a depthwise or grouped conv,
 a GroupNorm, a gain reads it), ``"heads": h`` (a group of attention heads: whole heads
 permuted, a map per head), ``"follows": group`` (heads in the order of another group's:
-an attention layer's query/key space follows its values) and ``"collect_from": i`` (the
+an attention layer's query/key space follows its values), ``"whole_heads": true`` (the
+units within each head keep their order: rotary position embeddings) and
+``"collect_from": i`` (the
 group's units start at index i of the collected tensor: a fused projection;
 docs/transformers.md), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
@@ -334,6 +336,8 @@ def _heads_doc(g: FeatureGroup) -> dict[str, Any]:
         doc["follows"] = g.follows
     if g.collect_from is not None:
         doc["collect_from"] = g.collect_from
+    if g.whole_heads:
+        doc["whole_heads"] = True
     return doc
 
 
@@ -383,7 +387,7 @@ def save_spec(
 
 _GROUP_KEYS = {
     "name", "size", "members", "collect_at", "collect_on", "collect_axis", "norms", "permutation",
-    "blocks", "heads", "follows", "collect_from",
+    "blocks", "heads", "follows", "collect_from", "whole_heads",
 }  # fmt: skip
 
 
@@ -450,6 +454,9 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             raise SpecError(f"{label}: 'heads' must be an integer >= 1")
         if not isinstance(follows, str | None) or not isinstance(start, int | None):
             raise SpecError(f"{label}: 'follows' must be a group name, 'collect_from' an index")
+        whole_heads = g.get("whole_heads", False)
+        if not isinstance(whole_heads, bool):
+            raise SpecError(f"{label}: 'whole_heads' must be true/false")
         out.append(
             FeatureGroup(
                 name=g["name"],
@@ -464,6 +471,7 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 heads=heads,
                 follows=follows,
                 collect_from=start,
+                whole_heads=whole_heads,
             )
         )
     try:

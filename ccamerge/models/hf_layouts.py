@@ -56,16 +56,26 @@ def _mlp(name: str, fc1: str, fc2: str, size: int) -> FeatureGroup:
 
 
 def _attention(
-    name: str, qkv: Mapping[str, str], out: str, d: int, heads: int, fused: bool = False
+    name: str,
+    qkv: Mapping[str, str],
+    out: str,
+    d: int,
+    heads: int,
+    fused: bool = False,
+    state: Mapping[str, torch.Tensor] | None = None,
+    whole_heads: bool = False,
 ) -> list[FeatureGroup]:
     """An attention layer's two groups of heads: the value/output space (collected at the
     output projection's input) and the query/key space that follows it (collected at
     the query projection's output: with ``fused``, the first ``d`` units of the fused
     projection's). ``qkv`` maps q, k, v to each projection's weight name (its bias: the
-    same with ``bias``)."""
+    same with ``bias``; given ``state``, only the biases it holds); ``whole_heads``: the
+    query/key units keep their order within each head (rotary position embeddings)."""
     bias = {k: w.removesuffix("weight") + "bias" for k, w in qkv.items()}
-    values = ((qkv["v"], 0), (bias["v"], 0), (f"{out}.weight", 1))
-    scores = tuple((t, 0) for k in ("q", "k") for t in (qkv[k], bias[k]))
+    if state is not None:
+        bias = {k: b for k, b in bias.items() if b in state}
+    values = ((qkv["v"], 0), *([(bias["v"], 0)] if "v" in bias else []), (f"{out}.weight", 1))
+    scores = tuple((t, 0) for k in ("q", "k") for t in (qkv[k], bias.get(k)) if t is not None)
     query = qkv["q"].removesuffix(".q_weight" if fused else ".weight")
     return [
         FeatureGroup(f"{name}.values", d, values, out, "input", collect_axis=-1, heads=heads),
@@ -79,6 +89,7 @@ def _attention(
             heads=heads,
             follows=f"{name}.values",
             collect_from=0 if fused else None,
+            whole_heads=whole_heads,
         ),
     ]
 
@@ -259,6 +270,56 @@ def distilbert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
     return [_stream(config["dim"], stream, collect, "output"), *groups]
 
 
+def _rows(module: str, state: Mapping[str, torch.Tensor]) -> Members:
+    """A Linear's rows: its weight and, when it has one, its bias (axis 0)."""
+    return [(f"{module}.{t}", 0) for t in ("weight", "bias") if f"{module}.{t}" in state]
+
+
+def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """Llama and the families written like it (Mistral, Qwen2): pre-norm blocks with
+    RMSNorm (a gain, permuted with the stream), rotary position embeddings on queries
+    and keys (their units keep their order within heads: whole heads move), a gated MLP
+    whose gate and up projections share their units (``act(gate) * up``: permutations
+    only). Grouped-query attention (fewer key/value heads than query heads) is not
+    covered: a value head serves several query heads, which one group cannot say."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if kv_heads != heads:
+        raise ValueError(
+            f"grouped-query attention ({kv_heads} key/value heads for {heads} query heads) "
+            "is not covered"
+        )
+    p = _prefix(state, "embed_tokens.weight")
+    d = config["hidden_size"]
+    stream: Members = [(f"{p}embed_tokens.weight", 1)]
+    groups = []
+    for i in range(config["num_hidden_layers"]):
+        b = f"{p}layers.{i}."
+        qkv = {k: f"{b}self_attn.{k}_proj.weight" for k in QKV}
+        out, mlp = f"{b}self_attn.o_proj", f"{b}mlp."
+        stream += [(f"{b}input_layernorm.weight", 0), *((w, 1) for w in qkv.values())]
+        stream += _rows(out, state) + [(f"{b}post_attention_layernorm.weight", 0)]
+        stream += [(f"{mlp}gate_proj.weight", 1), (f"{mlp}up_proj.weight", 1)]
+        stream += _rows(f"{mlp}down_proj", state)
+        groups += _attention(f"layer{i}.attn", qkv, out, d, heads, state=state, whole_heads=True)
+        hidden = _rows(f"{mlp}gate_proj", state) + _rows(f"{mlp}up_proj", state)
+        members = (*hidden, (f"{mlp}down_proj.weight", 1))
+        size = state[f"{mlp}gate_proj.weight"].shape[0]
+        groups.append(
+            FeatureGroup(
+                f"layer{i}.mlp",
+                size,
+                members,
+                f"{mlp}down_proj",
+                "input",
+                collect_axis=-1,
+                permutation=True,
+            )  # fmt: skip
+        )
+    stream += [(f"{p}norm.weight", 0)] + _readers(state, ("lm_head.weight", "score.weight"))
+    return [_stream(d, stream, f"{p}norm"), *groups]
+
+
 LAYOUTS: dict[str, Layout] = {
     "gpt2": gpt2,
     "vit": vit,
@@ -267,6 +328,9 @@ LAYOUTS: dict[str, Layout] = {
     "xlm-roberta": roberta,
     "camembert": roberta,
     "distilbert": distilbert,
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": llama,
 }
 FUSED_QKV = {"gpt2": ".attn.c_attn"}  # model_type -> the fused projection's name suffix
 

@@ -56,7 +56,10 @@ class FeatureGroup:
     is the units' axis in that tensor: 1 (``(B, C, ...)``, the default) or -1
     (channels-last ``(B, ..., C)``, as a Linear applied to every position sees
     it). ``norms`` names the BatchNorm modules whose outputs lie in this group
-    (their running statistics are recomputed after a merge).
+    (their running statistics are recomputed after a merge). A group of ``heads``
+    (attention) is mapped head by head; ``follows`` another group of heads, it takes that
+    group's order of heads; ``whole_heads``: the units within each head keep their
+    order (rotary position embeddings act on them), only whole heads move.
     """
 
     name: str
@@ -71,6 +74,7 @@ class FeatureGroup:
     heads: int = 1
     follows: str | None = None
     collect_from: int | None = None
+    whole_heads: bool = False
 
     def __post_init__(self) -> None:
         for _, axis in self.members:
@@ -86,6 +90,8 @@ class FeatureGroup:
             raise SpecError(f"group {self.name}: {self.heads} heads do not divide {self.size}")
         if self.follows is not None and self.heads == 1:
             raise SpecError(f"group {self.name}: only a group of heads follows another")
+        if self.whole_heads and self.heads == 1:
+            raise SpecError(f"group {self.name}: whole_heads needs heads")
 
 
 @dataclass(frozen=True)

@@ -200,9 +200,10 @@ def _by_heads(
     Each model's heads are matched to the reference's by :func:`head_similarity`
     (without statistics: by the mass of the map's blocks), or take the order of the
     group it follows (``leader``). Within each matched
-    pair: for a group that follows (query/key), the orthogonal map closest to the pair's
-    cross-covariance (Procrustes), for a method that permutes, the units matched by
-    correlation, else the method's block of the map (its inverse for ``U``)."""
+    pair: for ``whole_heads``, the identity; for a group that follows (query/key), the
+    orthogonal map closest to the pair's cross-covariance (Procrustes), for a method that
+    permutes, the units matched by correlation, else the method's block of the map (its
+    inverse for ``U``)."""
     Ms, Us, orders = [], [], []
     step = g.size // g.heads
     for k, (M, U) in enumerate(zip(ga.M, ga.U)):
@@ -225,14 +226,16 @@ def _by_heads(
         Mh, Uh = torch.zeros_like(M), torch.zeros_like(M)
         for h, o in enumerate(order.tolist()):
             rows, cols = slice(h * step, (h + 1) * step), slice(o * step, (o + 1) * step)
-            if permutes:
+            if g.whole_heads:
+                block = torch.eye(step, dtype=M.dtype, device=M.device)
+            elif permutes:
                 block = permutation_matrix(match(blocks[h, :, o, :])).to(M)
             elif g.follows is not None:
                 u, _, vh = torch.linalg.svd(cross[h, :, o, :].to(M))
                 block = u @ vh  # orthogonal: maximises trace(block^T cross)
             else:
                 block = M[rows, cols]
-            orthogonal = permutes or g.follows is not None
+            orthogonal = permutes or g.follows is not None or g.whole_heads
             Mh[rows, cols] = block
             Uh[cols, rows] = block.T if orthogonal else torch.linalg.pinv(block)
         Ms.append(Mh)

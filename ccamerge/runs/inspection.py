@@ -97,8 +97,11 @@ def inspect_checkpoint(
 def _maps(g: FeatureGroup) -> str:
     """What maps the group takes: dense, permutations (within blocks), or per head."""
     if g.follows is not None:
-        return f"{g.heads} heads in the order of {g.follows}, orthogonal per head"
+        within = "whole heads" if g.whole_heads else "orthogonal per head"
+        return f"{g.heads} heads in the order of {g.follows}, {within}"
     if g.heads > 1:
+        if g.whole_heads:
+            return f"{g.heads} heads, whole heads"
         return f"{g.heads} heads, " + ("permuted" if g.permutation else "dense per head")
     if g.permutation:
         return "permutation" + (f" within {g.blocks} blocks" if g.blocks > 1 else "")
