@@ -7,6 +7,8 @@
 * **GPT-2** as a byte-level language model (width 64, 2 layers, 4 heads, context 64) on
   the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2
   and 4, scored by next-byte accuracy and perplexity on held-out files.
+* **Llama** (width 64, 2 layers, 4 heads, MLP 128: rotary attention, a gated MLP,
+  RMSNorm) on GPT-2's task (``--only llama``), distilled as GPT-2 is.
 * **BERT** (2 layers, width 64, 4 heads) classifying 64-byte windows of four standard
   library packages by package (email, asyncio, xml, multiprocessing; 15000 windows
   each, the last quarter of each package's files held out for 4000 test windows): four
@@ -256,6 +258,33 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
     return seed_rows("gpt2 seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
 
 
+def llama(transformers):
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def llama_sets(transformers, root: Path, merge) -> list[dict]:
+    """GPT-2's byte-level task with a Llama (rotary attention, gated MLP, RMSNorm)."""
+    train_text, test_text = stdlib_bytes()
+    x = windows(train_text, 60_000, 0)
+    calib = root / "llama-calib.npz"
+    np.savez(calib, input_ids=windows(train_text, 500, 1).numpy())
+    test_x = windows(test_text, 2000, 2)
+    seeds = []
+    for seed in (1, 2, 3, 4):
+        torch.manual_seed(seed)
+        seeds.append(train(llama(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
+    test = test_x, test_x[:, 1:].reshape(-1)
+    unlabelled = root / "llama-unlabelled.npz"  # 5000 training windows, no labels
+    np.savez(unlabelled, input_ids=windows(train_text, 5000, 3).numpy())
+    distilled = {"distill": "auto", "distill_data": str(unlabelled)}
+    return seed_rows("llama seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
+
+
 def bert(transformers):
     config = transformers.BertConfig(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -325,7 +354,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(__file__).parent / "results" / "hf_transformers.json"
     parser.add_argument("--out", default=str(default))
-    parser.add_argument("--only", choices=("vit", "gpt2", "bert", "bert-padded"), default=None)
+    parser.add_argument(
+        "--only", choices=("vit", "gpt2", "llama", "bert", "bert-padded"), default=None
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     rows = []
@@ -334,6 +365,8 @@ def main() -> None:
             rows += vit_sets(transformers, Path(tmp), merge)
         if args.only in (None, "gpt2"):
             rows += gpt2_sets(transformers, Path(tmp), merge)
+        if args.only in (None, "llama"):
+            rows += llama_sets(transformers, Path(tmp), merge)
         if args.only in (None, "bert"):
             rows += bert_sets(transformers, Path(tmp), merge)
         if args.only in (None, "bert-padded"):
