@@ -339,7 +339,7 @@ def test_the_check_flags_an_unaligned_average(digits_mlps):
     assert doc["beaten_by"] == loaded.paths and doc["num_samples"] == len(digits_mlps.test)
     assert doc["inputs"][0].keys() == {"name", "top1_agreement", "kl"}
     best = max(check.inputs, key=lambda m: m.agreement)
-    assert best.name in check.warning() and "--distill EPOCHS" in check.warning()
+    assert best.name in check.warning() and "--distill auto" in check.warning()
 
 
 class Ensemble(torch.nn.Module):

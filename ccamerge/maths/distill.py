@@ -52,7 +52,10 @@ class DistillSettings:
     """Every knob of :func:`distill`; invalid values raise :class:`OptionError`."""
 
     epochs: int | str = "auto"  # a number of epochs, or "auto": while the held-out KL falls
-    patience: int = 3  # "auto": epochs without improvement before stopping
+    # "auto": epochs without improvement before stopping. 6, not 3: the held-out KL often
+    # rises for the first epochs (the warm-up's peak learning rate) and then falls below
+    # the start (measured: docs/benchmarks.md, "auto's patience")
+    patience: int = 6
     max_epochs: int = 30  # "auto": at most this many epochs (the schedule's length)
     lr: float = 3e-4  # Adam's peak learning rate
     warmup: float = 0.05  # fraction of the steps with a linear warm-up, then cosine to 0

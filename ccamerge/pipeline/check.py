@@ -94,7 +94,7 @@ class MergeCheck:
         remedy = (
             "distil on more unlabelled data (--distill-data) or for longer"
             if distilled
-            else "train the merge towards the ensemble with --distill EPOCHS, best on more "
+            else "train the merge towards the ensemble with --distill auto, best on more "
             "unlabelled data (--distill-data)"
         )
         n = self.num_samples
