@@ -8,12 +8,13 @@ The families of ``cnn_zoo.py`` are merged as a user's own models (``--model``), 
 feature groups discovered by tracing. Each row is one ``ccamerge.merge`` in its own
 subprocess (one torch thread): every method with and without the refit, on the first 2000
 calibration images (the check holding out a tenth), N = 2 and 4 seeds, and the default
-merge followed by ``--distill 3`` (the recommended recipe of "Distillation") or
-``--distill 10`` on 10000 further unlabelled training images (``distill_bench.extra_data``). A row records the
+merge followed by ``--distill 3``, ``--distill 10`` or ``--distill auto`` on 10000 further
+unlabelled training images (``distill_bench.extra_data``). A row records the
 test accuracy (10000 test images) of every input, of their ensemble and of the merge, the
 fraction of parameters aligned, the check's verdict and the merge's wall time. Rows are
-stored in ``results/cnn_zoo.json`` by key and kept unless ``--redo``; the table is written
-to ``results/cnn_zoo.md`` (``make_tables.py`` copies it into docs/benchmarks.md).
+stored in ``results/cnn_zoo.json`` (or ``--store NAME.json``) by key and kept unless
+``--redo``; the table is written beside it as ``.md`` (``make_tables.py`` copies
+``cnn_zoo.md`` into docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CALIB = 2000
 FAMILIES = ("mobilenet", "convnext", "densenet")
 METHODS = ("cca", "average", "permute", "weight-matching", "zipit")
-DISTILL_EPOCHS = (3, 10)
+DISTILL_EPOCHS = (3, 10, "auto")
 DISTILLED = {f"cca, distill {e} on 10000": e for e in DISTILL_EPOCHS}  # default merge, distilled
 PLAN = [
     (f, n, m, refit)
@@ -115,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", nargs="*", help="only these methods")
     p.add_argument("--redo", action="store_true", help="recompute stored rows")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--store", default="cnn_zoo.json", help="the results file in results/")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    store = RESULTS / "cnn_zoo.json"
+    store = RESULTS / args.store
     rows = json.loads(store.read_text()) if store.exists() else {}
     for family, n, method, refit in PLAN:
         if (
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{k}: merged {100 * row['merged']:.2f} %, aligned "
                   f"{100 * row['aligned']:.0f} %, {row['seconds']:.0f} s", flush=True)  # fmt: skip
     ordered = {key(*c): rows[key(*c)] for c in PLAN if key(*c) in rows}
-    (RESULTS / "cnn_zoo.md").write_text(table(ordered))
+    (RESULTS / Path(args.store).with_suffix(".md").name).write_text(table(ordered))
 
 
 if __name__ == "__main__":
