@@ -41,8 +41,9 @@ def _vit():
     return transformers.ViTForImageClassification(cfg)
 
 
-def _bert(cls):
-    cfg = transformers.BertConfig(
+def _bert(cls, config_class=None):
+    """A BERT-layout model (``config_class``: BertConfig, or RoBERTa's)."""
+    cfg = (config_class or transformers.BertConfig)(
         num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
         vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
     )  # fmt: skip
@@ -50,11 +51,7 @@ def _bert(cls):
 
 
 def _roberta(cls):
-    cfg = transformers.RobertaConfig(
-        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
-        vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
-    )  # fmt: skip
-    return cls(cfg)
+    return _bert(cls, transformers.RobertaConfig)
 
 
 def _distilbert(cls):
