@@ -8,7 +8,9 @@ residual stream as one group
 that every embedding, every block's output projections, every LayerNorm and every layer
 reading the stream share. The stream is aligned by permutations: they are exact through
 LayerNorm (its gain and bias permuted with it), before or after the residual addition,
-and keep tied input and output embeddings tied.
+and keep tied input and output embeddings tied. Under rotary position embeddings (the
+Llama family) the query/key group moves whole heads only, and a gated MLP's units move
+by permutations.
 
 A layout is used only when it covers the model: every tensor with a hidden-size axis
 must be in a group (else the model is averaged as it is, and the report says which
