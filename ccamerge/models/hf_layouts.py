@@ -123,17 +123,39 @@ def _pre_ln_block(
     return stream, groups
 
 
+Block = Callable[..., tuple[Members, list[FeatureGroup]]]  # _pre_ln_block, _post_ln_block
+
+
+def _blocks(
+    block: Block,
+    name: str,
+    base: str,
+    count: int,
+    modules: Mapping[str, str],
+    heads: int,
+    state: Any,
+) -> tuple[Members, list[FeatureGroup]]:
+    """The stream's members and the groups of ``count`` blocks: block i's modules are
+    ``base.format(i)`` followed by each of ``modules`` (by role: the ``q``, ``k``, ``v``
+    weights, then ``ln1``, ``out``, ...: what ``block`` reads), its groups ``{name}{i}.*``."""
+    stream: Members = []
+    groups: list[FeatureGroup] = []
+    for i in range(count):
+        layers = {role: base.format(i) + m for role, m in modules.items()}
+        qkv = {k: layers.pop(k) for k in QKV}
+        members, block_groups = block(f"{name}{i}", layers, qkv, heads, state)
+        stream, groups = stream + members, groups + block_groups
+    return stream, groups
+
+
 def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
     p = _prefix(state, "wte.weight")
-    stream = [(f"{p}wte.weight", 1), (f"{p}wpe.weight", 1)]
-    groups = []
-    for i in range(config["n_layer"]):
-        b = f"{p}h.{i}."
-        qkv = {k: f"{b}attn.c_attn.{k}_weight" for k in QKV}
-        names = {"ln1": "ln_1", "out": "attn.c_proj", "ln2": "ln_2", "fc1": "mlp.c_fc"}
-        layers = {k: b + v for k, v in {**names, "fc2": "mlp.c_proj"}.items()}
-        members, block = _pre_ln_block(f"h{i}", layers, qkv, config["n_head"], state)
-        stream, groups = stream + members, groups + block
+    modules = {k: f"attn.c_attn.{k}_weight" for k in QKV}
+    modules |= {"ln1": "ln_1", "out": "attn.c_proj", "ln2": "ln_2", "fc1": "mlp.c_fc"}
+    modules |= {"fc2": "mlp.c_proj"}
+    count, heads = config["n_layer"], config["n_head"]
+    members, groups = _blocks(_pre_ln_block, "h", p + "h.{}.", count, modules, heads, state)
+    stream = [(f"{p}wte.weight", 1), (f"{p}wpe.weight", 1), *members]
     stream += _affine(f"{p}ln_f") + _readers(state, ("lm_head.weight", "score.weight"))
     return [_stream(config["n_embd"], stream, f"{p}ln_f"), *groups]
 
@@ -143,17 +165,14 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
     e = f"{p}embeddings."
     stream = [(f"{e}cls_token", 2), (f"{e}position_embeddings", 2)]
     stream += _writes(f"{e}patch_embeddings.projection")
-    groups = []
-    for i in range(config["num_hidden_layers"]):
-        b = f"{p}layers.{i}."
-        qkv = {k: f"{b}attention.{k}_proj.weight" for k in QKV}
-        names = {"ln1": "layernorm_before", "out": "attention.o_proj", "ln2": "layernorm_after"}
-        layers = {k: b + v for k, v in {**names, "fc1": "mlp.fc1", "fc2": "mlp.fc2"}.items()}
-        members, block = _pre_ln_block(
-            f"layer{i}", layers, qkv, config["num_attention_heads"], state
-        )
-        stream, groups = stream + members, groups + block
-    stream += _affine(f"{p}layernorm")
+    modules = {k: f"attention.{k}_proj.weight" for k in QKV}
+    modules |= {"ln1": "layernorm_before", "out": "attention.o_proj", "ln2": "layernorm_after"}
+    modules |= {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    count, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    members, groups = _blocks(
+        _pre_ln_block, "layer", p + "layers.{}.", count, modules, heads, state
+    )
+    stream += members + _affine(f"{p}layernorm")
     stream += _readers(state, ("classifier.weight", f"{p}pooler.dense.weight"))
     return [_stream(config["hidden_size"], stream, f"{p}layernorm"), *groups]
 
@@ -203,19 +222,15 @@ def _bert_encoder(
     e = f"{p}embeddings."
     stream = [(f"{e}{k}_embeddings.weight", 1) for k in ("word", "position", "token_type")]
     stream += _affine(f"{e}LayerNorm")
-    groups = []
-    for i in range(config["num_hidden_layers"]):
-        b = f"{p}encoder.layer.{i}."
-        names = {"q": "query", "k": "key", "v": "value"}
-        qkv = {k: f"{b}attention.self.{n}.weight" for k, n in names.items()}
-        modules = {"out": "attention.output.dense", "ln1": "attention.output.LayerNorm"}
-        modules |= {"fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
-        layers = {k: b + v for k, v in modules.items()}
-        members, block = _post_ln_block(
-            f"layer{i}", layers, qkv, config["num_attention_heads"], state
-        )
-        stream, groups = stream + members, groups + block
-    return p, stream, groups
+    names = {"q": "query", "k": "key", "v": "value"}
+    modules = {k: f"attention.self.{n}.weight" for k, n in names.items()}
+    modules |= {"out": "attention.output.dense", "ln1": "attention.output.LayerNorm"}
+    modules |= {"fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
+    count, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    members, groups = _blocks(
+        _post_ln_block, "layer", p + "encoder.layer.{}.", count, modules, heads, state
+    )
+    return p, stream + members, groups
 
 
 def bert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
@@ -254,16 +269,14 @@ def distilbert(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
     e = f"{p}embeddings."
     stream = [(f"{e}word_embeddings.weight", 1), (f"{e}position_embeddings.weight", 1)]
     stream += _affine(f"{e}LayerNorm")
-    groups = []
-    for i in range(config["n_layers"]):
-        b = f"{p}transformer.layer.{i}."
-        qkv = {k: f"{b}attention.{k}_lin.weight" for k in QKV}
-        modules = {"out": "attention.out_lin", "ln1": "sa_layer_norm", "fc1": "ffn.lin1"}
-        layers = {
-            k: b + v for k, v in {**modules, "fc2": "ffn.lin2", "ln2": "output_layer_norm"}.items()
-        }
-        members, block = _post_ln_block(f"layer{i}", layers, qkv, config["n_heads"], state)
-        stream, groups = stream + members, groups + block
+    modules = {k: f"attention.{k}_lin.weight" for k in QKV}
+    modules |= {"out": "attention.out_lin", "ln1": "sa_layer_norm", "fc1": "ffn.lin1"}
+    modules |= {"fc2": "ffn.lin2", "ln2": "output_layer_norm"}
+    base, count = p + "transformer.layer.{}.", config["n_layers"]
+    members, groups = _blocks(
+        _post_ln_block, "layer", base, count, modules, config["n_heads"], state
+    )
+    stream += members
     if "pre_classifier.weight" in state:
         members, head = _head("head", "pre_classifier", "classifier", state)
         stream, groups = stream + members, groups + [head]
