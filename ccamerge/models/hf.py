@@ -82,16 +82,15 @@ def _transformers() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[Any]:
-    """``transformers``, its notes and progress bars silenced while ccamerge calls it (they
+def _quiet(transformers: Any) -> Iterator[None]:
+    """``transformers``' notes and progress bars silenced while ccamerge calls it (they
     would go to stderr between the report's lines); the caller's settings restored after."""
-    transformers = _transformers()
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        yield transformers
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
@@ -132,14 +131,13 @@ def model_class(config: Mapping[str, Any]) -> str:
 def build_hf(config: Mapping[str, Any]) -> nn.Module:
     """The model of ``{"class": name, "hf_config": config.json}`` with random weights,
     in eval mode, tied duplicates left out of its state dict."""
+    transformers = _transformers()
     hf = dict(config["hf_config"])
     name = model_class(hf)  # checked again: only a class transformers' auto classes know
     try:
-        with _quiet() as transformers:
+        with _quiet(transformers):
             cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
             model = getattr(transformers, name)(cfg)
-    except ArchitectureError:
-        raise
     except Exception as e:
         raise ArchitectureError(
             f"transformers cannot build {name} from config.json ({first_line(e)})"
@@ -160,16 +158,15 @@ def read_hf(folder: str | Path, hf: Mapping[str, Any]) -> dict[str, torch.Tensor
     reads it (the folder's config, no download); weights the folder lacks or holds in
     another shape are an error, not initialised at random."""
     name = model_class(hf)
+    transformers = _transformers()
     try:
-        with _quiet() as transformers:
+        with _quiet(transformers):
             model, info = getattr(transformers, name).from_pretrained(
                 str(folder),
                 local_files_only=True,
                 trust_remote_code=False,
                 output_loading_info=True,
             )
-    except ArchitectureError:
-        raise
     except Exception as e:
         raise CheckpointError(
             f"transformers cannot read {folder} as {name} ({first_line(e)})"
@@ -257,7 +254,7 @@ class HuggingFaceArchitecture(CustomArchitecture):
         model = self.build(config)
         model.load_state_dict(state, strict=True, assign=True)  # the state's dtypes
         model.tie_weights()  # assigning replaced the tensors that tied names share
-        with tempfile.TemporaryDirectory() as folder, _quiet():
+        with tempfile.TemporaryDirectory() as folder, _quiet(_transformers()):
             native_layout(model).save_pretrained(folder)
             return {k: v.clone() for k, v in load_checkpoint(folder).items()}
 
