@@ -292,6 +292,7 @@ def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
     for a model that takes no attention mask."""
     shape = loaded.detected.input_shape()
     got = tuple(data.x.shape[1:])
+    model = None  # built when needed, once
     if padded(data.x):
         model = loaded.build(loaded.state_dicts[0])
         if not accepts_padding(model):
@@ -317,8 +318,10 @@ def check_data_fits(data: Dataset, loaded: LoadedModels, what: str) -> None:
             f"{loaded.detected.name}, which takes {tuple(shape)}"
         )
     try:
+        if model is None:
+            model = loaded.build(loaded.state_dicts[0])  # in eval mode
         with torch.no_grad():
-            loaded.build(loaded.state_dicts[0]).eval()(sample)
+            model(sample)
     except (RuntimeError, TypeError) as e:
         raise DataError(
             f"{what} {data.path}: samples of shape {got} do not fit {loaded.detected.name} "
