@@ -8,7 +8,8 @@
   the Python standard library's sources (800 steps of 64 windows): four seeds, N = 2
   and 4, scored by next-byte accuracy and perplexity on held-out files.
 * **Llama** (width 64, 2 layers, 4 heads, MLP 128: rotary attention, a gated MLP,
-  RMSNorm) on GPT-2's task (``--only llama``), distilled as GPT-2 is.
+  RMSNorm) on GPT-2's task (``--only llama``), distilled as GPT-2 is; the same with
+  grouped-query attention, 2 key/value heads for the 4 query heads (``--only llama-gqa``).
 * **BERT** (2 layers, width 64, 4 heads) classifying 64-byte windows of four standard
   library packages by package (email, asyncio, xml, multiprocessing; 15000 windows
   each, the last quarter of each package's files held out for 4000 test windows): four
@@ -258,17 +259,18 @@ def gpt2_sets(transformers, root: Path, merge) -> list[dict]:
     return seed_rows("gpt2 seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
 
 
-def llama(transformers):
+def llama(transformers, kv_heads: int = 4):
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=CONTEXT,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
 
 
-def llama_sets(transformers, root: Path, merge) -> list[dict]:
-    """GPT-2's byte-level task with a Llama (rotary attention, gated MLP, RMSNorm)."""
+def llama_sets(transformers, root: Path, merge, kv_heads: int = 4) -> list[dict]:
+    """GPT-2's byte-level task with a Llama (rotary attention, gated MLP, RMSNorm) of
+    ``kv_heads`` key/value heads for its 4 query heads."""
     train_text, test_text = stdlib_bytes()
     x = windows(train_text, 60_000, 0)
     calib = root / "llama-calib.npz"
@@ -277,12 +279,14 @@ def llama_sets(transformers, root: Path, merge) -> list[dict]:
     seeds = []
     for seed in (1, 2, 3, 4):
         torch.manual_seed(seed)
-        seeds.append(train(llama(transformers), x, None, seed, 800, 3e-3, lm_loss, batch=64))
+        model = llama(transformers, kv_heads)
+        seeds.append(train(model, x, None, seed, 800, 3e-3, lm_loss, batch=64))
     test = test_x, test_x[:, 1:].reshape(-1)
     unlabelled = root / "llama-unlabelled.npz"  # 5000 training windows, no labels
     np.savez(unlabelled, input_ids=windows(train_text, 5000, 3).numpy())
     distilled = {"distill": "auto", "distill_data": str(unlabelled)}
-    return seed_rows("llama seeds", [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
+    name = "llama seeds" if kv_heads == 4 else f"llama seeds, {kv_heads} key/value heads"
+    return seed_rows(name, [seeds[:2], seeds], calib, test, root, merge, distill=distilled)
 
 
 def bert(transformers):
@@ -355,7 +359,7 @@ def main() -> None:
     default = Path(__file__).parent / "results" / "hf_transformers.json"
     parser.add_argument("--out", default=str(default))
     parser.add_argument(
-        "--only", choices=("vit", "gpt2", "llama", "bert", "bert-padded"), default=None
+        "--only", choices=("vit", "gpt2", "llama", "llama-gqa", "bert", "bert-padded"), default=None
     )
     args = parser.parse_args()
     started = time.perf_counter()
@@ -367,6 +371,8 @@ def main() -> None:
             rows += gpt2_sets(transformers, Path(tmp), merge)
         if args.only in (None, "llama"):
             rows += llama_sets(transformers, Path(tmp), merge)
+        if args.only in (None, "llama-gqa"):
+            rows += llama_sets(transformers, Path(tmp), merge, kv_heads=2)
         if args.only in (None, "bert"):
             rows += bert_sets(transformers, Path(tmp), merge)
         if args.only in (None, "bert-padded"):

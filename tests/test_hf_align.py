@@ -80,6 +80,14 @@ FAMILIES = {
     "distilbert-mlm": (lambda: _distilbert(transformers.DistilBertForMaskedLM), "tokens"),
     "llama": (lambda: _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM), "tokens"),
     "qwen2": (lambda: _llama(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), "tokens"),
+    "llama-gqa": (
+        lambda: _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM, kv_heads=2),
+        "tokens",
+    ),
+    "mistral-mqa": (
+        lambda: _llama(transformers.MistralConfig, transformers.MistralForCausalLM, kv_heads=1),
+        "tokens",
+    ),
     "distilbert-cls": (
         lambda: _distilbert(transformers.DistilBertForSequenceClassification),
         "tokens",
@@ -194,9 +202,25 @@ def test_whole_heads_move_as_wholes_with_their_units_in_order() -> None:
     assert torch.equal(aligned.groups["s"].U[1], aligned.groups["s"].M[1].T)
 
 
-def test_grouped_query_attention_is_averaged_and_says_why() -> None:
+def test_grouped_query_attention_moves_each_query_head_with_its_key_value_head() -> None:
+    """The query rows and the output projection's columns are copies of the key/value
+    heads' groups; a copy's map is the group's map on every query head of a key/value
+    head (checked against the map applied copy by copy)."""
+    from ccamerge.maths.algebra import expand_heads
+    from ccamerge.models.custom import spec_from_dict, spec_to_dict
+
     model = hf._prepared(
         _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM, kv_heads=2)
     )
     spec, why = layout_spec("llama", model.config.to_dict(), model.state_dict())
-    assert spec is None and "grouped-query attention (2 key/value heads" in why
+    assert spec is not None, why
+    copies = {c.name: (c.group, c.copies, c.members) for c in spec.copies}
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    assert copies["layer0.attn.queries"] == ("layer0.attn.scores", 2, ((q, 0),))
+    assert copies["layer0.attn.outputs"] == ("layer0.attn.values", 2, ((o, 1),))
+    assert spec.group("layer0.attn.values").heads == 2
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+    m = torch.randn(8, 8, dtype=torch.float64)  # 2 heads of 4 units, each copied twice
+    x = torch.randn(2, 2, 4, 3, dtype=torch.float64)  # (head, copy, unit, column)
+    by_copy = torch.stack([(m @ x[:, c].reshape(8, 3)).reshape(2, 4, 3) for c in range(2)], 1)
+    torch.testing.assert_close(expand_heads(m, 2, 2) @ x.reshape(16, 3), by_copy.reshape(16, 3))

@@ -305,6 +305,49 @@ def test_a_damaged_layernorm_is_refitted_to_its_endpoints(hooked, bias):
         torch.testing.assert_close(merged(x), model(x), rtol=1e-7, atol=1e-7)
 
 
+class _LlamaStyleNorm(nn.Module):
+    """An RMS norm as the Llama family writes it; ``offset``: Gemma's ``(1 + weight)``."""
+
+    def __init__(self, size: int, offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon, self.offset = 1e-6, offset
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1 + self.weight if self.offset else self.weight) * x
+
+
+@pytest.mark.parametrize("norm", ["torch", "llama"])
+def test_a_damaged_rms_norm_is_refitted_through_hooks(norm):
+    """An RMS norm (torch's, or written as the Llama family writes it) is recognised by
+    what it computes and its gain fitted back to the endpoints' exactly; a norm that
+    computes ``(1 + weight) * ...`` is not taken for one."""
+    from ccamerge.maths.refit.hooked import _rms_eps
+
+    torch.manual_seed(0)
+    model = _Normed(hooked=True).double()
+    model.norm = (nn.RMSNorm(6, eps=1e-6) if norm == "torch" else _LlamaStyleNorm(6)).double()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        merged.norm.weight.mul_(3.0)
+    spec = MergeSpec(())
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    report = refit(
+        merged, [model, model], spec, identity_alignment(spec, 2), [0.5, 0.5],
+        _batches(x, 16), RefitSettings(ridge=1e-12),
+    )  # fmt: skip
+    fits = {layer.name: layer for layer in report.layers}
+    assert list(fits) == ["fc", "norm", "head"]
+    assert fits["norm"].kind == "rmsnorm" and fits["norm"].inputs == 1
+    assert fits["norm"].residual_before > 0.1 and fits["norm"].residual_after < 1e-12
+    torch.testing.assert_close(merged.norm.weight, model.norm.weight, rtol=1e-9, atol=1e-9)
+    assert _rms_eps(_LlamaStyleNorm(6, offset=True)) is None
+    assert _rms_eps(nn.LayerNorm(6, bias=False)) is None
+
+
 def test_chunking_does_not_change_the_fit():
     """In float64 (float32 rounding would move the weights along ill-determined directions)."""
     models = [_net("resnet_cifar", s)[0].double() for s in (0, 1)]

@@ -78,8 +78,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """``sum_k w_k * M_k W_k U_k`` for every tensor; ``None`` transforms mean identity."""
     ref = state_dicts[reference]
-    Ms = [with_concats(spec, M) for M in Ms]
-    Us = [with_concats(spec, U) for U in Us]
+    Ms = [with_derived(spec, M) for M in Ms]
+    Us = [with_derived(spec, U) for U in Us]
     out: dict[str, torch.Tensor] = {}
     for name, t_ref in ref.items():
         if not (t_ref.is_floating_point() or t_ref.is_complex()):
@@ -95,20 +95,33 @@ def merge_state_dicts(
     return out
 
 
-def with_concats(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
-    """``maps`` and, for each concatenation of the spec, the block-diagonal map of its
-    parts' maps (the identity for a part without one)."""
-    if maps is None or not spec.concats:
+def with_derived(spec: MergeSpec, maps: Transforms | None) -> Transforms | None:
+    """``maps`` and the maps derived from them: for each concatenation of the spec, the
+    block-diagonal map of its parts' maps (the identity for a part without one), and for
+    each head copies, its group's map applied to every copy (:func:`expand_heads`)."""
+    if maps is None or not (spec.concats or spec.copies):
         return maps
     out = dict(maps)
+    device = next((m.device for m in maps.values()), "cpu")
     for c in spec.concats:
         blocks = [
             maps[g] if g is not None and g in maps else torch.eye(n, dtype=torch.float64)
             for g, n in c.parts
         ]
-        device = next((m.device for m in maps.values()), "cpu")
         out[c.name] = torch.block_diag(*(b.to(device, torch.float64) for b in blocks))
+    for c in spec.copies:
+        if c.group in maps:
+            out[c.name] = expand_heads(maps[c.group], spec.group(c.group).heads, c.copies)
     return out
+
+
+def expand_heads(m: torch.Tensor, heads: int, copies: int) -> torch.Tensor:
+    """The map of ``heads`` heads, each repeated ``copies`` times in a row: entry
+    ``((h, c, i), (h', c', i'))`` is ``m[(h, i), (h', i')]`` where ``c = c'``, else 0."""
+    size = m.shape[0] // heads
+    blocks = m.reshape(heads, size, heads, size)
+    eye = torch.eye(copies, dtype=m.dtype, device=m.device)
+    return torch.einsum("aibj,cd->acibdj", blocks, eye).reshape(m.shape[0] * copies, -1)
 
 
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:

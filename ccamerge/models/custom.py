@@ -27,7 +27,9 @@ units within each head keep their order: rotary position embeddings) and
 group's units start at index i of the collected tensor: a fused projection;
 docs/transformers.md), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
-(concatenations of groups that layers read, docs/custom-models.md).
+(concatenations of groups that layers read, docs/custom-models.md) and
+``"copies": [{"name": ..., "group": ..., "copies": n, "members": [...]}]`` (a group of
+heads' units repeated n times per head: grouped-query attention, docs/transformers.md).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
 """
 
@@ -53,7 +55,7 @@ from ..runtime.errors import ArchitectureError, OptionError, SpecError
 from .attention import make_traceable
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .registry import Detected, NotThisArchitecture
-from .spec import Concat, FeatureGroup, MergeSpec
+from .spec import Concat, FeatureGroup, HeadCopies, MergeSpec
 
 SPEC_FORMAT = "ccamerge-spec"
 SPEC_VERSION = 1
@@ -325,6 +327,7 @@ def spec_to_dict(
             for g in spec.groups
         ],
         **({"concats": [_concat_doc(c) for c in spec.concats]} if spec.concats else {}),
+        **({"copies": [_copies_doc(c) for c in spec.copies]} if spec.copies else {}),
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
@@ -349,21 +352,49 @@ def _concat_doc(c: Concat) -> dict[str, Any]:
     }
 
 
+def _copies_doc(c: HeadCopies) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "group": c.group,
+        "copies": c.copies,
+        "members": [[t, a] for t, a in c.members],
+    }
+
+
+def _is_members(members: Any) -> bool:
+    return isinstance(members, list) and all(
+        isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], int)
+        for m in members
+    )
+
+
+def _copies_from(docs: Any, where: str) -> tuple[HeadCopies, ...]:
+    """The ``copies`` of a spec document: name, group, copies, members."""
+    out = []
+    for i, c in enumerate(docs if isinstance(docs, list) else [None]):
+        ok = isinstance(c, dict) and set(c) == {"name", "group", "copies", "members"}
+        ok = ok and isinstance(c["name"], str) and isinstance(c["group"], str)
+        if not (ok and isinstance(c["copies"], int) and _is_members(c["members"])):
+            raise SpecError(
+                f"{where}: head copies {i} must be {{name, group, copies: int, "
+                "members: [[tensor, axis]]}"
+            )
+        members = tuple((t, a) for t, a in c["members"])
+        out.append(HeadCopies(c["name"], c["group"], c["copies"], members))
+    return tuple(out)
+
+
 def _concats_from(docs: Any, where: str) -> tuple[Concat, ...]:
     """The ``concats`` of a spec document: name, parts ([group or null, size]), members."""
     out = []
     for i, c in enumerate(docs if isinstance(docs, list) else [None]):
         ok = isinstance(c, dict) and set(c) == {"name", "parts", "members"}
-        ok = ok and isinstance(c["name"], str)
+        ok = ok and isinstance(c["name"], str) and isinstance(c["parts"], list)
         ok = ok and all(
             isinstance(p, list) and len(p) == 2 and (p[0] is None or isinstance(p[0], str))
             and isinstance(p[1], int) for p in c["parts"]
         )  # fmt: skip
-        ok = ok and all(
-            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], int)
-            for m in c["members"]
-        )
-        if not ok:
+        if not (ok and _is_members(c["members"])):
             raise SpecError(
                 f"{where}: concatenation {i} must be {{name, parts: [[group or null, size]], "
                 "members: [[tensor, axis]]}"
@@ -475,7 +506,8 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             )
         )
     try:
-        return MergeSpec(tuple(out), _concats_from(doc.get("concats", []), where))
+        concats = _concats_from(doc.get("concats", []), where)
+        return MergeSpec(tuple(out), concats, _copies_from(doc.get("copies", []), where))
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
 

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import FeatureGroup, MergeSpec
+from .spec import FeatureGroup, HeadCopies, MergeSpec
 
 Members = list[tuple[str, int]]
-Layout = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], list[FeatureGroup]]
+Layout = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], list[FeatureGroup | HeadCopies]]
 
 QKV = ("q", "k", "v")
 
@@ -290,24 +290,52 @@ def _rows(module: str, state: Mapping[str, torch.Tensor]) -> Members:
     return [(f"{module}.{t}", 0) for t in ("weight", "bias") if f"{module}.{t}" in state]
 
 
-def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+def _grouped_query_attention(
+    name: str, qkv: Mapping[str, str], out: str, heads: int, state: Any
+) -> list[FeatureGroup | HeadCopies]:
+    """Rotary attention with fewer key/value heads than query heads: the value heads'
+    units (collected at the value projection's output) and the key heads' (at the key
+    projection's; whole heads, in the value heads' order) are the groups; each key/value
+    head's query heads read its keys and write into the output projection through its
+    values, so the query rows and the output projection's columns are copies of those
+    groups (:class:`HeadCopies`). The query heads sharing a key/value head keep their
+    order; with one key/value head (multi-query attention) the queries and keys stay as
+    they are."""
+    kv_heads = heads * state[qkv["k"]].shape[0] // state[qkv["q"]].shape[0]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of the key/value heads")
+    size, copies = state[qkv["k"]].shape[0], heads // kv_heads
+    project = {k: qkv[k].removesuffix(".weight") for k in QKV}
+    values, scores = f"{name}.values", f"{name}.scores"
+    groups: list[FeatureGroup | HeadCopies] = [
+        FeatureGroup(values, size, tuple(_rows(project["v"], state)), project["v"],
+                     collect_axis=-1, heads=kv_heads),
+        HeadCopies(f"{name}.outputs", values, copies, ((f"{out}.weight", 1),)),
+    ]  # fmt: skip
+    if kv_heads > 1:  # one key head has nothing to move: its rotary units keep their order
+        groups += [
+            FeatureGroup(scores, size, tuple(_rows(project["k"], state)), project["k"],
+                         collect_axis=-1, heads=kv_heads, follows=values, whole_heads=True),
+            HeadCopies(f"{name}.queries", scores, copies, tuple(_rows(project["q"], state))),
+        ]  # fmt: skip
+    return groups
+
+
+def llama(
+    config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> list[FeatureGroup | HeadCopies]:
     """Llama and the families written like it (Mistral, Qwen2): pre-norm blocks with
     RMSNorm (a gain, permuted with the stream), rotary position embeddings on queries
     and keys (their units keep their order within heads: whole heads move), a gated MLP
     whose gate and up projections share their units (``act(gate) * up``: permutations
-    only). Grouped-query attention (fewer key/value heads than query heads) is not
-    covered: a value head serves several query heads, which one group cannot say."""
+    only). Under grouped-query attention (fewer key/value heads than query heads) the
+    key/value heads are the units (:func:`_grouped_query_attention`)."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    if kv_heads != heads:
-        raise ValueError(
-            f"grouped-query attention ({kv_heads} key/value heads for {heads} query heads) "
-            "is not covered"
-        )
     p = _prefix(state, "embed_tokens.weight")
     d = config["hidden_size"]
     stream: Members = [(f"{p}embed_tokens.weight", 1)]
-    groups = []
+    groups: list[FeatureGroup | HeadCopies] = []
     for i in range(config["num_hidden_layers"]):
         b = f"{p}layers.{i}."
         qkv = {k: f"{b}self_attn.{k}_proj.weight" for k in QKV}
@@ -316,7 +344,13 @@ def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[
         stream += _rows(out, state) + [(f"{b}post_attention_layernorm.weight", 0)]
         stream += [(f"{mlp}gate_proj.weight", 1), (f"{mlp}up_proj.weight", 1)]
         stream += _rows(f"{mlp}down_proj", state)
-        groups += _attention(f"layer{i}.attn", qkv, out, d, heads, state=state, whole_heads=True)
+        if kv_heads == heads:
+            size = state[f"{out}.weight"].shape[1]
+            groups += _attention(
+                f"layer{i}.attn", qkv, out, size, heads, state=state, whole_heads=True
+            )
+        else:
+            groups += _grouped_query_attention(f"layer{i}.attn", qkv, out, heads, state)
         hidden = _rows(f"{mlp}gate_proj", state) + _rows(f"{mlp}up_proj", state)
         members = (*hidden, (f"{mlp}down_proj.weight", 1))
         size = state[f"{mlp}gate_proj.weight"].shape[0]
@@ -360,7 +394,9 @@ def layout_spec(
     if layout is None:
         return None, None
     try:
-        spec = MergeSpec(tuple(layout(config, state)))
+        parts = layout(config, state)
+        groups = tuple(g for g in parts if isinstance(g, FeatureGroup))
+        spec = MergeSpec(groups, copies=tuple(c for c in parts if isinstance(c, HeadCopies)))
         spec.validate(state)
     except (KeyError, ValueError) as e:  # a name or shape this layout does not know
         return None, f"the {model_type} layout does not fit this model ({e})"

@@ -31,6 +31,11 @@ orthogonal blocks (the query rows and the key rows are both mapped by ``M``, whi
 keeps every score ``q . k`` when ``M`` is orthogonal). ``collect_from``, when given, is
 the index of the group's first unit in the collected tensor (a fused query/key/value
 projection's output holds the query units first).
+
+Under grouped-query attention several query heads share one key/value head: the query
+rows and the output projection's columns hold, for each key/value head, one copy of its
+units per query head that reads it. A :class:`HeadCopies` names those axes; they take
+the map of the group of key/value heads they copy, applied to every copy.
 """
 
 from __future__ import annotations
@@ -112,12 +117,26 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class HeadCopies:
+    """The units of a ``group`` of heads, each head repeated ``copies`` times in a row
+    along the axes of ``members`` (grouped-query attention: head ``h`` of those axes is
+    head ``h // copies`` of the group; a group without ``heads`` is one head). They are transformed by the group's maps, one
+    block per copy (:func:`ccamerge.maths.algebra.expand_heads`); not aligned themselves."""
+
+    name: str
+    group: str
+    copies: int
+    members: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class MergeSpec:
-    """All feature groups of one architecture configuration, and the concatenations
-    of groups that layers read."""
+    """All feature groups of one architecture configuration, the concatenations of
+    groups that layers read and the copies of groups of heads."""
 
     groups: tuple[FeatureGroup, ...]
     concats: tuple[Concat, ...] = ()
+    copies: tuple[HeadCopies, ...] = ()
     axes: Mapping[str, Mapping[int, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,7 +147,11 @@ class MergeSpec:
             unknown = [p for p, _ in c.parts if p is not None and p not in known]
             if unknown:
                 raise SpecError(f"concatenation {c.name}: unknown part {unknown[0]!r}")
-        for g in (*self.groups, *self.concats):
+        for c in self.copies:
+            source = next((g for g in self.groups if g.name == c.group), None)
+            if source is None or c.copies < 1:
+                raise SpecError(f"head copies {c.name}: no group {c.group!r} to copy")
+        for g in (*self.groups, *self.concats, *self.copies):
             if g.name in names:
                 raise SpecError(f"duplicate group name {g.name!r}")
             leader = getattr(g, "follows", None)
@@ -152,23 +175,34 @@ class MergeSpec:
                 return g
         raise KeyError(name)
 
+    def size_of(self, name: str) -> int:
+        """The units of a group, a concatenation or a group's head copies."""
+        for c in self.copies:
+            if c.name == name:
+                return self.group(c.group).size * c.copies
+        for c in self.concats:
+            if c.name == name:
+                return c.size
+        return self.group(name).size
+
     @property
     def sizes(self) -> dict[str, int]:
         return {g.name: g.size for g in self.groups}
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check every member tensor exists and has the group's size on its axis."""
-        for g in (*self.groups, *self.concats):
+        for g in (*self.groups, *self.concats, *self.copies):
+            size = self.size_of(g.name)
             for tensor, axis in g.members:
                 if tensor not in state_dict:
                     raise SpecError(f"group {g.name}: tensor {tensor} is missing")
                 shape = tuple(state_dict[tensor].shape)
                 blocks = getattr(g, "blocks", 1)
-                sizes = (g.size, g.size // blocks) if axis == 1 else (g.size,)
+                sizes = (size, size // blocks) if axis == 1 else (size,)
                 if axis >= len(shape) or shape[axis] not in sizes:
                     raise SpecError(
                         f"group {g.name}: {tensor} has shape {shape}, "
-                        f"expected size {g.size} on axis {axis}"
+                        f"expected size {size} on axis {axis}"
                     )
 
 

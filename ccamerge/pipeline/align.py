@@ -281,7 +281,7 @@ def aligned_parameters(
 ) -> dict[str, Any]:
     """How many of ``model``'s parameters a feature-group map transforms: those of the
     layers with a tensor in a group whose maps are not all the identity, or in a
-    concatenation of such a group (a layer's bias counts with its weight, the logits'
+    concatenation or the head copies of such a group (a layer's bias counts with its weight, the logits'
     bias too), unless the layer is in ``unaligned_layers`` (its output units were left
     untransformed: ``LoadedModels.unaligned_layers``); the rest are only averaged, counted
     by kind of layer (``kept_averaged``, largest first)."""
@@ -293,6 +293,7 @@ def aligned_parameters(
         )
     }
     moved |= {c.name for c in spec.concats if any(p in moved for p, _ in c.parts)}
+    moved |= {c.name for c in spec.copies if c.group in moved}
     owners = {t.rpartition(".")[0] for t, axes in spec.axes.items() if moved & set(axes.values())}
     aligned, total, kept = 0, 0, Counter()
     modules = dict(model.named_modules())

@@ -14,7 +14,7 @@ from ...methods.base import Alignment
 from ...models.spec import MergeSpec
 from ...runtime import distributed
 from ...runtime.errors import OptionError, RefitError, UntracedError
-from ..algebra import with_concats
+from ..algebra import with_derived
 from ..bn import has_batchnorm, reset_batchnorm
 from .equations import (
     AffineEquations,
@@ -51,10 +51,11 @@ def _target_maps(
 
 
 def _model_maps(spec: MergeSpec, alignment: Alignment, n: int) -> list[Mapping[str, torch.Tensor]]:
-    """Each model's ``M`` by group and, for a layer whose outputs are a concatenation of
-    groups (a fused query/key/value projection), the block-diagonal map of its parts'."""
+    """Each model's ``M`` by group and the maps derived from them (:func:`with_derived`):
+    a layer's outputs may be a concatenation of groups (a fused query/key/value
+    projection) or copies of a group of heads (grouped-query attention's queries)."""
     return [
-        with_concats(spec, {g: ga.M[k] for g, ga in alignment.groups.items()}) or {}
+        with_derived(spec, {g: ga.M[k] for g, ga in alignment.groups.items()}) or {}
         for k in range(n)
     ]
 
@@ -123,13 +124,14 @@ def refit(
     _check_options(endpoints, weights, settings)
     ridge, max_rows, memory_budget = settings.ridge, settings.max_rows, settings.memory_budget
     _check_endpoints(merged, endpoints)
+    model_maps = _model_maps(spec, alignment, len(endpoints))
     try:
         plan = make_plan(merged, spec)
     except UntracedError as e:
         if has_batchnorm(merged):
             raise  # module hooks cannot give BatchNorms their statistics
         report = refit_by_hooks(
-            merged, endpoints, spec, alignment, weights, batches, settings, on_layer
+            merged, endpoints, spec, model_maps, weights, batches, settings, on_layer
         )
         report.warnings.insert(
             0,
@@ -137,7 +139,6 @@ def refit(
         )
         return report
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
-    model_maps = _model_maps(spec, alignment, len(endpoints))
     maps = {fit: _target_maps(fit, model_maps, weights, device) for fit in plan.fits}
     start = time.perf_counter()
     if memory_budget is None:

@@ -1,5 +1,5 @@
 """The refit of a network torch.fx cannot trace (the models of ``transformers``): its
-linear layers and LayerNorms refitted one at a time, in the order the forward pass calls
+linear layers, LayerNorms and RMS norms refitted one at a time, in the order the forward pass calls
 them, with module hooks (docs/refit.md, "Networks that cannot be traced").
 
 For each layer, on the calibration batches: the endpoints' outputs of that layer,
@@ -7,8 +7,8 @@ mapped into the merged units by the maps of its output group and averaged with t
 weights, are the target; the merged network's input to the layer (after the layers
 before it were refitted) is the input. A linear layer (``nn.Linear``, or transformers'
 ``Conv1D``, which stores its weight as (in, out)) is fitted by ridge-regularised least
-squares toward its current weights; a LayerNorm's gain and bias per channel on its
-normalised input. A forward pass stops at the layer it serves. Other layers (a ViT's
+squares toward its current weights; a LayerNorm's gain and bias, or an RMS norm's gain
+(:func:`_rms_eps` recognises one), per channel on its normalised input. A forward pass stops at the layer it serves. Other layers (a ViT's
 patch convolution, embeddings, a head tied to the embeddings) keep their aligned,
 averaged weights. A network with BatchNorm is not refitted this way (its statistics
 would not follow).
@@ -17,7 +17,7 @@ would not follow).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...io.padding import real_positions, real_rows
-from ...methods.base import Alignment
 from ...models.hf_layouts import is_conv1d
 from ...models.spec import MergeSpec
 from ...runtime.errors import RefitError
@@ -33,6 +32,7 @@ from .equations import AffineEquations, NormalEquations
 from .settings import LayerFit, RefitReport, RefitSettings
 
 HOOKS_MODE = "module hooks"  # RefitReport.mode of this refit
+NORMS = ("layernorm", "rmsnorm")  # the kinds of layer fitted per channel
 
 
 class _Reached(Exception):
@@ -44,7 +44,39 @@ def _kind(m: nn.Module) -> str | None:
         return "linear"
     if isinstance(m, nn.LayerNorm) and m.weight is not None and len(m.normalized_shape) == 1:
         return "layernorm"
+    if _rms_eps(m) is not None:
+        return "rmsnorm"
     return None
+
+
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float64."""
+    x = x.to(torch.float64)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_eps(m: nn.Module) -> float | None:
+    """The epsilon of an RMS norm with a gain over the last axis (``nn.RMSNorm``, the
+    Llama family's ``*RMSNorm``), recognised by what it computes: ``weight * x /
+    sqrt(mean(x^2) + eps)`` on a random input; None for any other module (a norm that
+    computes ``(1 + weight) * ...`` is not one)."""
+    weight = getattr(m, "weight", None)
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if isinstance(m, nn.RMSNorm) and eps is None:
+        eps = torch.finfo(torch.float32).eps
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, float)):
+        return None
+    if getattr(m, "bias", None) is not None or list(m.children()):
+        return None
+    x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            y = m(x.to(weight))
+    except Exception:  # noqa: BLE001 - whatever else the module is, it is not this norm
+        return None
+    expected = weight.detach().double() * _rms_norm(x, eps)
+    same = y.shape == expected.shape and torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-3)
+    return eps if same else None
 
 
 def _tied(model: nn.Module) -> set[str]:
@@ -100,19 +132,19 @@ def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Ten
     return value.reshape(-1, value.shape[-1])
 
 
-def _output_map(name: str, spec: MergeSpec, alignment: Alignment, k: int, device) -> Any:
-    """Model k's map of layer ``name``'s outputs into the merged units (None: identity):
-    its output group's ``M``, or for a fused query/key/value projection the
-    block-diagonal map of its three parts' groups."""
+def _output_map(name: str, spec: MergeSpec, maps: Mapping[str, torch.Tensor], device) -> Any:
+    """A model's map of layer ``name``'s outputs into the merged units (None: identity),
+    from its ``maps`` by group: its output group's, or for a fused query/key/value projection the block-diagonal map of its
+    three parts' groups."""
     parts = [f"{name}.weight"] + [f"{name}.{p}_weight" for p in ("q", "k", "v")]
-    maps = []
+    found = []
     for tensor in parts:
         group = spec.axes.get(tensor, {}).get(0)
-        if group is not None and group in alignment.groups:
-            maps.append(alignment.groups[group].M[k].to(device, torch.float64))
-    if not maps:
+        if group is not None and group in maps:
+            found.append(maps[group].to(device, torch.float64))
+    if not found:
         return None
-    return maps[0] if len(maps) == 1 else torch.block_diag(*maps)
+    return found[0] if len(found) == 1 else torch.block_diag(*found)
 
 
 def _target(
@@ -149,16 +181,25 @@ def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
     return before, after
 
 
-def _fit_layernorm(m: nn.LayerNorm, eqs: AffineEquations, ridge: float) -> tuple:
-    """Per channel c, ``t_c ~ gain_c n_c + bias_c`` (n: the normalised input)."""
-    before = eqs.residual(m.weight, m.bias)
-    solved = eqs.solve(m.weight, m.bias, ridge)
+def _normalised(m: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """A norm's input normalised (what its gain multiplies)."""
+    if kind == "layernorm":
+        return F.layer_norm(x, m.normalized_shape, eps=m.eps)
+    return _rms_norm(x, _rms_eps(m))
+
+
+def _fit_norm(m: nn.Module, eqs: AffineEquations, ridge: float) -> tuple:
+    """Per channel c, ``t_c ~ gain_c n_c + bias_c`` (n: the normalised input; an RMS norm
+    or a LayerNorm without a bias: ``t_c ~ gain_c n_c``)."""
+    bias = getattr(m, "bias", None)
+    before = eqs.residual(m.weight, bias)
+    solved = eqs.solve(m.weight, bias, ridge)
     if solved is None:
         return before, None
     with torch.no_grad():
         m.weight.copy_(solved[0].to(m.weight))
-        if m.bias is not None:
-            m.bias.copy_(solved[1].to(m.bias))
+        if bias is not None:
+            bias.copy_(solved[1].to(bias))
     return before, eqs.residual(*solved)
 
 
@@ -166,14 +207,16 @@ def refit_by_hooks(
     merged: nn.Module,
     endpoints: Sequence[nn.Module],
     spec: MergeSpec,
-    alignment: Alignment,
+    model_maps: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     batches: Callable[[], Iterable[torch.Tensor]],
     settings: RefitSettings,
     on_layer: Callable[[str, int, int], None] | None = None,
 ) -> RefitReport:
-    """Refit ``merged`` in place, layer by layer (module docstring); the report's
-    ``layers`` say what each fit did."""
+    """Refit ``merged`` in place, layer by layer (module docstring), towards the
+    ``endpoints`` mapped by ``model_maps`` (each model's maps by group and those derived
+    from them: :func:`~ccamerge.maths.algebra.with_derived`); the report's ``layers`` say
+    what each fit did."""
     device = next((p.device for p in merged.parameters()), torch.device("cpu"))
     for model in (merged, *endpoints):
         model.eval()  # dropout off; the networks are left in eval mode, as the refit does
@@ -182,21 +225,24 @@ def refit_by_hooks(
     if not order:
         raise RefitError("the network has no linear layer or LayerNorm to refit")
     report = RefitReport(HOOKS_MODE, settings.memory_budget, settings.ridge, settings.max_rows)
+
     limit = settings.max_rows or None
     start = time.perf_counter()
     for i, name in enumerate(order, 1):
         began = time.perf_counter()
         m = merged.get_submodule(name)
         kind = _kind(m)
-        maps = [_output_map(name, spec, alignment, k, device) for k in range(len(endpoints))]
+        maps = [_output_map(name, spec, model_maps[k], device) for k in range(len(endpoints))]
         eqs, samples = None, 0
         for x in batches():
             x = x.to(device)
             X = _at(merged, name, x, output=False)
             T = _target(name, endpoints, maps, weights, x)
-            if kind == "layernorm":
-                eqs = eqs or AffineEquations(T.shape[1], m.bias is not None, device)
-                eqs.add(F.layer_norm(X, m.normalized_shape, eps=m.eps), T)
+            if kind in NORMS:
+                eqs = eqs or AffineEquations(
+                    T.shape[1], getattr(m, "bias", None) is not None, device
+                )
+                eqs.add(_normalised(m, kind, X), T)
             else:
                 X = X.to(torch.float64)
                 if m.bias is not None:  # the bias: a constant input
@@ -206,9 +252,9 @@ def refit_by_hooks(
             samples += len(X)
             if limit is not None and samples >= limit:
                 break
-        if kind == "layernorm":
-            before, after = _fit_layernorm(m, eqs, settings.ridge)
-            inputs = 1 + int(m.bias is not None)
+        if kind in NORMS:
+            before, after = _fit_norm(m, eqs, settings.ridge)
+            inputs = 1 + int(getattr(m, "bias", None) is not None)
         else:
             before, after = _fit_linear(m, eqs, settings.ridge)
             inputs = eqs.G.shape[0]

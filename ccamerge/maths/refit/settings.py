@@ -29,7 +29,7 @@ class LayerFit:
     (the averaged weights on the merged inputs) and after the fit."""
 
     name: str
-    kind: str  # "linear", "conv" or "layernorm"
+    kind: str  # "linear", "conv", "layernorm" or "rmsnorm"
     norm: str | None  # the BatchNorm folded into the fit
     residual_sum: bool  # the target is read at a residual sum
     inputs: int  # p: input values per sample, with the constant of a fitted bias
