@@ -76,6 +76,11 @@ PLAN = [  # (arch, N, variants)
     *[("resnet20x1", n, ["default", "distill auto"]) for n in (3, 4)],
     # auto's patience: 3 (the default) against 6, on the 10000 images
     *[(a, 2, ["distill auto on 10000, patience 6"]) for a in ("mlp", "vgg11q", "resnet20x1")],
+    *[
+        (a, n, ["default", "distill auto on 10000, patience 6"])
+        for a in ("mlp", "vgg11q")
+        for n in (3, 4)
+    ],
 ]
 
 

@@ -65,9 +65,18 @@ def _distilbert(cls):
 def _llama(config_class, model_class, kv_heads: int = 4):
     cfg = config_class(
         num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=kv_heads,
-        intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=16,
+        head_dim=4, intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=16,
     )  # fmt: skip
     return model_class(cfg)
+
+
+def _opt(**options):
+    options = {"word_embed_proj_dim": 16, **options}
+    cfg = transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, ffn_dim=32,
+        vocab_size=VOCAB, max_position_embeddings=16, **options,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(cfg)
 
 
 FAMILIES = {
@@ -88,6 +97,13 @@ FAMILIES = {
         lambda: _llama(transformers.MistralConfig, transformers.MistralForCausalLM, kv_heads=1),
         "tokens",
     ),
+    "gemma": (
+        lambda: _llama(transformers.GemmaConfig, transformers.GemmaForCausalLM, kv_heads=2),
+        "tokens",
+    ),
+    "opt": (_opt, "tokens"),
+    "opt-post-ln": (lambda: _opt(do_layer_norm_before=False), "tokens"),
+    "opt-projected": (lambda: _opt(word_embed_proj_dim=8), "tokens"),
     "distilbert-cls": (
         lambda: _distilbert(transformers.DistilBertForSequenceClassification),
         "tokens",

@@ -53,7 +53,17 @@ def _bert(seed: int = 0):
     return hf._prepared(transformers.BertForMaskedLM(cfg))
 
 
-BUILDS = {"gpt2": _gpt2, "bert": _bert}
+def _opt(seed: int = 0):
+    """OPT's MLP reads its positions flattened to (batch * length, width)."""
+    torch.manual_seed(seed)
+    cfg = transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, ffn_dim=32,
+        vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=16,
+    )  # fmt: skip
+    return hf._prepared(transformers.OPTForCausalLM(cfg))
+
+
+BUILDS = {"gpt2": _gpt2, "bert": _bert, "opt": _opt}
 
 
 def _padded(lengths=LENGTHS, width: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

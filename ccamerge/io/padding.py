@@ -35,10 +35,15 @@ def real_positions(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def real_rows(values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """``values`` of one position each, ``(batch, length, ...)``, at the real
-    ``positions`` only, as ``(rows, ...)``; unchanged without padding or when ``values``
-    is not per position (a pooled ``(batch, d)`` output, a classifier's logits)."""
-    if positions is None or values.ndim < 3 or values.shape[:2] != positions.shape:
+    """``values`` of one position each, ``(batch, length, ...)`` or flattened to
+    ``(batch * length, d)`` (OPT's MLP), at the real ``positions`` only, as ``(rows,
+    ...)``; unchanged without padding or when ``values`` is not per position (a pooled
+    ``(batch, d)`` output, a classifier's logits)."""
+    if positions is None:
+        return values
+    if values.ndim == 2 and positions.shape[1] > 1 and values.shape[0] == positions.numel():
+        return values[positions.reshape(-1)]
+    if values.ndim < 3 or values.shape[:2] != positions.shape:
         return values
     return values[positions]
 

@@ -177,6 +177,36 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
     return [_stream(config["hidden_size"], stream, f"{p}layernorm"), *groups]
 
 
+def opt(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+    """OPT: learned positions, pre-LN blocks (post-LN with ``do_layer_norm_before``
+    false), a tied head; with ``word_embed_proj_dim`` below the width, the token
+    embeddings and the head have units of their own, which ``project_in`` maps into the
+    stream and ``project_out`` out of it."""
+    p = _prefix(state, "decoder.embed_tokens.weight") + "decoder."
+    pre_ln = config.get("do_layer_norm_before", True)
+    modules = {k: f"self_attn.{k}_proj.weight" for k in QKV}
+    modules |= {"out": "self_attn.out_proj", "ln1": "self_attn_layer_norm"}
+    modules |= {"ln2": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"}
+    count, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    block = _pre_ln_block if pre_ln else _post_ln_block
+    members, groups = _blocks(block, "layer", p + "layers.{}.", count, modules, heads, state)
+    stream = [(f"{p}embed_positions.weight", 1), *members]
+    if f"{p}project_in.weight" in state:
+        stream += [(f"{p}project_in.weight", 0), (f"{p}project_out.weight", 1)]
+    else:
+        stream += [(f"{p}embed_tokens.weight", 1)] + _readers(state, ("lm_head.weight",))
+        stream += _readers(state, ("score.weight",))
+    if pre_ln:
+        stream += _affine(f"{p}final_layer_norm")
+        collect = f"{p}final_layer_norm"
+    else:
+        collect = f"{p}layers.{count - 1}.final_layer_norm"
+    return [
+        _stream(config["hidden_size"], stream, collect, "input" if pre_ln else "output"),
+        *groups,
+    ]
+
+
 def _post_ln_block(
     name: str, layers: Mapping[str, str], qkv: Mapping[str, str], heads: int, state: Any
 ) -> tuple[Members, list[FeatureGroup]]:
@@ -380,6 +410,8 @@ LAYOUTS: dict[str, Layout] = {
     "llama": llama,
     "mistral": llama,
     "qwen2": llama,
+    "gemma": llama,
+    "opt": opt,
 }
 FUSED_QKV = {"gpt2": ".attn.c_attn"}  # model_type -> the fused projection's name suffix
 
