@@ -138,7 +138,9 @@ def result_row(name, options, report, seconds, ins, merged, y) -> dict:
     return {
         "set": name,
         "n": len(ins),
-        "options": {k: Path(v).name if k.endswith("_data") else v for k, v in options.items()},
+        "options": {
+            k: Path(v).name if k.endswith("_data") or k == "spec" else v for k, v in options.items()
+        },
         "method": report["method"],
         "aligned_fraction": round(report["aligned"]["fraction"], 3),
         "distill_epochs": None
@@ -152,14 +154,39 @@ def result_row(name, options, report, seconds, ins, merged, y) -> dict:
     }
 
 
+def permutation_stream_spec(folder: str, root: Path) -> Path | None:
+    """A spec file of ``folder``'s layout with the residual stream aligned by
+    permutations and no norm folded, when its layout folds the norms (the stream then
+    takes orthogonal maps by default); None otherwise."""
+    from dataclasses import replace
+
+    from ccamerge.models.custom import save_spec
+    from ccamerge.models.spec import MergeSpec
+    from ccamerge.pipeline.load import load_models
+
+    spec = load_models([folder]).spec
+    if not spec.folds:
+        return None
+    groups = tuple(
+        replace(g, permutation=True, orthogonal=False) if g.orthogonal else g for g in spec.groups
+    )
+    path = root / "permutation-stream.json"
+    save_spec(path, MergeSpec(groups, spec.concats, spec.copies))
+    return path
+
+
 def seed_rows(name, sets, calib, test, root: Path, merge, **extra) -> list[dict]:
     """Every method with the refit, the default without it, and each of ``extra``'s
-    option sets, on each set of models."""
+    option sets, on each set of models; where the layout folds the norms, the default
+    again with the stream aligned by permutations (a spec file)."""
     rows = []
     for models in sets:
         tag = f"{name} n{len(models)}"
         runs = [{"method": m} for m in METHODS] + [{"refit": False}] + list(extra.values())
         rows += [run_set(tag, models, calib, test, root, merge, **options) for options in runs]
+        permutations = permutation_stream_spec(str(root / f"{tag}-0"), root)
+        if permutations is not None:
+            rows.append(run_set(tag, models, calib, test, root, merge, spec=str(permutations)))
     return rows
 
 

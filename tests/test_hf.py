@@ -105,20 +105,20 @@ def test_a_gpt2_folder_pair_merges_and_loads_back_with_from_pretrained(tmp_path)
     assert report["evaluation"]["merged"]["loss"] == pytest.approx(loss, rel=1e-6)
 
 
-def _opt():
-    cfg = transformers.OPTConfig(
-        num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=32, word_embed_proj_dim=16,
+def _neox():
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32,
     )  # fmt: skip
-    return transformers.OPTForCausalLM(cfg)
+    return transformers.GPTNeoXForCausalLM(cfg)
 
 
 def test_a_family_without_a_layout_is_averaged_and_the_report_says_so(tmp_path) -> None:
-    """OPT has no layout in ccamerge and torch.fx cannot trace it: its folders are averaged
+    """GPT-NeoX has no layout in ccamerge and torch.fx cannot trace it: its folders are averaged
     as they are (``--no-refit``: tensor by tensor) or then refitted, the method is
     reported as plain averaging, a warning says why, and ``barrier`` draws only the
     average path."""
-    folders = [str(_save(_opt(), tmp_path / f"o{k}", k)) for k in range(2)]
+    folders = [str(_save(_neox(), tmp_path / f"o{k}", k)) for k in range(2)]
     ids = np.random.default_rng(0).integers(0, VOCAB, (100, 12))
     calib = _npz(tmp_path / "calib.npz", input_ids=ids)
     out = tmp_path / "out"
@@ -127,8 +127,8 @@ def test_a_family_without_a_layout_is_averaged_and_the_report_says_so(tmp_path) 
     report = _merge(*folders, "--data", calib, "--no-refit", "-o", f"{out}/")
     assert report["method"] == "average" and report["aligned"]["fraction"] == 0.0
     assert any("no feature group found" in w for w in report["warnings"])
-    merged = transformers.OPTForCausalLM.from_pretrained(str(out)).state_dict()
-    inputs = [transformers.OPTForCausalLM.from_pretrained(f).state_dict() for f in folders]
+    merged = transformers.GPTNeoXForCausalLM.from_pretrained(str(out)).state_dict()
+    inputs = [transformers.GPTNeoXForCausalLM.from_pretrained(f).state_dict() for f in folders]
     for name, tensor in merged.items():
         mean = (inputs[0][name] + inputs[1][name]) / 2
         torch.testing.assert_close(tensor, mean, rtol=1e-6, atol=1e-7)

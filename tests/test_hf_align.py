@@ -16,6 +16,7 @@ from moved import moved_state
 from typer.testing import CliRunner
 
 from ccamerge.cli.app import app
+from ccamerge.maths.algebra import fold_norms
 from ccamerge.models import hf
 from ccamerge.models.hf_layouts import layout_spec, native_layout
 
@@ -117,6 +118,22 @@ def _inputs(kind: str, rng) -> np.ndarray:
     return rng.standard_normal((160, 1, 8, 8)).astype(np.float32)
 
 
+def _random_norms(model):
+    """Every norm's gain and bias made random (freshly built models have 1 and 0, which
+    any fold or permutation keeps)."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or ".ln" in name:
+                size = p.shape
+                p.copy_(
+                    0.5 + torch.rand(size, generator=gen)
+                    if name.endswith("weight")
+                    else torch.rand(size, generator=gen) - 0.5
+                )
+    return model
+
+
 def _moved_copy(model, dense_heads: bool):
     """``model``'s tensors (as ccamerge sees them) with every group's units permuted and,
     with ``dense_heads``, each head's value space mixed by a random invertible map."""
@@ -145,7 +162,7 @@ def _npz(path, **arrays) -> str:
 def test_a_transformer_merged_with_its_moved_copy_is_returned(tmp_path, family, options):
     build, kind = FAMILIES[family]
     torch.manual_seed(0)
-    original = hf._prepared(build())
+    original = _random_norms(hf._prepared(build()))
     dense = "gamma=0" in options  # an unregularised CCA recovers dense maps exactly
     spec, moved = _moved_copy(original, dense_heads=dense)
     a = _save(original, tmp_path / "a")
@@ -169,9 +186,9 @@ def test_a_transformer_merged_with_its_moved_copy_is_returned(tmp_path, family, 
     other = type(original).from_pretrained(b).eval()
     with torch.no_grad():  # the copy is the same function in other coordinates
         torch.testing.assert_close(other(inputs).logits, expected, rtol=1e-4, atol=1e-5)
-    if not dense:  # permutations only: the merge is the original, tensor by tensor
-        moved_back = loaded.state_dict()
-        for name, t in reference.state_dict().items():
+    if not dense:  # permutations only: the merge is the original, tensor by tensor (with
+        moved_back = loaded.state_dict()  # its norms folded into their readers, if it folds)
+        for name, t in fold_norms(reference.state_dict(), spec).items():
             # CCA's maps: permutations up to the round-off of float32 features
             torch.testing.assert_close(moved_back[name], t, rtol=1e-4, atol=1e-5)
 
@@ -198,6 +215,7 @@ def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> 
     res = CliRunner().invoke(app, ["inspect", _save(llama, tmp_path / "l"), "--json"])
     maps = {g["name"]: g["maps"] for g in json.loads(res.stdout)["groups"]}
     assert maps["layer0.attn.scores"] == "4 heads in the order of layer0.attn.values, whole heads"
+    assert maps["stream"].startswith("orthogonal") and len(spec.folds) == 5  # 2 blocks, head
 
 
 def test_whole_heads_move_as_wholes_with_their_units_in_order() -> None:

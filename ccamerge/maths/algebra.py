@@ -58,6 +58,29 @@ def _transform_blocks(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def fold_norms(state_dict: Mapping[str, torch.Tensor], spec: MergeSpec) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every fold of ``spec`` made (:class:`~ccamerge.models.spec.NormFold`):
+    each reader ``W x + c`` of a norm's output ``gain * n + bias`` becomes ``(W diag(gain)) n
+    + (c + W bias)``, and the norm ``n`` (gain 1, bias 0): the same function. Arithmetic in
+    float64, each tensor cast back to its dtype."""
+    out = dict(state_dict)
+    for fold in spec.folds:
+        gain_name, bias_name = f"{fold.norm}.weight", f"{fold.norm}.bias"
+        gain = out[gain_name].to(torch.float64)
+        bias = out[bias_name].to(torch.float64) if bias_name in out else None
+        for reader in fold.readers:
+            weight = out[f"{reader}.weight"]
+            W = weight.to(torch.float64)
+            if bias is not None:
+                c = out[f"{reader}.bias"]
+                out[f"{reader}.bias"] = (c.to(torch.float64) + W @ bias).to(c.dtype)
+            out[f"{reader}.weight"] = (W * gain).to(weight.dtype)
+        out[gain_name] = torch.ones_like(out[gain_name])
+        if bias is not None:
+            out[bias_name] = torch.zeros_like(out[bias_name])
+    return out
+
+
 def transform_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     spec: MergeSpec,

@@ -29,7 +29,10 @@ docs/transformers.md), and the document
 ``"concats": [{"name": ..., "parts": [[group or null, size], ...], "members": [...]}]``
 (concatenations of groups that layers read, docs/custom-models.md) and
 ``"copies": [{"name": ..., "group": ..., "copies": n, "members": [...]}]`` (a group of
-heads' units repeated n times per head: grouped-query attention, docs/transformers.md).
+heads' units repeated n times per head: grouped-query attention, docs/transformers.md) and
+``"folds": [{"norm": ..., "readers": [...]}]`` (norms whose gain and bias the Linear
+modules reading them take over, for a group with ``"orthogonal": true``: its maps are
+orthogonal and keep the all-ones direction).
 ``untransformed`` and ``warnings`` are notes for readers; reading ignores them.
 """
 
@@ -55,7 +58,7 @@ from ..runtime.errors import ArchitectureError, OptionError, SpecError
 from .attention import make_traceable
 from .discover import BATCHNORMS, Discovery, Untransformed, discover, guess_input_shape
 from .registry import Detected, NotThisArchitecture
-from .spec import Concat, FeatureGroup, HeadCopies, MergeSpec
+from .spec import Concat, FeatureGroup, HeadCopies, MergeSpec, NormFold
 
 SPEC_FORMAT = "ccamerge-spec"
 SPEC_VERSION = 1
@@ -323,11 +326,13 @@ def spec_to_dict(
                 "norms": list(g.norms),
                 **({"permutation": True, "blocks": g.blocks} if g.permutation else {}),
                 **(_heads_doc(g) if g.heads > 1 else {}),
+                **({"orthogonal": True} if g.orthogonal else {}),
             }
             for g in spec.groups
         ],
         **({"concats": [_concat_doc(c) for c in spec.concats]} if spec.concats else {}),
         **({"copies": [_copies_doc(c) for c in spec.copies]} if spec.copies else {}),
+        **({"folds": [_fold_doc(f) for f in spec.folds]} if spec.folds else {}),
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
@@ -359,6 +364,22 @@ def _copies_doc(c: HeadCopies) -> dict[str, Any]:
         "copies": c.copies,
         "members": [[t, a] for t, a in c.members],
     }
+
+
+def _fold_doc(f: NormFold) -> dict[str, Any]:
+    return {"norm": f.norm, "readers": list(f.readers)}
+
+
+def _folds_from(docs: Any, where: str) -> tuple[NormFold, ...]:
+    """The ``folds`` of a spec document: a norm and the Linear modules reading it."""
+    out = []
+    for i, f in enumerate(docs if isinstance(docs, list) else [None]):
+        ok = isinstance(f, dict) and set(f) == {"norm", "readers"}
+        ok = ok and isinstance(f["norm"], str) and isinstance(f["readers"], list)
+        if not (ok and all(isinstance(r, str) for r in f["readers"])):
+            raise SpecError(f"{where}: fold {i} must be {{norm, readers: [module names]}}")
+        out.append(NormFold(f["norm"], tuple(f["readers"])))
+    return tuple(out)
 
 
 def _is_members(members: Any) -> bool:
@@ -418,7 +439,7 @@ def save_spec(
 
 _GROUP_KEYS = {
     "name", "size", "members", "collect_at", "collect_on", "collect_axis", "norms", "permutation",
-    "blocks", "heads", "follows", "collect_from", "whole_heads",
+    "blocks", "heads", "follows", "collect_from", "whole_heads", "orthogonal",
 }  # fmt: skip
 
 
@@ -485,9 +506,9 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
             raise SpecError(f"{label}: 'heads' must be an integer >= 1")
         if not isinstance(follows, str | None) or not isinstance(start, int | None):
             raise SpecError(f"{label}: 'follows' must be a group name, 'collect_from' an index")
-        whole_heads = g.get("whole_heads", False)
-        if not isinstance(whole_heads, bool):
-            raise SpecError(f"{label}: 'whole_heads' must be true/false")
+        whole_heads, orthogonal = g.get("whole_heads", False), g.get("orthogonal", False)
+        if not isinstance(whole_heads, bool) or not isinstance(orthogonal, bool):
+            raise SpecError(f"{label}: 'whole_heads' and 'orthogonal' must be true/false")
         out.append(
             FeatureGroup(
                 name=g["name"],
@@ -503,11 +524,13 @@ def spec_from_dict(doc: Any, where: str = "spec") -> MergeSpec:
                 follows=follows,
                 collect_from=start,
                 whole_heads=whole_heads,
+                orthogonal=orthogonal,
             )
         )
     try:
         concats = _concats_from(doc.get("concats", []), where)
-        return MergeSpec(tuple(out), concats, _copies_from(doc.get("copies", []), where))
+        copies = _copies_from(doc.get("copies", []), where)
+        return MergeSpec(tuple(out), concats, copies, _folds_from(doc.get("folds", []), where))
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
 

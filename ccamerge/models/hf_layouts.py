@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import FeatureGroup, HeadCopies, MergeSpec
+from .spec import FeatureGroup, HeadCopies, MergeSpec, NormFold
 
 Members = list[tuple[str, int]]
-Layout = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], list[FeatureGroup | HeadCopies]]
+Part = FeatureGroup | HeadCopies | NormFold  # what a layout lists
+Layout = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], list[Part]]
+OFFSET_NORMS = {"gemma"}  # families whose norms compute (1 + weight) * x: never folded
 
 QKV = ("q", "k", "v")
 
@@ -46,10 +48,39 @@ def _writes(module: str) -> Members:
     return _affine(module)  # a Linear's rows and bias: axis 0 too
 
 
-def _stream(d: int, members: Members, collect_at: str, on: str = "input") -> FeatureGroup:
+def _stream(
+    d: int, members: Members, collect_at: str, on: str = "input", folded: bool = False
+) -> FeatureGroup:
+    """The residual stream: permutations, or with its norms ``folded`` orthogonal maps."""
     return FeatureGroup(
-        "stream", d, tuple(members), collect_at, on, collect_axis=-1, permutation=True
-    )
+        "stream", d, tuple(members), collect_at, on, collect_axis=-1, permutation=not folded,
+        orthogonal=folded,
+    )  # fmt: skip
+
+
+def _norm_folds(
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    blocks: list[dict[str, tuple[str, ...]]],
+    final: str,
+    heads: tuple[str, ...],
+) -> list[NormFold]:
+    """The folds of a pre-norm stream's norms (module docstring): per block, each norm
+    and the Linear modules reading it (``blocks``), and the ``final`` norm read by the
+    ``heads`` the model has; none (the stream then takes permutations) when one cannot
+    be made: no head reads the final norm (a base model outputs it), a head tied to the
+    embeddings, a norm with a bias read by a layer without one, a family whose norms
+    compute ``(1 + weight) x``."""
+    readers = tuple(h for h in heads if f"{h}.weight" in state)
+    folds = [NormFold(n, r) for block in blocks for n, r in block.items()]
+    folds.append(NormFold(final, readers))
+    tied = config.get("tie_word_embeddings", False) and "lm_head" in readers
+    if not readers or tied or config.get("model_type") in OFFSET_NORMS:
+        return []
+    for f in folds:
+        if f"{f.norm}.bias" in state and any(f"{r}.bias" not in state for r in f.readers):
+            return []
+    return folds
 
 
 def _mlp(name: str, fc1: str, fc2: str, size: int) -> FeatureGroup:
@@ -160,7 +191,7 @@ def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[F
     return [_stream(config["n_embd"], stream, f"{p}ln_f"), *groups]
 
 
-def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
+def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Part]:
     p = _prefix(state, "embeddings.cls_token")
     e = f"{p}embeddings."
     stream = [(f"{e}cls_token", 2), (f"{e}position_embeddings", 2)]
@@ -169,12 +200,21 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Fe
     modules |= {"ln1": "layernorm_before", "out": "attention.o_proj", "ln2": "layernorm_after"}
     modules |= {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}
     count, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    members, groups = _blocks(
-        _pre_ln_block, "layer", p + "layers.{}.", count, modules, heads, state
-    )
+    base = p + "layers.{}."
+    members, groups = _blocks(_pre_ln_block, "layer", base, count, modules, heads, state)
     stream += members + _affine(f"{p}layernorm")
     stream += _readers(state, ("classifier.weight", f"{p}pooler.dense.weight"))
-    return [_stream(config["hidden_size"], stream, f"{p}layernorm"), *groups]
+    attention = tuple(f"attention.{k}_proj" for k in QKV)
+    blocks = [
+        {f"{b}layernorm_before": tuple(b + r for r in attention), f"{b}layernorm_after": (f"{b}mlp.fc1",)}
+        for b in (base.format(i) for i in range(count))
+    ]  # fmt: skip
+    folds = _norm_folds(config, state, blocks, f"{p}layernorm", ("classifier", f"{p}pooler.dense"))
+    return [
+        _stream(config["hidden_size"], stream, f"{p}layernorm", folded=bool(folds)),
+        *groups,
+        *folds,
+    ]
 
 
 def opt(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[FeatureGroup]:
@@ -322,7 +362,7 @@ def _rows(module: str, state: Mapping[str, torch.Tensor]) -> Members:
 
 def _grouped_query_attention(
     name: str, qkv: Mapping[str, str], out: str, heads: int, state: Any
-) -> list[FeatureGroup | HeadCopies]:
+) -> list[Part]:
     """Rotary attention with fewer key/value heads than query heads: the value heads'
     units (collected at the value projection's output) and the key heads' (at the key
     projection's; whole heads, in the value heads' order) are the groups; each key/value
@@ -337,7 +377,7 @@ def _grouped_query_attention(
     size, copies = state[qkv["k"]].shape[0], heads // kv_heads
     project = {k: qkv[k].removesuffix(".weight") for k in QKV}
     values, scores = f"{name}.values", f"{name}.scores"
-    groups: list[FeatureGroup | HeadCopies] = [
+    groups: list[Part] = [
         FeatureGroup(values, size, tuple(_rows(project["v"], state)), project["v"],
                      collect_axis=-1, heads=kv_heads),
         HeadCopies(f"{name}.outputs", values, copies, ((f"{out}.weight", 1),)),
@@ -351,9 +391,7 @@ def _grouped_query_attention(
     return groups
 
 
-def llama(
-    config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
-) -> list[FeatureGroup | HeadCopies]:
+def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Part]:
     """Llama and the families written like it (Mistral, Qwen2): pre-norm blocks with
     RMSNorm (a gain, permuted with the stream), rotary position embeddings on queries
     and keys (their units keep their order within heads: whole heads move), a gated MLP
@@ -365,7 +403,7 @@ def llama(
     p = _prefix(state, "embed_tokens.weight")
     d = config["hidden_size"]
     stream: Members = [(f"{p}embed_tokens.weight", 1)]
-    groups: list[FeatureGroup | HeadCopies] = []
+    groups: list[Part] = []
     for i in range(config["num_hidden_layers"]):
         b = f"{p}layers.{i}."
         qkv = {k: f"{b}self_attn.{k}_proj.weight" for k in QKV}
@@ -396,7 +434,13 @@ def llama(
             )  # fmt: skip
         )
     stream += [(f"{p}norm.weight", 0)] + _readers(state, ("lm_head.weight", "score.weight"))
-    return [_stream(d, stream, f"{p}norm"), *groups]
+    blocks = [
+        {f"{b}input_layernorm": tuple(f"{b}self_attn.{k}_proj" for k in QKV),
+         f"{b}post_attention_layernorm": (f"{b}mlp.gate_proj", f"{b}mlp.up_proj")}
+        for b in (f"{p}layers.{i}." for i in range(config["num_hidden_layers"]))
+    ]  # fmt: skip
+    folds = _norm_folds(config, state, blocks, f"{p}norm", ("lm_head", "score"))
+    return [_stream(d, stream, f"{p}norm", folded=bool(folds)), *groups, *folds]
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -427,8 +471,11 @@ def layout_spec(
         return None, None
     try:
         parts = layout(config, state)
-        groups = tuple(g for g in parts if isinstance(g, FeatureGroup))
-        spec = MergeSpec(groups, copies=tuple(c for c in parts if isinstance(c, HeadCopies)))
+        groups, copies, folds = (
+            tuple(p for p in parts if isinstance(p, kind))
+            for kind in (FeatureGroup, HeadCopies, NormFold)
+        )
+        spec = MergeSpec(groups, copies=copies, folds=folds)
         spec.validate(state)
     except (KeyError, ValueError) as e:  # a name or shape this layout does not know
         return None, f"the {model_type} layout does not fit this model ({e})"

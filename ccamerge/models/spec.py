@@ -32,6 +32,12 @@ keeps every score ``q . k`` when ``M`` is orthogonal). ``collect_from``, when gi
 the index of the group's first unit in the collected tensor (a fused query/key/value
 projection's output holds the query units first).
 
+A transformer's residual stream read only through norms (pre-norm blocks) can take more
+than permutations: once each norm's gain and bias are folded into the layers that read
+it (a :class:`NormFold`), the norm commutes with every orthogonal map that keeps the
+all-ones direction (LayerNorm's mean removal and scaling, RMSNorm's scaling), so the
+stream is ``orthogonal``: its maps are made such maps (docs/transformers.md).
+
 Under grouped-query attention several query heads share one key/value head: the query
 rows and the output projection's columns hold, for each key/value head, one copy of its
 units per query head that reads it. A :class:`HeadCopies` names those axes; they take
@@ -65,6 +71,8 @@ class FeatureGroup:
     (attention) is mapped head by head; ``follows`` another group of heads, it takes that
     group's order of heads; ``whole_heads``: the units within each head keep their
     order (rotary position embeddings act on them), only whole heads move.
+    ``orthogonal``: the maps are orthogonal and keep the all-ones direction (a residual
+    stream whose norms are folded, :class:`NormFold`).
     """
 
     name: str
@@ -80,6 +88,7 @@ class FeatureGroup:
     follows: str | None = None
     collect_from: int | None = None
     whole_heads: bool = False
+    orthogonal: bool = False
 
     def __post_init__(self) -> None:
         for _, axis in self.members:
@@ -97,6 +106,8 @@ class FeatureGroup:
             raise SpecError(f"group {self.name}: only a group of heads follows another")
         if self.whole_heads and self.heads == 1:
             raise SpecError(f"group {self.name}: whole_heads needs heads")
+        if self.orthogonal and (self.permutation or self.heads > 1 or self.size < 2):
+            raise SpecError(f"group {self.name}: orthogonal maps are for a plain group")
 
 
 @dataclass(frozen=True)
@@ -130,13 +141,27 @@ class HeadCopies:
 
 
 @dataclass(frozen=True)
+class NormFold:
+    """A norm (weight: its gain, optional bias, on its units' axis 0) whose affine part
+    the Linear modules ``readers`` (every layer reading its output) take over: each
+    reader's weight becomes ``W diag(gain)`` and its bias ``bias + W norm_bias``, the
+    norm's gain 1 and bias 0 (:func:`ccamerge.maths.algebra.fold_norms`): the same
+    function, with a norm that commutes with an ``orthogonal`` group's maps."""
+
+    norm: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MergeSpec:
     """All feature groups of one architecture configuration, the concatenations of
-    groups that layers read and the copies of groups of heads."""
+    groups that layers read, the copies of groups of heads and the norms folded into
+    their readers before anything is aligned."""
 
     groups: tuple[FeatureGroup, ...]
     concats: tuple[Concat, ...] = ()
     copies: tuple[HeadCopies, ...] = ()
+    folds: tuple[NormFold, ...] = ()
     axes: Mapping[str, Mapping[int, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -190,7 +215,18 @@ class MergeSpec:
         return {g.name: g.size for g in self.groups}
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Check every member tensor exists and has the group's size on its axis."""
+        """Check every member tensor exists and has the group's size on its axis, and that
+        every fold's norm and readers exist (a reader with a bias where the norm has one)."""
+        for f in self.folds:
+            gain = state_dict.get(f"{f.norm}.weight")
+            if gain is None or gain.dim() != 1:
+                raise SpecError(f"fold of {f.norm}: no gain {f.norm}.weight")
+            for r in f.readers:
+                weight = state_dict.get(f"{r}.weight")
+                if weight is None or weight.dim() != 2 or weight.shape[1] != gain.numel():
+                    raise SpecError(f"fold of {f.norm}: {r}.weight does not read its units")
+                if f"{f.norm}.bias" in state_dict and f"{r}.bias" not in state_dict:
+                    raise SpecError(f"fold of {f.norm}: {r} has no bias to take the norm's")
         for g in (*self.groups, *self.concats, *self.copies):
             size = self.size_of(g.name)
             for tensor, axis in g.members:

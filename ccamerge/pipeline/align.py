@@ -170,8 +170,10 @@ def constrain(
     keep its ``blocks`` (a depthwise or grouped conv, a GroupNorm, a per-channel gain
     reads the group, docs/custom-models.md): a map that already is one is kept; else
     each model's units are matched to the reference's within each block, by their
-    correlation on the calibration data (without statistics: by the map's entries); and
-    the maps of every group of ``heads`` made head by head (:func:`_by_heads`, groups
+    correlation on the calibration data (without statistics: by the map's entries); the
+    maps of every ``orthogonal`` group made orthogonal maps keeping the all-ones
+    direction (:func:`_orthogonal`); and the maps of every group of ``heads`` made head
+    by head (:func:`_by_heads`, groups
     that follow another taking its order of heads; docs/transformers.md)."""
     groups = dict(alignment.groups)
     orders: dict[str, list[torch.Tensor | None]] = {}  # each heads group's order of heads
@@ -185,6 +187,8 @@ def constrain(
             groups[g.name], orders[g.name] = _by_heads(g, groups[g.name], reference, jc, leader)
         elif g.permutation and g.name in groups:
             groups[g.name] = _permutations(g, groups[g.name], reference, jc)
+        elif g.orthogonal and g.name in groups:
+            groups[g.name] = _orthogonal(g, groups[g.name], reference, jc)
     return Alignment(groups)
 
 
@@ -243,6 +247,28 @@ def _by_heads(
         orders.append(order)
     details = {**ga.details, "heads": f"{g.heads} matched" if leader is None else "followed"}
     return GroupAlignment(Ms, Us, list(ga.quality), details), orders
+
+
+def _orthogonal(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:
+    """Each model's map made the orthogonal ``M`` with ``M 1 = 1`` closest to mapping its
+    units onto the reference's: on the units orthogonal to the all-ones direction, the
+    orthogonal factor of the cross-covariance with the reference (orthogonal
+    Procrustes; without statistics, of the method's map), the all-ones direction kept.
+    A map that already is one (a permutation, the identity) is kept; ``U = M^T``."""
+    d = g.size
+    Ms = []
+    for k, M in enumerate(ga.M):
+        eye = torch.eye(d, dtype=M.dtype, device=M.device)
+        ones = torch.ones(d, 1, dtype=M.dtype, device=M.device)
+        if k == reference or (torch.allclose(M @ M.T, eye) and torch.allclose(M @ ones, ones)):
+            Ms.append(M)
+            continue
+        basis = torch.linalg.qr(torch.cat([ones, eye[:, 1:]], 1))[0][:, 1:]  # of 1's complement
+        cross = jc.block(reference, k).to(M) if jc is not None else M
+        u, _, vh = torch.linalg.svd(basis.T @ cross @ basis)
+        Ms.append(basis @ (u @ vh) @ basis.T + ones @ ones.T / d)
+    details = {**ga.details, "orthogonal": "Procrustes, all-ones direction kept"}
+    return GroupAlignment(Ms, [M.T.contiguous() for M in Ms], list(ga.quality), details)
 
 
 def _permutations(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) -> GroupAlignment:

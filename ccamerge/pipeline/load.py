@@ -16,6 +16,7 @@ from torch import nn
 
 from ..io.files import Dataset, load_checkpoint, load_data
 from ..io.padding import PAD, accepts_padding, padded
+from ..maths.algebra import fold_norms
 from ..models.assumptions import state_settings
 from ..models.custom import detect_custom, resolve_spec, untransformed_of
 from ..models.hf import HF_NAME, detect_hf, hf_config, read_hf
@@ -198,6 +199,8 @@ def load_models(
         template.load_state_dict(ref, strict=True)
     except RuntimeError as e:
         raise ArchitectureError(f"{paths[0]} does not load into {detected.name}: {e}") from None
+    if spec.folds:  # the same functions, with norms an orthogonal stream map commutes with
+        sds = [fold_norms(sd, spec) for sd in sds]
     unaligned = () if spec_file else untransformed_of(detected)
     writers = frozenset(w for u in unaligned if not u.expected for w in u.writers)
     return LoadedModels(list(paths), sds, detected, spec, notes, writers)

@@ -105,4 +105,6 @@ def _maps(g: FeatureGroup) -> str:
         return f"{g.heads} heads, " + ("permuted" if g.permutation else "dense per head")
     if g.permutation:
         return "permutation" + (f" within {g.blocks} blocks" if g.blocks > 1 else "")
+    if g.orthogonal:
+        return "orthogonal, all-ones direction kept (norms folded)"
     return "dense"
