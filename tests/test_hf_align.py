@@ -102,6 +102,10 @@ FAMILIES = {
         lambda: _llama(transformers.GemmaConfig, transformers.GemmaForCausalLM, kv_heads=2),
         "tokens",
     ),
+    "qwen3": (
+        lambda: _llama(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, kv_heads=2),
+        "tokens",
+    ),
     "opt": (_opt, "tokens"),
     "opt-post-ln": (lambda: _opt(do_layer_norm_before=False), "tokens"),
     "opt-projected": (lambda: _opt(word_embed_proj_dim=8), "tokens"),

@@ -397,7 +397,9 @@ def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[
     and keys (their units keep their order within heads: whole heads move), a gated MLP
     whose gate and up projections share their units (``act(gate) * up``: permutations
     only). Under grouped-query attention (fewer key/value heads than query heads) the
-    key/value heads are the units (:func:`_grouped_query_attention`)."""
+    key/value heads are the units (:func:`_grouped_query_attention`). Qwen3's query and
+    key norms (one gain over each head's units, shared by the heads) stay as they are:
+    whole heads move, and the units within them keep their order."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     p = _prefix(state, "embed_tokens.weight")
@@ -455,6 +457,7 @@ LAYOUTS: dict[str, Layout] = {
     "mistral": llama,
     "qwen2": llama,
     "gemma": llama,
+    "qwen3": llama,
     "opt": opt,
 }
 FUSED_QKV = {"gpt2": ".attn.c_attn"}  # model_type -> the fused projection's name suffix

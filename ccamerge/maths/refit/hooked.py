@@ -109,6 +109,19 @@ def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return order
 
 
+def _ungrouped_norms(model: nn.Module, order: list[str], spec: MergeSpec) -> list[str]:
+    """The norms of ``order`` whose gain is in no feature group of a spec that has groups
+    (a query/key norm over each head's units: the heads, its rows, move between models,
+    so no target could be paired with the merge's rows); none when nothing is aligned."""
+    if not spec.groups:
+        return []
+    return [
+        name
+        for name in order
+        if _kind(model.get_submodule(name)) in NORMS and f"{name}.weight" not in spec.axes
+    ]
+
+
 def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Tensor:
     """The input (or output) of layer ``name`` when ``model`` runs on ``x``, as rows (of
     the real tokens only, when ``x`` is padded)."""
@@ -225,6 +238,13 @@ def refit_by_hooks(
     if not order:
         raise RefitError("the network has no linear layer or LayerNorm to refit")
     report = RefitReport(HOOKS_MODE, settings.memory_budget, settings.ridge, settings.max_rows)
+    ungrouped = _ungrouped_norms(merged, order, spec)
+    if ungrouped:
+        order = [name for name in order if name not in ungrouped]
+        report.warnings.append(
+            f"{len(ungrouped)} norms whose units are in no feature group keep their averages "
+            f"(their rows may be per head, in each model's order): {', '.join(ungrouped[:3])}"
+        )
 
     limit = settings.max_rows or None
     start = time.perf_counter()
