@@ -256,55 +256,6 @@ def test_affine_equations_recover_a_gain_and_bias_exactly(bias):
     assert parts.residual(*start) > 0.1
 
 
-class _Normed(nn.Module):
-    """A LayerNorm between two Linears; ``hooked`` adds data-dependent control flow, which
-    torch.fx cannot trace (the refit then runs through module hooks)."""
-
-    def __init__(self, hooked: bool = False, bias: bool = True) -> None:
-        super().__init__()
-        self.hooked = hooked
-        self.fc = nn.Linear(4, 6)
-        self.norm = nn.LayerNorm(6, bias=bias)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        y = self.head(self.norm(self.fc(x)))
-        return (y if y.sum() > 0 else -y) if self.hooked else y
-
-
-@pytest.mark.parametrize("hooked, bias", [(False, True), (False, False), (True, True)])
-def test_a_damaged_layernorm_is_refitted_to_its_endpoints(hooked, bias):
-    """Endpoints equal; the merge's LayerNorm gain (and bias) damaged: the refit (ridge
-    1e-12: a LayerNorm's outputs sum to a constant, so the head's inputs are collinear)
-    fits them back to the endpoints' exactly, traced or through module hooks."""
-    torch.manual_seed(0)
-    model = _Normed(hooked, bias).double()
-    with torch.no_grad():
-        model.norm.weight.uniform_(0.5, 1.5)
-        if bias:
-            model.norm.bias.uniform_(-0.5, 0.5)
-    merged = copy.deepcopy(model)
-    with torch.no_grad():
-        merged.norm.weight.mul_(3.0)
-        if bias:
-            merged.norm.bias.add_(1.0)
-    spec = MergeSpec(())
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    report = refit(
-        merged, [model, model], spec, identity_alignment(spec, 2), [0.5, 0.5],
-        _batches(x, 16), RefitSettings(ridge=1e-12),
-    )  # fmt: skip
-    assert not report.warnings[1 if hooked else 0 :]
-    fits = {layer.name: layer for layer in report.layers}
-    assert list(fits) == ["fc", "norm", "head"]
-    assert fits["norm"].kind == "layernorm" and fits["norm"].inputs == 1 + int(bias)
-    assert fits["norm"].residual_before > 0.1 and fits["norm"].residual_after < 1e-12
-    for name, tensor in model.norm.state_dict().items():
-        torch.testing.assert_close(merged.norm.state_dict()[name], tensor, rtol=1e-9, atol=1e-9)
-    with torch.no_grad():  # the head's inputs are collinear: its weights are not unique
-        torch.testing.assert_close(merged(x), model(x), rtol=1e-7, atol=1e-7)
-
-
 class _LlamaStyleNorm(nn.Module):
     """An RMS norm as the Llama family writes it; ``offset``: Gemma's ``(1 + weight)``."""
 
@@ -318,34 +269,74 @@ class _LlamaStyleNorm(nn.Module):
         return (1 + self.weight if self.offset else self.weight) * x
 
 
-@pytest.mark.parametrize("norm", ["torch", "llama"])
-def test_a_damaged_rms_norm_is_refitted_through_hooks(norm):
-    """An RMS norm (torch's, or written as the Llama family writes it) is recognised by
-    what it computes and its gain fitted back to the endpoints' exactly; a norm that
-    computes ``(1 + weight) * ...`` is not taken for one."""
-    from ccamerge.maths.refit.hooked import _rms_eps
+class _Normed(nn.Module):
+    """A norm between two Linears; ``hooked`` adds data-dependent control flow, which
+    torch.fx cannot trace (the refit then runs through module hooks)."""
 
+    def __init__(self, norm: nn.Module, hooked: bool) -> None:
+        super().__init__()
+        self.hooked = hooked
+        self.fc = nn.Linear(4, 6)
+        self.norm = norm
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.head(self.norm(self.fc(x)))
+        return (y if y.sum() > 0 else -y) if self.hooked else y
+
+
+NORMS = {  # name: (the norm, refitted through module hooks, the kind the report names)
+    "layernorm": (lambda: nn.LayerNorm(6), False, "layernorm"),
+    "layernorm without bias": (lambda: nn.LayerNorm(6, bias=False), False, "layernorm"),
+    "layernorm, hooked": (lambda: nn.LayerNorm(6), True, "layernorm"),
+    "torch rmsnorm, hooked": (lambda: nn.RMSNorm(6, eps=1e-6), True, "rmsnorm"),
+    "llama-style rmsnorm, hooked": (lambda: _LlamaStyleNorm(6), True, "rmsnorm"),
+}
+
+
+@pytest.mark.parametrize("case", NORMS)
+def test_a_damaged_norm_is_refitted_to_its_endpoints(case):
+    """Endpoints equal; the merge's norm gain (and bias) damaged: the refit (ridge 1e-12:
+    a LayerNorm's outputs sum to a constant, so the head's inputs are collinear) fits
+    them back to the endpoints' exactly, traced or through module hooks (where RMS norms,
+    torch's or written as the Llama family writes them, are recognised by what they
+    compute)."""
+    make, hooked, kind = NORMS[case]
     torch.manual_seed(0)
-    model = _Normed(hooked=True).double()
-    model.norm = (nn.RMSNorm(6, eps=1e-6) if norm == "torch" else _LlamaStyleNorm(6)).double()
+    model = _Normed(make(), hooked).double()
+    bias = getattr(model.norm, "bias", None)
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 1.5)
+        if bias is not None:
+            bias.uniform_(-0.5, 0.5)
     merged = copy.deepcopy(model)
     with torch.no_grad():
         merged.norm.weight.mul_(3.0)
+        if bias is not None:
+            merged.norm.bias.add_(1.0)
     spec = MergeSpec(())
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     report = refit(
         merged, [model, model], spec, identity_alignment(spec, 2), [0.5, 0.5],
         _batches(x, 16), RefitSettings(ridge=1e-12),
     )  # fmt: skip
+    assert not report.warnings[1 if hooked else 0 :]
     fits = {layer.name: layer for layer in report.layers}
     assert list(fits) == ["fc", "norm", "head"]
-    assert fits["norm"].kind == "rmsnorm" and fits["norm"].inputs == 1
+    assert fits["norm"].kind == kind and fits["norm"].inputs == 1 + int(bias is not None)
     assert fits["norm"].residual_before > 0.1 and fits["norm"].residual_after < 1e-12
-    torch.testing.assert_close(merged.norm.weight, model.norm.weight, rtol=1e-9, atol=1e-9)
-    assert _rms_eps(_LlamaStyleNorm(6, offset=True)) is None
-    assert _rms_eps(nn.LayerNorm(6, bias=False)) is None
+    for name, tensor in model.norm.state_dict().items():
+        torch.testing.assert_close(merged.norm.state_dict()[name], tensor, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the head's inputs are collinear: its weights are not unique
+        torch.testing.assert_close(merged(x), model(x), rtol=1e-7, atol=1e-7)
+
+
+def test_only_rms_norms_are_taken_for_rms_norms():
+    from ccamerge.maths.refit.hooked import _rms_eps
+
+    assert _rms_eps(_LlamaStyleNorm(6)) == 1e-6 and _rms_eps(nn.RMSNorm(6, eps=1e-5)) == 1e-5
+    assert _rms_eps(_LlamaStyleNorm(6, offset=True)) is None  # Gemma's (1 + weight)
+    assert _rms_eps(nn.LayerNorm(6, bias=False)) is None and _rms_eps(nn.Linear(6, 6)) is None
 
 
 def test_chunking_does_not_change_the_fit():
