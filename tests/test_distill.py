@@ -337,9 +337,22 @@ def test_the_check_flags_an_unaligned_average(digits_mlps):
     )
     doc = check.to_dict()
     assert doc["beaten_by"] == loaded.paths and doc["num_samples"] == len(digits_mlps.test)
-    assert doc["inputs"][0].keys() == {"name", "top1_agreement", "kl"}
+    assert doc["inputs"][0].keys() == {"name", "top1_agreement", "kl", "paired_se"}
     best = max(check.inputs, key=lambda m: m.agreement)
     assert best.name in check.warning() and "--distill auto" in check.warning()
+    gap = 100 * (best.agreement - check.merged.agreement)
+    assert f"{gap:.1f} ± {100 * best.paired_se:.1f} points" in check.warning()
+
+
+def test_the_paired_standard_error_of_an_agreement_difference():
+    """Exact on a small case: 10 rows, 3 where only a agrees, 1 where only b does:
+    p10 = 0.3, p01 = 0.1, SE = sqrt((0.4 - 0.04) / 10) = 0.18974; identical vectors: 0."""
+    from ccamerge.pipeline.check import paired_standard_error
+
+    a = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    assert paired_standard_error(a, b) == pytest.approx((0.36 / 10) ** 0.5, rel=1e-12)
+    assert paired_standard_error(a, a) == 0.0
 
 
 class Ensemble(torch.nn.Module):

@@ -7,7 +7,9 @@ with the merge weights) as :func:`.select.score_outputs` scores a candidate: top
 agreement with the ensemble and the mean KL divergence KL(p_ensemble || p_model) of
 the softmax outputs (temperature 1). An input *beats* the merge when it agrees with the
 ensemble on more held-out samples: then one of the inputs, unmerged, is a better
-stand-in for the ensemble than the merge. Agreement decides because it is what tracked
+stand-in for the ensemble than the merge. Each input's difference from the merge comes
+with its paired standard error (the rows where only one of the two agrees decide it);
+the warning says when the difference is within two of them, i.e. may be noise. Agreement decides because it is what tracked
 test accuracy across models of different kinds in the benchmarks (docs/distill.md); KL
 does not rank a merge against its inputs reliably (an input can be closer in KL and
 still agree less), and is reported beside it. No labels are needed.
@@ -62,14 +64,17 @@ def hold_out(calib: Calibration, settings: CheckSettings, seed: int) -> Split | 
 
 @dataclass(frozen=True)
 class Agreement:
-    """One model against the ensemble on the held-out inputs."""
+    """One model against the ensemble on the held-out inputs; for an input model, the
+    paired standard error of its agreement minus the merge's (``paired_se``)."""
 
     name: str
     agreement: float  # top-1 agreement with the ensemble
     kl: float  # mean KL(p_ensemble || p_model)
+    paired_se: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "top1_agreement": self.agreement, "kl": self.kl}
+        out = {"name": self.name, "top1_agreement": self.agreement, "kl": self.kl}
+        return out if self.paired_se is None else {**out, "paired_se": self.paired_se}
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class MergeCheck:
         if not beaten:
             return None
         best = max(beaten, key=lambda m: (m.agreement, -m.kl))
+        gap, se = 100 * (best.agreement - self.merged.agreement), 100 * (best.paired_se or 0.0)
+        noise = "; within two standard errors: may be noise" if gap <= 2 * se else ""
         remedy = (
             "distil on more unlabelled data (--distill-data) or for longer"
             if distilled
@@ -101,9 +108,9 @@ class MergeCheck:
         return (
             f"the merge agrees with the inputs' ensemble on {round(self.merged.agreement * n)} "
             f"of {n} held-out {self.unit} ({100 * self.merged.agreement:.1f} %), {best.name} alone "
-            f"on {round(best.agreement * n)} ({100 * best.agreement:.1f} %; {len(beaten)} of "
-            f"{len(self.inputs)} inputs do better than the merge): keep the better input, or "
-            f"{remedy}"
+            f"on {round(best.agreement * n)} ({100 * best.agreement:.1f} %, {gap:.1f} ± {se:.1f} "
+            f"points{noise}; {len(beaten)} of {len(self.inputs)} inputs do better than the "
+            f"merge): keep the better input, or {remedy}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,17 +133,30 @@ def check_outputs(
     """The check from held-out logits: the merge's and each input model's (``unit``: what
     a row of them is)."""
     ensemble = ensemble_logits(list(inputs), list(weights))
+    top1 = ensemble.argmax(-1)
+    merged_agrees = merged.argmax(-1) == top1
 
-    def against_ensemble(name: str, logits: torch.Tensor) -> Agreement:
+    def against_ensemble(name: str, logits: torch.Tensor, paired: bool = True) -> Agreement:
         _, kl, agreement, _ = score_outputs(logits, ensemble, None, "agreement")
-        return Agreement(name, agreement, kl)
+        se = paired_standard_error(logits.argmax(-1) == top1, merged_agrees) if paired else None
+        return Agreement(name, agreement, kl, se)
 
     return MergeCheck(
-        against_ensemble("merged", merged),
+        against_ensemble("merged", merged, paired=False),
         tuple(against_ensemble(n, lg) for n, lg in zip(names, inputs, strict=True)),
         merged.shape[0],
         unit,
     )
+
+
+def paired_standard_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The standard error of ``mean(a) - mean(b)`` for paired booleans (one pair per
+    row): ``sqrt((p10 + p01 - (p10 - p01)^2) / n)`` with ``p10``, ``p01`` the fractions of
+    rows where only ``a``, only ``b`` holds."""
+    n = a.numel()
+    only_a = float((a & ~b).double().mean()) if n else 0.0
+    only_b = float((b & ~a).double().mean()) if n else 0.0
+    return ((only_a + only_b - (only_a - only_b) ** 2) / max(n, 1)) ** 0.5
 
 
 def check_merge(
