@@ -78,7 +78,7 @@ PLAN = [  # (arch, N, variants)
     *[(a, 2, ["distill auto on 10000, patience 6"]) for a in ("mlp", "vgg11q", "resnet20x1")],
     *[
         (a, n, ["default", "distill auto on 10000, patience 6"])
-        for a in ("mlp", "vgg11q")
+        for a in ("mlp", "vgg11q", "resnet20x1")
         for n in (3, 4)
     ],
 ]
