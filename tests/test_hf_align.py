@@ -63,10 +63,11 @@ def _distilbert(cls):
     return cls(cfg)
 
 
-def _llama(config_class, model_class, kv_heads: int = 4):
+def _llama(config_class, model_class, kv_heads: int = 4, **options):
     cfg = config_class(
         num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=kv_heads,
         head_dim=4, intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=16,
+        **options,
     )  # fmt: skip
     return model_class(cfg)
 
@@ -90,6 +91,12 @@ FAMILIES = {
     "distilbert-mlm": (lambda: _distilbert(transformers.DistilBertForMaskedLM), "tokens"),
     "llama": (lambda: _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM), "tokens"),
     "qwen2": (lambda: _llama(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), "tokens"),
+    "llama-tied": (  # a tied head cannot take the final norm: the stream is permuted
+        lambda: _llama(
+            transformers.LlamaConfig, transformers.LlamaForCausalLM, tie_word_embeddings=True
+        ),
+        "tokens",
+    ),
     "llama-gqa": (
         lambda: _llama(transformers.LlamaConfig, transformers.LlamaForCausalLM, kv_heads=2),
         "tokens",
