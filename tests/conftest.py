@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+# numpy's BLAS (the statistics' Gram products) on one thread, as in the torchrun workers
+# the distributed tests compare this process with: its products round differently on two
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 
