@@ -269,3 +269,21 @@ def test_grouped_query_attention_moves_each_query_head_with_its_key_value_head()
     x = torch.randn(2, 2, 4, 3, dtype=torch.float64)  # (head, copy, unit, column)
     by_copy = torch.stack([(m @ x[:, c].reshape(8, 3)).reshape(2, 4, 3) for c in range(2)], 1)
     torch.testing.assert_close(expand_heads(m, 2, 2) @ x.reshape(16, 3), by_copy.reshape(16, 3))
+
+
+def test_norms_fold_only_where_a_head_alone_reads_the_final_norm() -> None:
+    """A base model (ViTModel with its pooler, LlamaModel) outputs its final norm: its
+    norms stay unfolded and its stream takes permutations; the classification and
+    language-model classes fold them."""
+    vit_cfg = _vit().config
+    cases = {
+        "vit": (transformers.ViTModel(vit_cfg), False),
+        "vit-cls": (transformers.ViTForImageClassification(vit_cfg), True),
+        "llama": (_llama(transformers.LlamaConfig, transformers.LlamaModel), False),
+        "llama-lm": (_llama(transformers.LlamaConfig, transformers.LlamaForCausalLM), True),
+    }
+    for name, (model, folds) in cases.items():
+        model = hf._prepared(model)
+        spec, why = layout_spec(model.config.model_type, model.config.to_dict(), model.state_dict())
+        assert spec is not None, why
+        assert bool(spec.folds) == folds and spec.group("stream").orthogonal == folds, name

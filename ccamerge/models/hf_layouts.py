@@ -68,7 +68,8 @@ def _norm_folds(
     """The folds of a pre-norm stream's norms (module docstring): per block, each norm
     and the Linear modules reading it (``blocks``), and the ``final`` norm read by the
     ``heads`` the model has; none (the stream then takes permutations) when one cannot
-    be made: no head reads the final norm (a base model outputs it), a head tied to the
+    be made: no head reads the final norm (a base model outputs it: ``heads`` are the
+    layers that alone read it), a head tied to the
     embeddings, a norm with a bias read by a layer without one, a family whose norms
     compute ``(1 + weight) x``."""
     readers = tuple(h for h in heads if f"{h}.weight" in state)
@@ -202,14 +203,20 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Pa
     count, heads = config["num_hidden_layers"], config["num_attention_heads"]
     base = p + "layers.{}."
     members, groups = _blocks(_pre_ln_block, "layer", base, count, modules, heads, state)
-    stream += members + _affine(f"{p}layernorm")
-    stream += _readers(state, ("classifier.weight", f"{p}pooler.dense.weight"))
+    stream += members + _affine(f"{p}layernorm") + _readers(state, ("classifier.weight",))
+    if f"{p}pooler.dense.weight" in state:  # act(dense(first token)): units of its own
+        stream += [(f"{p}pooler.dense.weight", 1)]
+        pooled = tuple(_writes(f"{p}pooler.dense"))
+        groups.append(
+            FeatureGroup("pooler", config["hidden_size"], pooled, f"{p}pooler", collect_axis=-1)
+        )
     attention = tuple(f"attention.{k}_proj" for k in QKV)
     blocks = [
         {f"{b}layernorm_before": tuple(b + r for r in attention), f"{b}layernorm_after": (f"{b}mlp.fc1",)}
         for b in (base.format(i) for i in range(count))
     ]  # fmt: skip
-    folds = _norm_folds(config, state, blocks, f"{p}layernorm", ("classifier", f"{p}pooler.dense"))
+    # the classifier alone reads the final norm; a ViTModel outputs it (and its pooler)
+    folds = _norm_folds(config, state, blocks, f"{p}layernorm", ("classifier",))
     return [
         _stream(config["hidden_size"], stream, f"{p}layernorm", folded=bool(folds)),
         *groups,
