@@ -4,13 +4,15 @@ torch.fx cannot trace ``transformers`` models, so their groups are written here 
 each family's module names (docs/transformers.md): per block, the attention layer's
 value/output space and its query/key space as groups of heads (the second takes the
 heads in the order of the first), the MLP's hidden units as for any MLP, and the
-residual stream as one group
-that every embedding, every block's output projections, every LayerNorm and every layer
-reading the stream share. The stream is aligned by permutations: they are exact through
-LayerNorm (its gain and bias permuted with it), before or after the residual addition,
-and keep tied input and output embeddings tied. Under rotary position embeddings (the
-Llama family) the query/key group moves whole heads only, and a gated MLP's units move
-by permutations.
+residual stream as one group that every embedding, every block's output projections,
+every norm and every layer reading the stream share. The stream is aligned by
+permutations: they are exact through LayerNorm (its gain and bias permuted with it),
+before or after the residual addition, and keep tied input and output embeddings tied;
+where every norm on a pre-norm stream can be folded into the layers reading it
+(:func:`_norm_folds`), by orthogonal maps keeping the all-ones direction. Under rotary
+position embeddings (the Llama family) the query/key group moves whole heads only (under
+grouped-query attention, the key/value heads: :func:`_grouped_query_attention`), and a
+gated MLP's units move by permutations.
 
 A layout is used only when it covers the model: every tensor with a hidden-size axis
 must be in a group (else the model is averaged as it is, and the report says which
@@ -65,13 +67,12 @@ def _norm_folds(
     final: str,
     heads: tuple[str, ...],
 ) -> list[NormFold]:
-    """The folds of a pre-norm stream's norms (module docstring): per block, each norm
-    and the Linear modules reading it (``blocks``), and the ``final`` norm read by the
-    ``heads`` the model has; none (the stream then takes permutations) when one cannot
-    be made: no head reads the final norm (a base model outputs it: ``heads`` are the
-    layers that alone read it), a head tied to the
-    embeddings, a norm with a bias read by a layer without one, a family whose norms
-    compute ``(1 + weight) x``."""
+    """The folds of a pre-norm stream's norms (docs/transformers.md): per block, each
+    norm and the Linear modules reading it (``blocks``), and the ``final`` norm read by
+    the ``heads`` the model has (the layers that alone read it). None (the stream then
+    takes permutations) when one cannot be made: no head reads the final norm (a base
+    model outputs it), a head tied to the embeddings, a norm with a bias read by a layer
+    without one, a family whose norms compute ``(1 + weight) x``."""
     readers = tuple(h for h in heads if f"{h}.weight" in state)
     folds = [NormFold(n, r) for block in blocks for n, r in block.items()]
     folds.append(NormFold(final, readers))
@@ -212,7 +213,8 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Pa
         )
     attention = tuple(f"attention.{k}_proj" for k in QKV)
     blocks = [
-        {f"{b}layernorm_before": tuple(b + r for r in attention), f"{b}layernorm_after": (f"{b}mlp.fc1",)}
+        {f"{b}layernorm_before": tuple(b + r for r in attention),
+         f"{b}layernorm_after": (f"{b}mlp.fc1",)}
         for b in (base.format(i) for i in range(count))
     ]  # fmt: skip
     # the classifier alone reads the final norm; a ViTModel outputs it (and its pooler)
