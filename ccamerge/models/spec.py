@@ -131,8 +131,9 @@ class Concat:
 class HeadCopies:
     """The units of a ``group`` of heads, each head repeated ``copies`` times in a row
     along the axes of ``members`` (grouped-query attention: head ``h`` of those axes is
-    head ``h // copies`` of the group; a group without ``heads`` is one head). They are transformed by the group's maps, one
-    block per copy (:func:`ccamerge.maths.algebra.expand_heads`); not aligned themselves."""
+    head ``h // copies`` of the group; a group without ``heads`` is one head). They are
+    transformed by the group's maps, one block per copy
+    (:func:`ccamerge.maths.algebra.expand_heads`); not aligned themselves."""
 
     name: str
     group: str

@@ -173,8 +173,8 @@ def constrain(
     correlation on the calibration data (without statistics: by the map's entries); the
     maps of every ``orthogonal`` group made orthogonal maps keeping the all-ones
     direction (:func:`_orthogonal`); and the maps of every group of ``heads`` made head
-    by head (:func:`_by_heads`, groups
-    that follow another taking its order of heads; docs/transformers.md)."""
+    by head (:func:`_by_heads`, groups that follow another taking its order of heads;
+    docs/transformers.md)."""
     groups = dict(alignment.groups)
     orders: dict[str, list[torch.Tensor | None]] = {}  # each heads group's order of heads
     for g in spec.groups:
@@ -307,10 +307,10 @@ def aligned_parameters(
 ) -> dict[str, Any]:
     """How many of ``model``'s parameters a feature-group map transforms: those of the
     layers with a tensor in a group whose maps are not all the identity, or in a
-    concatenation or the head copies of such a group (a layer's bias counts with its weight, the logits'
-    bias too), unless the layer is in ``unaligned_layers`` (its output units were left
-    untransformed: ``LoadedModels.unaligned_layers``); the rest are only averaged, counted
-    by kind of layer (``kept_averaged``, largest first)."""
+    concatenation or the head copies of such a group (a layer's bias counts with its
+    weight, the logits' bias too), unless the layer is in ``unaligned_layers`` (its output
+    units were left untransformed: ``LoadedModels.unaligned_layers``); the rest are only
+    averaged, counted by kind of layer (``kept_averaged``, largest first)."""
     moved = {
         name
         for name, ga in alignment.groups.items()
