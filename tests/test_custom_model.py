@@ -335,6 +335,14 @@ def test_spec_documents_are_checked() -> None:
         ({**good, "groups": [{**good["groups"][0], "collect_on": "middle"}]}, "'collect_on' must"),
         ({**good, "groups": [{**good["groups"][0], "members": [["a.weight", -1]]}]}, "axis -1"),
         ({**good, "groups": good["groups"] * 2}, "duplicate group name 'h'"),
+        ({**good, "copies": [{"name": "q", "group": "h"}]}, "head copies 0 must be"),
+        (
+            {**good, "copies": [{"name": "q", "group": "x", "copies": 2, "members": []}]},
+            "no group 'x' to copy",
+        ),
+        ({**good, "folds": [{"norm": "n", "readers": "a"}]}, "fold 0 must be"),
+        ({**good, "groups": [{**good["groups"][0], "orthogonal": 1}]}, "'orthogonal' must be"),
+        ({**good, "concats": [{"name": "c", "parts": 3, "members": []}]}, "concatenation 0"),
     ]
     for doc, message in bad_cases:
         with pytest.raises(SpecError) as e:
