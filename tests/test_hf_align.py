@@ -224,7 +224,9 @@ def test_a_layout_survives_a_spec_file_and_inspect_shows_its_heads(tmp_path) -> 
     assert spec.group("layer0.attn.scores").whole_heads and spec.group("layer0.mlp").permutation
     assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
     res = CliRunner().invoke(app, ["inspect", _save(llama, tmp_path / "l"), "--json"])
-    maps = {g["name"]: g["maps"] for g in json.loads(res.stdout)["groups"]}
+    info = json.loads(res.stdout)
+    maps = {g["name"]: g["maps"] for g in info["groups"]}
+    assert [f["norm"] for f in info["folds"]][-1] == "model.norm" and info["copies"] == []
     assert maps["layer0.attn.scores"] == "4 heads in the order of layer0.attn.values, whole heads"
     assert maps["stream"].startswith("orthogonal") and len(spec.folds) == 5  # 2 blocks, head
 

@@ -88,6 +88,11 @@ def inspect_checkpoint(
         "num_buffer_values": sum(b.numel() for b in model.buffers()),
         "num_tensors": len(sd),
         "groups": groups,
+        "copies": [
+            {"name": c.name, "group": c.group, "copies": c.copies, "members": list(c.members)}
+            for c in loaded.spec.copies
+        ],
+        "folds": [{"norm": f.norm, "readers": list(f.readers)} for f in loaded.spec.folds],
         "ungrouped": [name for name in sd if name not in loaded.spec.axes],
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": loaded.warnings,

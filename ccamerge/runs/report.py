@@ -549,6 +549,13 @@ def render_inspection(
             members,
         )
     print_table(t, console)
+    copies = [f"{c['name']} ({c['group']} x {c['copies']})" for c in info.get("copies", [])]
+    folds = [f"{f['norm']} -> {' '.join(f['readers'])}" for f in info.get("folds", [])]
+    for title, items in (("head copies", copies), ("norms folded into their readers", folds)):
+        if items:
+            listed = items if verbose else items[:shown]
+            more = f" ... {len(items) - len(listed)} more" if len(listed) < len(items) else ""
+            console.print(f"[bold]{title}[/] ({len(items)}): {', '.join(listed)}{more}")
     if info["ungrouped"]:
         console.print(f"[bold]not transformed[/] (only averaged): {', '.join(info['ungrouped'])}")
     for u in info.get("untransformed", []):
