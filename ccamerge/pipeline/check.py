@@ -9,10 +9,11 @@ the softmax outputs (temperature 1). An input *beats* the merge when it agrees w
 ensemble on more held-out samples: then one of the inputs, unmerged, is a better
 stand-in for the ensemble than the merge. Each input's difference from the merge comes
 with its paired standard error (the rows where only one of the two agrees decide it);
-the warning says when the difference is within two of them, i.e. may be noise. Agreement decides because it is what tracked
-test accuracy across models of different kinds in the benchmarks (docs/distill.md); KL
-does not rank a merge against its inputs reliably (an input can be closer in KL and
-still agree less), and is reported beside it. No labels are needed.
+the warning says when the difference is within two of them, i.e. may be noise.
+Agreement decides because it is what tracked test accuracy across models of different
+kinds in the benchmarks (docs/distill.md); KL does not rank a merge against its inputs
+reliably (an input can be closer in KL and still agree less), and is reported beside
+it. No labels are needed.
 
 Every merge with calibration data runs the check (:class:`CheckSettings`): a seeded
 ``fraction`` of the calibration samples is held out of the statistics, the refit and
