@@ -42,6 +42,14 @@ def _vit():
     return transformers.ViTForImageClassification(cfg)
 
 
+def _deit(cls):
+    cfg = transformers.DeiTConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32,
+        image_size=8, patch_size=4, num_channels=1, num_labels=5,
+    )  # fmt: skip
+    return cls(cfg)
+
+
 def _bert(cls, config_class=None):
     """A BERT-layout model (``config_class``: BertConfig, or RoBERTa's)."""
     cfg = (config_class or transformers.BertConfig)(
@@ -84,6 +92,8 @@ def _opt(**options):
 FAMILIES = {
     "gpt2": (_gpt2, "tokens"),
     "vit": (_vit, "images"),
+    "deit": (lambda: _deit(transformers.DeiTForImageClassification), "images"),
+    "deit-teacher": (lambda: _deit(transformers.DeiTForImageClassificationWithTeacher), "images"),
     "bert-mlm": (lambda: _bert(transformers.BertForMaskedLM), "tokens"),
     "bert-cls": (lambda: _bert(transformers.BertForSequenceClassification), "tokens"),
     "roberta-mlm": (lambda: _roberta(transformers.RobertaForMaskedLM), "tokens"),

@@ -193,10 +193,15 @@ def gpt2(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[F
     return [_stream(config["n_embd"], stream, f"{p}ln_f"), *groups]
 
 
+VIT_HEADS = ("classifier", "cls_classifier", "distillation_classifier")  # DeiT: two
+
+
 def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Part]:
+    """ViT, and DeiT (a distillation token beside the class token, and a head on each)."""
     p = _prefix(state, "embeddings.cls_token")
     e = f"{p}embeddings."
     stream = [(f"{e}cls_token", 2), (f"{e}position_embeddings", 2)]
+    stream += [(f"{e}distillation_token", 2)] if f"{e}distillation_token" in state else []
     stream += _writes(f"{e}patch_embeddings.projection")
     modules = {k: f"attention.{k}_proj.weight" for k in QKV}
     modules |= {"ln1": "layernorm_before", "out": "attention.o_proj", "ln2": "layernorm_after"}
@@ -204,7 +209,8 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Pa
     count, heads = config["num_hidden_layers"], config["num_attention_heads"]
     base = p + "layers.{}."
     members, groups = _blocks(_pre_ln_block, "layer", base, count, modules, heads, state)
-    stream += members + _affine(f"{p}layernorm") + _readers(state, ("classifier.weight",))
+    stream += members + _affine(f"{p}layernorm")
+    stream += _readers(state, tuple(f"{h}.weight" for h in VIT_HEADS))
     if f"{p}pooler.dense.weight" in state:  # act(dense(first token)): units of its own
         stream += [(f"{p}pooler.dense.weight", 1)]
         pooled = tuple(_writes(f"{p}pooler.dense"))
@@ -217,8 +223,8 @@ def vit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[Pa
          f"{b}layernorm_after": (f"{b}mlp.fc1",)}
         for b in (base.format(i) for i in range(count))
     ]  # fmt: skip
-    # the classifier alone reads the final norm; a ViTModel outputs it (and its pooler)
-    folds = _norm_folds(config, state, blocks, f"{p}layernorm", ("classifier",))
+    # the classifiers alone read the final norm; a ViTModel outputs it (and its pooler)
+    folds = _norm_folds(config, state, blocks, f"{p}layernorm", VIT_HEADS)
     return [
         _stream(config["hidden_size"], stream, f"{p}layernorm", folded=bool(folds)),
         *groups,
@@ -457,6 +463,7 @@ def llama(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[
 LAYOUTS: dict[str, Layout] = {
     "gpt2": gpt2,
     "vit": vit,
+    "deit": vit,
     "bert": bert,
     "roberta": roberta,
     "xlm-roberta": roberta,
