@@ -148,8 +148,8 @@ def _at(model: nn.Module, name: str, x: torch.Tensor, output: bool) -> torch.Ten
 
 def _output_map(name: str, spec: MergeSpec, maps: Mapping[str, torch.Tensor], device) -> Any:
     """A model's map of layer ``name``'s outputs into the merged units (None: identity),
-    from its ``maps`` by group: its output group's, or for a fused query/key/value projection the block-diagonal map of its
-    three parts' groups."""
+    from its ``maps`` by group: its output group's, or for a fused query/key/value
+    projection the block-diagonal map of its three parts' groups."""
     parts = [f"{name}.weight"] + [f"{name}.{p}_weight" for p in ("q", "k", "v")]
     found = []
     for tensor in parts:
@@ -195,11 +195,15 @@ def _fit_linear(m: nn.Module, eqs: NormalEquations, ridge: float) -> tuple:
     return before, after
 
 
-def _normalised(m: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
-    """A norm's input normalised (what its gain multiplies)."""
+def _normaliser(m: nn.Module, kind: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a norm, the function giving its normalised input (what its gain multiplies);
+    None for a linear layer."""
     if kind == "layernorm":
-        return F.layer_norm(x, m.normalized_shape, eps=m.eps)
-    return _rms_norm(x, _rms_eps(m))
+        return lambda x: F.layer_norm(x, m.normalized_shape, eps=m.eps)
+    if kind == "rmsnorm":
+        eps = _rms_eps(m)
+        return lambda x: _rms_norm(x, eps)
+    return None
 
 
 def _fit_norm(m: nn.Module, eqs: AffineEquations, ridge: float) -> tuple:
@@ -253,17 +257,18 @@ def refit_by_hooks(
         began = time.perf_counter()
         m = merged.get_submodule(name)
         kind = _kind(m)
+        normalise = _normaliser(m, kind)
         maps = [_output_map(name, spec, model_maps[k], device) for k in range(len(endpoints))]
         eqs, samples = None, 0
         for x in batches():
             x = x.to(device)
             X = _at(merged, name, x, output=False)
             T = _target(name, endpoints, maps, weights, x)
-            if kind in NORMS:
+            if normalise is not None:
                 eqs = eqs or AffineEquations(
                     T.shape[1], getattr(m, "bias", None) is not None, device
                 )
-                eqs.add(_normalised(m, kind, X), T)
+                eqs.add(normalise(X), T)
             else:
                 X = X.to(torch.float64)
                 if m.bias is not None:  # the bias: a constant input
@@ -273,7 +278,7 @@ def refit_by_hooks(
             samples += len(X)
             if limit is not None and samples >= limit:
                 break
-        if kind in NORMS:
+        if normalise is not None:
             before, after = _fit_norm(m, eqs, settings.ridge)
             inputs = 1 + int(getattr(m, "bias", None) is not None)
         else:
