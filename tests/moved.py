@@ -9,6 +9,7 @@ import torch
 
 from ccamerge.maths.algebra import (
     fold_norms,
+    ones_complement,
     permutation_matrix,
     random_permutations,
     transform_state_dict,
@@ -47,9 +48,7 @@ def moved_state(
 def _orthogonal_keeping_ones(d: int, gen: torch.Generator) -> torch.Tensor:
     """A random orthogonal ``Q`` with ``Q 1 = 1``: a random rotation of the all-ones
     vector's complement."""
-    ones = torch.ones(d, 1, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, 1:]], 1))[0]
-    basis = basis[:, 1:]
+    ones, basis = torch.ones(d, 1, dtype=torch.float64), ones_complement(d)
     R = torch.linalg.qr(torch.randn(d - 1, d - 1, generator=gen, dtype=torch.float64))[0]
     return basis @ R @ basis.T + ones @ ones.T / d
 

@@ -147,6 +147,14 @@ def expand_heads(m: torch.Tensor, heads: int, copies: int) -> torch.Tensor:
     return torch.einsum("aibj,cd->acibdj", blocks, eye).reshape(m.shape[0] * copies, -1)
 
 
+def ones_complement(d: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """An orthonormal basis (d x (d - 1)) of the vectors orthogonal to the all-ones one:
+    an orthogonal ``M`` with ``M 1 = 1`` is ``B R B^T + 1 1^T / d`` for an orthogonal ``R``."""
+    ones = torch.ones(d, 1, dtype=dtype, device=device)
+    eye = torch.eye(d, dtype=dtype, device=device)
+    return torch.linalg.qr(torch.cat([ones, eye[:, 1:]], 1))[0][:, 1:]
+
+
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
     """``P`` with ``(P h)[i] = h[perm[i]]``: unit i of the result is unit perm[i]."""
     d = perm.numel()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..maths.algebra import permutation_matrix
+from ..maths.algebra import ones_complement, permutation_matrix
 from ..maths.stats import Statistics
 from ..methods import (
     AlignContext,
@@ -255,15 +255,15 @@ def _orthogonal(g: FeatureGroup, ga: GroupAlignment, reference: int, jc: Any) ->
     orthogonal factor of the cross-covariance with the reference (orthogonal
     Procrustes; without statistics, of the method's map), the all-ones direction kept.
     A map that already is one (a permutation, the identity) is kept; ``U = M^T``."""
-    d = g.size
+    d, like = g.size, ga.M[0]
+    eye = torch.eye(d, dtype=like.dtype, device=like.device)
+    ones = torch.ones(d, 1, dtype=like.dtype, device=like.device)
+    basis = ones_complement(d, like.dtype, like.device)
     Ms = []
     for k, M in enumerate(ga.M):
-        eye = torch.eye(d, dtype=M.dtype, device=M.device)
-        ones = torch.ones(d, 1, dtype=M.dtype, device=M.device)
         if k == reference or (torch.allclose(M @ M.T, eye) and torch.allclose(M @ ones, ones)):
             Ms.append(M)
             continue
-        basis = torch.linalg.qr(torch.cat([ones, eye[:, 1:]], 1))[0][:, 1:]  # of 1's complement
         cross = jc.block(reference, k).to(M) if jc is not None else M
         u, _, vh = torch.linalg.svd(basis.T @ cross @ basis)
         Ms.append(basis @ (u @ vh) @ basis.T + ones @ ones.T / d)
