@@ -331,8 +331,8 @@ def spec_to_dict(
             for g in spec.groups
         ],
         **({"concats": [_concat_doc(c) for c in spec.concats]} if spec.concats else {}),
-        **({"copies": [_copies_doc(c) for c in spec.copies]} if spec.copies else {}),
-        **({"folds": [_fold_doc(f) for f in spec.folds]} if spec.folds else {}),
+        **({"copies": [copies_doc(c) for c in spec.copies]} if spec.copies else {}),
+        **({"folds": [fold_doc(f) for f in spec.folds]} if spec.folds else {}),
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": list(warnings),
     }
@@ -357,7 +357,8 @@ def _concat_doc(c: Concat) -> dict[str, Any]:
     }
 
 
-def _copies_doc(c: HeadCopies) -> dict[str, Any]:
+def copies_doc(c: HeadCopies) -> dict[str, Any]:
+    """A head copies entry as spec files (and ``inspect``) write it."""
     return {
         "name": c.name,
         "group": c.group,
@@ -366,7 +367,8 @@ def _copies_doc(c: HeadCopies) -> dict[str, Any]:
     }
 
 
-def _fold_doc(f: NormFold) -> dict[str, Any]:
+def fold_doc(f: NormFold) -> dict[str, Any]:
+    """A fold as spec files (and ``inspect``) write it."""
     return {"norm": f.norm, "readers": list(f.readers)}
 
 

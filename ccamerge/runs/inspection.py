@@ -13,7 +13,7 @@ from typing import Any
 
 from ..io.files import check_output_path
 from ..models.assumptions import describe
-from ..models.custom import save_spec, untransformed_of
+from ..models.custom import copies_doc, fold_doc, save_spec, untransformed_of
 from ..models.spec import FeatureGroup
 from ..pipeline import ModelSource, load_models
 from ..runtime.errors import remedies
@@ -88,11 +88,8 @@ def inspect_checkpoint(
         "num_buffer_values": sum(b.numel() for b in model.buffers()),
         "num_tensors": len(sd),
         "groups": groups,
-        "copies": [
-            {"name": c.name, "group": c.group, "copies": c.copies, "members": list(c.members)}
-            for c in loaded.spec.copies
-        ],
-        "folds": [{"norm": f.norm, "readers": list(f.readers)} for f in loaded.spec.folds],
+        "copies": [copies_doc(c) for c in loaded.spec.copies],
+        "folds": [fold_doc(f) for f in loaded.spec.folds],
         "ungrouped": [name for name in sd if name not in loaded.spec.axes],
         "untransformed": [asdict(u) for u in untransformed],
         "warnings": loaded.warnings,
